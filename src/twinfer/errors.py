@@ -1,0 +1,84 @@
+"""Error codes shared by the server, the clients and the wire codec.
+
+Codes travel on the wire in ``ERROR`` frames as an unsigned 16-bit integer;
+their numbers are part of the protocol (see ``docs/protocol.md``) and must
+never be reused for a different meaning.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.IntEnum):
+    """Why a request (or a connection) failed.
+
+    Codes below 100 are connection-level: the server sends the error frame
+    and then closes the connection.  Codes from 100 up concern one request:
+    the connection stays usable.
+    """
+
+    #: A frame could not be parsed (bad magic, truncated or inconsistent body).
+    MALFORMED_FRAME = 1
+    #: A frame's declared length exceeds the negotiated maximum frame size.
+    FRAME_TOO_LARGE = 2
+    #: The first frame was not a HELLO, or no common protocol version exists.
+    HANDSHAKE_FAILED = 3
+
+    #: The message type is not known to this server (framing is intact).
+    UNSUPPORTED_MESSAGE = 100
+    #: The named model is not served here.
+    UNKNOWN_MODEL = 101
+    #: An input is missing, unexpected or duplicated.
+    INVALID_INPUT = 102
+    #: An input has the wrong element type.
+    INVALID_DTYPE = 103
+    #: An input has a shape the model cannot accept.
+    INVALID_SHAPE = 104
+    #: A requested output name does not exist.
+    UNKNOWN_OUTPUT = 105
+    #: The model's queue is full; retry later.
+    OVERLOADED = 110
+    #: No device can serve the model right now (failed, draining, shutting down).
+    UNAVAILABLE = 111
+    #: The request's deadline passed before it could run.
+    DEADLINE_EXCEEDED = 112
+    #: The request was cancelled by the client.
+    CANCELLED = 113
+    #: The device raised while running the model.
+    INFERENCE_FAILED = 120
+    #: A bug in twinfer; the message says what happened.
+    INTERNAL = 121
+
+    @property
+    def closes_connection(self) -> bool:
+        """Whether the server closes the connection after sending this error."""
+        return self.value < 100
+
+
+class TwinferError(Exception):
+    """A failure with a wire :class:`ErrorCode` and a human-readable message.
+
+    Raised by the server's validation and dispatch layers (and turned into an
+    ``ERROR`` frame), and by the clients when the server answers with one.
+    """
+
+    def __init__(self, code: ErrorCode | int, message: str) -> None:
+        try:
+            code = ErrorCode(code)
+        except ValueError:
+            pass  # an unknown code from a newer peer stays a plain int
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        name = self.code.name if isinstance(self.code, ErrorCode) else f"code {self.code}"
+        return f"{name}: {self.message}"
+
+
+class CodecError(TwinferError):
+    """The bytes on the wire do not form a valid twinfer frame or message.
+
+    The wire codec raises this and nothing else for bad input.
+    """

@@ -1,0 +1,220 @@
+"""The messages of the twinfer wire protocol, as plain attrs classes.
+
+These are the *events* of the sans-I/O codec (:mod:`twinfer.codec`): the codec
+turns bytes into these objects and back; nothing here does I/O.  Every message
+travels in a frame that also carries a ``request_id`` chosen by the client;
+replies carry the id of the request they answer.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Union
+
+import attrs
+import numpy as np
+
+#: The protocol versions this implementation speaks.
+PROTOCOL_VERSION = 1
+
+
+class MessageType(enum.IntEnum):
+    """The one-byte message type in every frame header."""
+
+    HELLO = 0x01
+    PING = 0x02
+    PONG = 0x03
+    INFER_REQUEST = 0x10
+    INFER_REPLY = 0x11
+    CANCEL = 0x12
+    LIST_MODELS = 0x20
+    MODEL_LIST = 0x21
+    GET_METADATA = 0x22
+    METADATA = 0x23
+    ERROR = 0x7F
+
+
+class DType(enum.IntEnum):
+    """Tensor element types on the wire (always little-endian, C order)."""
+
+    F32 = 1
+    F16 = 2
+    F64 = 3
+    I8 = 4
+    U8 = 5
+    I16 = 6
+    U16 = 7
+    I32 = 8
+    U32 = 9
+    I64 = 10
+    U64 = 11
+    BOOL = 12
+
+    @property
+    def numpy(self) -> np.dtype:
+        """The little-endian numpy dtype for this wire type."""
+        return _NUMPY_BY_DTYPE[self]
+
+    @classmethod
+    def from_numpy(cls, dtype: np.dtype | type) -> DType:
+        """The wire type for a numpy dtype; raises ``KeyError`` if there is none."""
+        return _DTYPE_BY_NUMPY[np.dtype(dtype).newbyteorder("<")]
+
+    @classmethod
+    def from_name(cls, name: str) -> DType:
+        """The wire type for a short name such as ``"f32"`` or ``"bool"``."""
+        return _DTYPE_BY_NAME[name]
+
+    @property
+    def short_name(self) -> str:
+        """The short lower-case name used in metadata and docs (``"f32"``)."""
+        return self.name.lower()
+
+
+_NUMPY_BY_DTYPE: dict[DType, np.dtype] = {
+    DType.F32: np.dtype("<f4"),
+    DType.F16: np.dtype("<f2"),
+    DType.F64: np.dtype("<f8"),
+    DType.I8: np.dtype("i1"),
+    DType.U8: np.dtype("u1"),
+    DType.I16: np.dtype("<i2"),
+    DType.U16: np.dtype("<u2"),
+    DType.I32: np.dtype("<i4"),
+    DType.U32: np.dtype("<u4"),
+    DType.I64: np.dtype("<i8"),
+    DType.U64: np.dtype("<u8"),
+    DType.BOOL: np.dtype("?"),
+}
+_DTYPE_BY_NUMPY = {dt.newbyteorder("<"): code for code, dt in _NUMPY_BY_DTYPE.items()}
+_DTYPE_BY_NAME = {code.short_name: code for code in DType}
+
+#: A tensor shape in metadata: ``-1`` marks a dynamic dimension.
+Shape = tuple[int, ...]
+
+
+@attrs.frozen
+class TensorSpec:
+    """What a model accepts or produces at one port (used in metadata)."""
+
+    name: str
+    dtype: DType
+    #: Dimensions; ``-1`` for a dynamic dimension.
+    shape: Shape
+
+
+@attrs.frozen
+class Hello:
+    """The first frame in each direction.
+
+    The client offers ``min_version..max_version``; the server answers with
+    the version it chose in both fields and its ``max_frame_size``.
+    """
+
+    min_version: int = PROTOCOL_VERSION
+    max_version: int = PROTOCOL_VERSION
+    #: Largest frame (header excluded) the sender accepts; 0 from a client.
+    max_frame_size: int = 0
+    #: Free-form software name, e.g. ``"twinfer/0.1.0"``.
+    agent: str = ""
+
+
+@attrs.frozen
+class Ping:
+    """Liveness probe; answered with :class:`Pong` carrying the same id."""
+
+
+@attrs.frozen
+class Pong:
+    """Answer to :class:`Ping`."""
+
+
+@attrs.frozen(eq=False)
+class InferRequest:
+    """Run ``model`` on ``inputs``; reply with ``outputs`` (all when empty)."""
+
+    model: str
+    inputs: Mapping[str, np.ndarray]
+    #: Names of the outputs wanted; empty means every output.
+    outputs: tuple[str, ...] = ()
+    #: Give up if not started within this many milliseconds; 0 = server default.
+    timeout_ms: int = 0
+    #: Scheduling priority; 0 = the model's default.
+    priority: int = 0
+
+
+@attrs.frozen(eq=False)
+class InferReply:
+    """The outputs of one inference, with the server's own timings."""
+
+    outputs: Mapping[str, np.ndarray]
+    #: Microseconds the job waited in the queue.
+    queue_us: int = 0
+    #: Microseconds the device spent on it (including copies in the device thread).
+    compute_us: int = 0
+
+
+@attrs.frozen
+class Cancel:
+    """Cancel the pending request whose id is this frame's request id."""
+
+
+@attrs.frozen
+class ListModels:
+    """Ask for the served models."""
+
+
+@attrs.frozen
+class ModelInfo:
+    """One entry of :class:`ModelList`."""
+
+    name: str
+    devices: tuple[str, ...]
+    ready: bool = True
+
+
+@attrs.frozen
+class ModelList:
+    """The served models."""
+
+    models: tuple[ModelInfo, ...]
+
+
+@attrs.frozen
+class GetMetadata:
+    """Ask for one model's metadata."""
+
+    model: str
+
+
+@attrs.frozen
+class Metadata:
+    """A model's inputs, outputs and the devices serving it."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    devices: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class Error:
+    """A failure; see :class:`twinfer.errors.ErrorCode` for ``code``."""
+
+    code: int
+    message: str
+
+
+Message = Union[
+    Hello,
+    Ping,
+    Pong,
+    InferRequest,
+    InferReply,
+    Cancel,
+    ListModels,
+    ModelList,
+    GetMetadata,
+    Metadata,
+    Error,
+]
