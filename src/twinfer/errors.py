@@ -37,7 +37,9 @@ class ErrorCode(enum.IntEnum):
     INVALID_SHAPE = 104
     #: A requested output name does not exist.
     UNKNOWN_OUTPUT = 105
-    #: The model's queue is full; retry later.
+    #: The request id is already in use by a pending request on this connection.
+    DUPLICATE_REQUEST_ID = 106
+    #: The model's queue (or the connection's in-flight limit) is full; retry later.
     OVERLOADED = 110
     #: No device can serve the model right now (failed, draining, shutting down).
     UNAVAILABLE = 111

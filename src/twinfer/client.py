@@ -1,0 +1,267 @@
+"""The Twisted client for twinfer's binary protocol.
+
+Example::
+
+    from twisted.internet import task
+    from twinfer.client import connect
+
+    async def main(reactor):
+        client = await connect(reactor, "tcp:127.0.0.1:9000")
+        outputs = await client.infer("tiny", {"x": numpy.ones((2, 4), "float32")})
+        print(outputs["y"])
+
+    task.react(lambda r: defer.ensureDeferred(main(r)))
+
+Every method returns a ``Deferred``; many requests may be in flight on one
+connection and replies are matched by request id.  A server error fails the
+Deferred with :class:`~twinfer.errors.TwinferError` carrying the code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import numpy as np
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+from twisted.python.failure import Failure
+
+import twinfer
+from twinfer import codec
+from twinfer.errors import CodecError, ErrorCode, TwinferError
+from twinfer.messages import (
+    Cancel,
+    Error,
+    GetMetadata,
+    Hello,
+    InferReply,
+    InferRequest,
+    ListModels,
+    Message,
+    Metadata,
+    ModelInfo,
+    ModelList,
+    Ping,
+    Pong,
+)
+
+AGENT = f"twinfer-client/{twinfer.__version__}"
+DEFAULT_SERVER = "tcp:127.0.0.1:9000"
+M = TypeVar("M")
+
+
+class ClientProtocol(Protocol):
+    """Speaks the client side of the protocol; use through :class:`TwinferClient`."""
+
+    def __init__(self) -> None:
+        self._decoder = codec.FrameDecoder()
+        self._pending: dict[int, Deferred[Message]] = {}
+        self._next_id = 1
+        self._lost: Failure | None = None
+        #: Fires with the server's HELLO once the handshake is done.
+        self.handshake: Deferred[Hello] = Deferred()
+
+    def connectionMade(self) -> None:
+        self._write(0, Hello(agent=AGENT))
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            frames = self._decoder.feed(data)
+            for frame in frames:
+                self._message_received(frame.request_id, codec.decode_message(frame))
+        except CodecError as e:
+            self._fail_all(TwinferError(e.code, f"bad data from the server: {e.message}"))
+            self.transport.loseConnection()
+
+    def _message_received(self, request_id: int, message: Message) -> None:
+        if not self.handshake.called:
+            if isinstance(message, Hello):
+                self._decoder.max_frame_size = max(
+                    self._decoder.max_frame_size, message.max_frame_size
+                )
+                self.server_hello = message
+                self.handshake.callback(message)
+            elif isinstance(message, Error):
+                self.handshake.errback(TwinferError(message.code, message.message))
+            return
+        d = self._pending.pop(request_id, None)
+        if isinstance(message, Error):
+            error = TwinferError(message.code, message.message)
+            if d is not None:
+                d.errback(error)
+            elif isinstance(error.code, ErrorCode) and error.code.closes_connection:
+                self._fail_all(error)
+        elif d is not None:
+            d.callback(message)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self._lost = reason
+        error = TwinferError(
+            ErrorCode.UNAVAILABLE, f"connection to the server lost: {reason.getErrorMessage()}"
+        )
+        if not self.handshake.called:
+            self.handshake.errback(error)
+        self._fail_all(error)
+
+    def _fail_all(self, error: TwinferError) -> None:
+        pending, self._pending = self._pending, {}
+        for d in pending.values():
+            d.errback(error)
+
+    def _write(self, request_id: int, message: Message) -> None:
+        chunks = codec.encode_message(request_id, message)
+        self.transport.writeSequence([c if type(c) is bytes else bytes(c) for c in chunks])
+
+    def request(self, message: Message) -> Deferred[Message]:
+        """Send ``message`` with a fresh request id; fires with the reply message.
+
+        Cancelling the Deferred sends CANCEL for the request.
+        """
+        if self._lost is not None:
+            return defer.fail(
+                TwinferError(ErrorCode.UNAVAILABLE, "the connection to the server is closed")
+            )
+        request_id = self._next_id
+        self._next_id += 1
+
+        def cancel(d: Deferred[Message]) -> None:
+            if self._pending.pop(request_id, None) is not None and self._lost is None:
+                self._write(request_id, Cancel())
+
+        d: Deferred[Message] = Deferred(cancel)
+        try:
+            self._write(request_id, message)
+        except CodecError as e:
+            return defer.fail(e)
+        self._pending[request_id] = d
+        return d
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent and not yet answered."""
+        return len(self._pending)
+
+
+def _expect(message: Message, kind: type[M]) -> M:
+    if not isinstance(message, kind):
+        raise TwinferError(
+            ErrorCode.INTERNAL, f"expected {kind.__name__} from the server, got {message!r}"
+        )
+    return message
+
+
+class TwinferClient:
+    """A connection to a twinfer server.  Get one from :func:`connect`."""
+
+    def __init__(self, protocol: ClientProtocol) -> None:
+        self.protocol = protocol
+        #: The server's HELLO: its protocol version, frame limit and agent.
+        self.server: Hello = protocol.server_hello
+
+    def infer_reply(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        outputs: list[str] | tuple[str, ...] | None = None,
+        *,
+        timeout_ms: int = 0,
+        priority: int = 0,
+    ) -> Deferred[InferReply]:
+        """Like :meth:`infer`, but fires with the whole :class:`InferReply`
+        (outputs plus the server's queue and compute times)."""
+        request = InferRequest(model, dict(inputs), tuple(outputs or ()), timeout_ms, priority)
+        d = self.protocol.request(request)
+        return d.addCallback(_expect, InferReply)
+
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        outputs: list[str] | tuple[str, ...] | None = None,
+        *,
+        timeout_ms: int = 0,
+        priority: int = 0,
+    ) -> Deferred[dict[str, np.ndarray]]:
+        """Run ``model`` on ``inputs`` (name -> array).
+
+        Fires with a dict of output name -> numpy array (only ``outputs`` if
+        given); fails with :class:`TwinferError` on a server error.
+        """
+        d = self.infer_reply(model, inputs, outputs, timeout_ms=timeout_ms, priority=priority)
+        return d.addCallback(lambda reply: dict(reply.outputs))
+
+    def models(self) -> Deferred[list[ModelInfo]]:
+        """Fires with the served models."""
+        d = self.protocol.request(ListModels())
+        return d.addCallback(lambda m: list(_expect(m, ModelList).models))
+
+    def metadata(self, model: str) -> Deferred[Metadata]:
+        """Fires with ``model``'s inputs, outputs and devices."""
+        return self.protocol.request(GetMetadata(model)).addCallback(_expect, Metadata)
+
+    def ping(self) -> Deferred[float]:
+        """Fires with the round-trip time in seconds."""
+        start = time.perf_counter()
+        d = self.protocol.request(Ping())
+        return d.addCallback(lambda m: (_expect(m, Pong), time.perf_counter() - start)[1])
+
+    def close(self) -> None:
+        """Close the connection; pending requests fail with UNAVAILABLE."""
+        self.protocol.transport.loseConnection()
+
+
+def client_endpoint(
+    reactor: Any,
+    description: str,
+    *,
+    trust_root: str | Certificate | None = None,
+    client_certificate: PrivateCertificate | None = None,
+) -> IStreamClientEndpoint:
+    """Make an endpoint from ``tcp:HOST:PORT``, ``tls:HOST:PORT`` or any
+    Twisted client endpoint description.
+
+    For ``tls:``, the server's certificate must match HOST (checked by
+    ``service_identity``) and chain to ``trust_root`` (a PEM file path or a
+    ``Certificate``; default: the platform's trust store).
+    """
+    if description.startswith("tls:") and description.count(":") == 2:
+        _, host, port = description.split(":")
+        if isinstance(trust_root, str):
+            with open(trust_root, "rb") as f:
+                trust_root = Certificate.loadPEM(f.read())
+        options = optionsForClientTLS(
+            host, trustRoot=trust_root, clientCertificate=client_certificate
+        )
+        return wrapClientTLS(options, HostnameEndpoint(reactor, host, int(port)))
+    return clientFromString(reactor, description)
+
+
+async def _connect(reactor: Any, endpoint: IStreamClientEndpoint) -> TwinferClient:
+    protocol = await endpoint.connect(Factory.forProtocol(ClientProtocol))
+    await protocol.handshake
+    return TwinferClient(protocol)
+
+
+def connect(
+    reactor: Any,
+    endpoint: str | IStreamClientEndpoint = DEFAULT_SERVER,
+    *,
+    trust_root: str | Certificate | None = None,
+    client_certificate: PrivateCertificate | None = None,
+) -> Deferred[TwinferClient]:
+    """Connect and handshake; fires with a :class:`TwinferClient`.
+
+    ``endpoint`` is ``"tcp:HOST:PORT"``, ``"tls:HOST:PORT"`` (see
+    :func:`client_endpoint`) or any ``IStreamClientEndpoint``.
+    """
+    if isinstance(endpoint, str):
+        endpoint = client_endpoint(
+            reactor, endpoint, trust_root=trust_root, client_certificate=client_certificate
+        )
+    return Deferred.fromCoroutine(_connect(reactor, endpoint))

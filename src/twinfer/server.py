@@ -1,0 +1,260 @@
+"""The Twisted front end: a thin ``Protocol`` adapter around the wire codec.
+
+:class:`TwinferProtocol` feeds received bytes to a
+:class:`~twinfer.codec.FrameDecoder`, turns each message into a call on the
+:class:`~twinfer.dispatcher.Dispatcher`, and writes replies as they complete
+(out of order, matched by request id).  It does no inference and no heavy
+copying: the reactor thread only parses, queues and writes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IAddress, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+import twinfer
+from twinfer import codec
+from twinfer.config import ServerConfig
+from twinfer.dispatcher import Dispatcher, InferResult
+from twinfer.errors import CodecError, ErrorCode, TwinferError
+from twinfer.messages import (
+    PROTOCOL_VERSION,
+    Cancel,
+    Error,
+    GetMetadata,
+    Hello,
+    InferReply,
+    InferRequest,
+    ListModels,
+    Message,
+    ModelList,
+    Ping,
+    Pong,
+)
+
+log = Logger()
+
+AGENT = f"twinfer/{twinfer.__version__}"
+SUPPORTED_VERSIONS = range(1, PROTOCOL_VERSION + 1)
+
+
+@implementer(IPushProducer)
+class _ReadThrottle:
+    """Registered as the transport's producer: while replies pile up unsent
+    (a client that does not read), stop reading its requests."""
+
+    def __init__(self, protocol: TwinferProtocol) -> None:
+        self._protocol = protocol
+
+    def pauseProducing(self) -> None:
+        self._protocol.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._protocol.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class TwinferProtocol(Protocol):
+    """One client connection speaking the twinfer binary protocol."""
+
+    factory: TwinferFactory
+
+    def __init__(self) -> None:
+        self._decoder: codec.FrameDecoder | None = None
+        self._version = 0
+        self._closing = False
+        #: Pending requests: request id -> the job's Deferred.
+        self.inflight: dict[int, Deferred[InferResult]] = {}
+        self.requests = 0
+
+    # -- Twisted events -----------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._decoder = codec.FrameDecoder(self.factory.config.max_frame_size)
+        self.transport.registerProducer(_ReadThrottle(self), True)
+        self.factory.connections.add(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing or self._decoder is None:
+            return
+        try:
+            frames = self._decoder.feed(data)
+        except CodecError as e:
+            self._fatal(0, e)
+            return
+        for frame in frames:
+            if self._closing:
+                return
+            self._frame_received(frame)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self._closing = True
+        self.factory.connections.discard(self)
+        inflight, self.inflight = self.inflight, {}
+        for d in inflight.values():
+            d.cancel()  # queued jobs never run; running ones' results are dropped
+
+    # -- messages -----------------------------------------------------------
+
+    def _frame_received(self, frame: codec.Frame) -> None:
+        try:
+            message = codec.decode_message(frame)
+        except CodecError as e:
+            if e.code is ErrorCode.UNSUPPORTED_MESSAGE and self._version:
+                self._send_error(frame.request_id, e.code, e.message)
+            else:
+                self._fatal(frame.request_id, e)
+            return
+        if not self._version:
+            self._handshake(frame.request_id, message)
+            return
+        handler = self._HANDLERS.get(type(message))
+        if handler is None:
+            self._send_error(
+                frame.request_id,
+                ErrorCode.UNSUPPORTED_MESSAGE,
+                f"the server does not accept {type(message).__name__} messages",
+            )
+            return
+        handler(self, frame.request_id, message)
+
+    def _handshake(self, request_id: int, message: Message) -> None:
+        if not isinstance(message, Hello):
+            self._fatal(
+                request_id,
+                TwinferError(
+                    ErrorCode.HANDSHAKE_FAILED,
+                    f"the first frame must be HELLO, got {type(message).__name__}",
+                ),
+            )
+            return
+        try:
+            self._version = codec.negotiate(message, SUPPORTED_VERSIONS)
+        except CodecError as e:
+            self._fatal(request_id, e)
+            return
+        self._write(
+            codec.encode_message(
+                request_id,
+                Hello(self._version, self._version, self.factory.config.max_frame_size, AGENT),
+            )
+        )
+
+    def _on_hello(self, request_id: int, message: Hello) -> None:
+        self._fatal(request_id, TwinferError(ErrorCode.HANDSHAKE_FAILED, "HELLO sent twice"))
+
+    def _on_ping(self, request_id: int, message: Ping) -> None:
+        self._write(codec.encode_message(request_id, Pong()))
+
+    def _on_list_models(self, request_id: int, message: ListModels) -> None:
+        models = ModelList(self.factory.dispatcher.model_infos())
+        self._write(codec.encode_message(request_id, models))
+
+    def _on_get_metadata(self, request_id: int, message: GetMetadata) -> None:
+        try:
+            metadata = self.factory.dispatcher.metadata(message.model)
+        except TwinferError as e:
+            self._send_error(request_id, e.code, e.message)
+            return
+        self._write(codec.encode_message(request_id, metadata))
+
+    def _on_infer(self, request_id: int, message: InferRequest) -> None:
+        self.requests += 1
+        if request_id in self.inflight:
+            self._send_error(
+                request_id,
+                ErrorCode.DUPLICATE_REQUEST_ID,
+                f"request id {request_id} is already in flight on this connection",
+            )
+            return
+        limit = self.factory.config.max_inflight_per_connection
+        if len(self.inflight) >= limit:
+            self._send_error(
+                request_id,
+                ErrorCode.OVERLOADED,
+                f"this connection already has {limit} requests in flight (the limit)",
+            )
+            return
+        try:
+            d = self.factory.dispatcher.submit(message.model, message.inputs, message.outputs)
+        except TwinferError as e:
+            self._send_error(request_id, e.code, e.message)
+            return
+        self.inflight[request_id] = d
+        d.addCallbacks(self._reply, self._reply_failed, (request_id,), None, (request_id,))
+
+    def _on_cancel(self, request_id: int, message: Cancel) -> None:
+        # Unknown ids are ignored: the reply may already be on its way.
+        d = self.inflight.get(request_id)
+        if d is not None:
+            d.cancel()
+
+    _HANDLERS: dict[type, Any] = {
+        Hello: _on_hello,
+        Ping: _on_ping,
+        ListModels: _on_list_models,
+        GetMetadata: _on_get_metadata,
+        InferRequest: _on_infer,
+        Cancel: _on_cancel,
+    }
+
+    # -- replies ------------------------------------------------------------
+
+    def _reply(self, result: InferResult, request_id: int) -> None:
+        del self.inflight[request_id]
+        reply = InferReply(result.outputs, result.queue_us, result.compute_us)
+        try:
+            chunks = codec.encode_message(request_id, reply)
+        except CodecError as e:  # e.g. an output dtype the wire cannot carry
+            self._send_error(request_id, ErrorCode.INTERNAL, f"cannot encode the reply: {e}")
+            return
+        self._write(chunks)
+
+    def _reply_failed(self, failure: Failure, request_id: int) -> None:
+        self.inflight.pop(request_id, None)
+        if failure.check(CancelledError):
+            self._send_error(request_id, ErrorCode.CANCELLED, f"request {request_id} was cancelled")
+        elif failure.check(TwinferError):
+            error: TwinferError = failure.value  # type: ignore[assignment]
+            self._send_error(request_id, error.code, error.message)
+        else:
+            log.failure("unexpected failure for request {request_id}", failure, request_id=request_id)
+            self._send_error(request_id, ErrorCode.INTERNAL, failure.getErrorMessage())
+
+    def _send_error(self, request_id: int, code: int, message: str) -> None:
+        self._write(codec.encode_message(request_id, Error(code, message)))
+
+    def _fatal(self, request_id: int, error: TwinferError) -> None:
+        """Report a connection-level error, then close the connection."""
+        peer: IAddress = self.transport.getPeer()
+        log.info("closing connection from {peer}: {error}", peer=peer, error=str(error))
+        self._send_error(request_id, error.code, error.message)
+        self._closing = True
+        self.transport.loseConnection()
+
+    def _write(self, chunks: list[codec.Chunk]) -> None:
+        if self._closing and not self.transport.connected:
+            return
+        # Twisted transports take only bytes; tensor chunks from the backend
+        # already are bytes (made in the device thread), so this copies
+        # nothing on the hot path.
+        self.transport.writeSequence([c if type(c) is bytes else bytes(c) for c in chunks])
+
+
+class TwinferFactory(Factory):
+    """Creates a :class:`TwinferProtocol` per connection, sharing one dispatcher."""
+
+    protocol = TwinferProtocol
+
+    def __init__(self, dispatcher: Dispatcher, config: ServerConfig | None = None) -> None:
+        self.dispatcher = dispatcher
+        self.config = config or ServerConfig()
+        self.connections: set[TwinferProtocol] = set()

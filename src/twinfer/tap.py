@@ -1,0 +1,136 @@
+"""``twistd twinfer``: command-line options and service construction.
+
+Modelled on ``twisted.web.tap``: :class:`Options` parses and validates the
+command line and the configuration (a bad config stops ``twistd`` with one
+message naming the key); :func:`makeService` loads the models and returns a
+``MultiService`` of the model server and its listening port.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python import usage
+
+import twinfer
+from twinfer.config import Config, ConfigError, default_config, load_config
+from twinfer.dispatcher import Dispatcher
+from twinfer.registry import build_dispatcher, load_models, replica_counts
+from twinfer.server import TwinferFactory
+
+log = Logger()
+
+
+def endpoint_description(port: str) -> str:
+    """Accept a bare port number (``9000``) as shorthand for ``tcp:9000``."""
+    return f"tcp:{port}" if port.isdigit() else port
+
+
+class Options(usage.Options):
+    """Options for ``twistd twinfer``."""
+
+    synopsis = "[--port ENDPOINT] [--config FILE]"
+    longdesc = (
+        "Serve OpenVINO models over twinfer's binary protocol. Without --config, "
+        "serves the embedded default (SqueezeNet, ResNet-50 and a tiny model on the CPU)."
+    )
+    optParameters = [
+        [
+            "port",
+            "p",
+            "tcp:9000",
+            "Port number or Twisted server endpoint for the binary protocol, "
+            "e.g. tcp:9000:interface=127.0.0.1 or ssl:9443:privateKey=key.pem:certKey=cert.pem.",
+        ],
+        ["config", "c", None, "TOML configuration file (see etc/twinfer.toml)."],
+    ]
+
+    config: Config
+
+    def postOptions(self) -> None:
+        self["port"] = endpoint_description(self["port"])
+        try:
+            self.config = load_config(self["config"]) if self["config"] else default_config()
+        except ConfigError as e:
+            raise usage.UsageError(f"bad configuration: {e}") from e
+
+
+class ModelService(service.Service):
+    """Starts the device workers with the reactor and stops them with it."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+
+    def startService(self) -> None:
+        super().startService()
+        self.dispatcher.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.dispatcher.stop()
+
+
+class ListeningService(service.Service):
+    """Listens on an endpoint and logs the address it got (``tcp:0`` included)."""
+
+    def __init__(self, reactor: Any, description: str, factory: TwinferFactory) -> None:
+        self._endpoint = endpoints.serverFromString(reactor, description)
+        self._description = description
+        self._factory = factory
+        self._reactor = reactor
+        self.port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        d = self._endpoint.listen(self._factory)
+        d.addCallbacks(self._listening, self._failed)
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+        host = port.getHost()
+        kind = "ssl" if self._description.startswith("ssl:") else "tcp"
+        log.info(
+            "twinfer listening on {kind}:{host}:{port}",
+            kind=kind,
+            host=getattr(host, "host", host),
+            port=getattr(host, "port", ""),
+        )
+
+    def _failed(self, failure: Any) -> None:
+        log.failure("cannot listen on {description}", failure, description=self._description)
+        self._reactor.stop()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()  # type: ignore[no-any-return]
+        return None
+
+
+def makeService(options: Options) -> service.MultiService:
+    """Load the configured models and build the services ``twistd`` runs."""
+    from twisted.internet import reactor
+
+    config = options.config
+    try:
+        loaded = load_models(config)
+    except ValueError as e:
+        raise SystemExit(f"twinfer: {e}") from e
+    dispatcher = build_dispatcher(config, loaded, reactor)  # type: ignore[arg-type]
+    counts = replica_counts(config, loaded)
+    log.info(
+        "twinfer {version}: models {models}; devices {devices}",
+        version=twinfer.__version__,
+        models=", ".join(f"{m.name} on {'+'.join(m.devices)}" for m in config.models),
+        devices=", ".join(f"{d.name}={d.target}x{counts[d.name]}" for d in config.devices),
+    )
+    top = service.MultiService()
+    ModelService(dispatcher).setServiceParent(top)
+    factory = TwinferFactory(dispatcher, config.server)
+    ListeningService(reactor, options["port"], factory).setServiceParent(top)
+    return top
