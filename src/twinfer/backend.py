@@ -78,10 +78,20 @@ class Port:
         return True
 
 
+#: OpenVINO element types the wire can carry.  Matched by name, not through
+#: ``Type.to_dtype()``, which maps bf16 to float16 and u4 to uint8.
+_DTYPE_BY_OV_NAME = {
+    "f32": DType.F32, "f16": DType.F16, "f64": DType.F64,
+    "i8": DType.I8, "u8": DType.U8, "i16": DType.I16, "u16": DType.U16,
+    "i32": DType.I32, "u32": DType.U32, "i64": DType.I64, "u64": DType.U64,
+    "boolean": DType.BOOL,
+}  # fmt: skip
+
+
 def _port(name_of: str, index: int, element: ov.Type, shape: ov.PartialShape, what: str) -> Port:
     try:
-        dtype = DType.from_numpy(element.to_dtype())
-    except (KeyError, TypeError, RuntimeError):
+        dtype = _DTYPE_BY_OV_NAME[element.get_type_name()]
+    except KeyError:
         raise ValueError(
             f"{what} {name_of!r} has element type {element.get_type_name()}, which "
             f"twinfer cannot carry"

@@ -1,0 +1,279 @@
+"""The sans-I/O wire codec: round trips, chunking, limits and bad bytes."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from twinfer import codec
+from twinfer.errors import CodecError, ErrorCode
+from twinfer.messages import (
+    Cancel,
+    DType,
+    Error,
+    GetMetadata,
+    Hello,
+    InferReply,
+    InferRequest,
+    ListModels,
+    Metadata,
+    ModelInfo,
+    ModelList,
+    Ping,
+    Pong,
+    TensorSpec,
+)
+
+names = st.text(min_size=0, max_size=40)
+request_ids = st.integers(min_value=0, max_value=2**64 - 1)
+wire_dtypes = st.sampled_from([d.numpy for d in DType])
+
+
+@st.composite
+def tensors(draw: st.DrawFn) -> np.ndarray:
+    dtype = draw(wire_dtypes)
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5))
+    return draw(hnp.arrays(dtype, shape))
+
+
+tensor_maps = st.dictionaries(names, tensors(), max_size=4)
+specs = st.builds(
+    TensorSpec,
+    names,
+    st.sampled_from(list(DType)),
+    st.lists(st.integers(min_value=-1, max_value=2**31), max_size=5).map(tuple),
+)
+messages = st.one_of(
+    st.builds(Hello, st.integers(0, 65535), st.integers(0, 65535), st.integers(0, 2**32 - 1), names),
+    st.just(Ping()),
+    st.just(Pong()),
+    st.just(Cancel()),
+    st.just(ListModels()),
+    st.builds(
+        InferRequest,
+        names,
+        tensor_maps,
+        st.lists(names, max_size=3).map(tuple),
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 255),
+    ),
+    st.builds(InferReply, tensor_maps, st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)),
+    st.builds(GetMetadata, names),
+    st.builds(
+        ModelList,
+        st.lists(
+            st.builds(ModelInfo, names, st.lists(names, max_size=3).map(tuple), st.booleans()),
+            max_size=4,
+        ).map(tuple),
+    ),
+    st.builds(
+        Metadata,
+        names,
+        st.lists(specs, max_size=3).map(tuple),
+        st.lists(specs, max_size=3).map(tuple),
+        st.lists(names, max_size=3).map(tuple),
+    ),
+    st.builds(Error, st.integers(0, 65535), st.text(max_size=200)),
+)
+
+
+def assert_tensors_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert list(a) == list(b)
+    for name in a:
+        expected = np.asarray(a[name])
+        assert b[name].dtype == expected.dtype.newbyteorder("<")
+        assert b[name].shape == expected.shape
+        # Compare raw bytes: NaN payloads and -0.0 must survive too.
+        assert b[name].tobytes() == np.ascontiguousarray(expected).tobytes()
+
+
+def assert_same_message(sent: object, got: object) -> None:
+    assert type(got) is type(sent)
+    if isinstance(sent, InferRequest):
+        assert isinstance(got, InferRequest)
+        assert (got.model, got.outputs, got.timeout_ms, got.priority) == (
+            sent.model,
+            sent.outputs,
+            sent.timeout_ms,
+            sent.priority,
+        )
+        assert_tensors_equal(dict(sent.inputs), dict(got.inputs))
+    elif isinstance(sent, InferReply):
+        assert isinstance(got, InferReply)
+        assert (got.queue_us, got.compute_us) == (sent.queue_us, sent.compute_us)
+        assert_tensors_equal(dict(sent.outputs), dict(got.outputs))
+    else:
+        assert got == sent
+
+
+def decode_all(data: bytes, chunk_sizes: list[int] | None = None) -> list[codec.Frame]:
+    decoder = codec.FrameDecoder()
+    frames: list[codec.Frame] = []
+    pos = 0
+    for size in chunk_sizes or []:
+        frames += decoder.feed(data[pos : pos + size])
+        pos += size
+    frames += decoder.feed(data[pos:])
+    return frames
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(request_ids, messages)
+def test_every_message_round_trips(request_id: int, message: object) -> None:
+    data = codec.encode_bytes(request_id, message)  # type: ignore[arg-type]
+    [frame] = decode_all(data)
+    assert frame.request_id == request_id
+    assert_same_message(message, codec.decode_message(frame))
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(request_ids, messages), min_size=1, max_size=5), st.data())
+def test_frames_survive_any_chunking(pairs: list[tuple[int, object]], data: st.DataObject) -> None:
+    stream = b"".join(codec.encode_bytes(rid, m) for rid, m in pairs)  # type: ignore[arg-type]
+    cuts = data.draw(st.lists(st.integers(0, 50), max_size=30))
+    frames = decode_all(stream, cuts)
+    assert [f.request_id for f in frames] == [rid for rid, _ in pairs]
+    for (_, sent), frame in zip(pairs, frames):
+        assert_same_message(sent, codec.decode_message(frame))
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_raise_only_codec_errors(data: bytes) -> None:
+    try:
+        for frame in codec.FrameDecoder(max_frame_size=1 << 20).feed(data):
+            codec.decode_message(frame)
+    except CodecError:
+        pass
+
+
+@settings(max_examples=500)
+@given(st.integers(min_value=0x00, max_value=0xFF), request_ids, st.binary(max_size=200))
+def test_arbitrary_bodies_raise_only_codec_errors(mtype: int, request_id: int, body: bytes) -> None:
+    frame = codec.Frame(mtype, 0, request_id, bytearray(body))
+    try:
+        codec.decode_message(frame)
+    except CodecError as e:
+        assert e.code in (ErrorCode.MALFORMED_FRAME, ErrorCode.UNSUPPORTED_MESSAGE)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(request_ids, messages, st.data())
+def test_truncated_bodies_raise_codec_errors(request_id: int, message: object, data: st.DataObject) -> None:
+    encoded = codec.encode_bytes(request_id, message)  # type: ignore[arg-type]
+    body = encoded[codec.HEADER_SIZE :]
+    if not body:
+        return
+    cut = data.draw(st.integers(0, len(body) - 1))
+    header = codec.HEADER.unpack(encoded[: codec.HEADER_SIZE])
+    frame = codec.Frame(header[1], 0, request_id, bytearray(body[:cut]))
+    with pytest.raises(CodecError) as e:
+        codec.decode_message(frame)
+    assert e.value.code is ErrorCode.MALFORMED_FRAME
+
+
+def test_decoded_tensors_are_zero_copy_writable_views_of_the_frame() -> None:
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    [frame] = decode_all(codec.encode_bytes(1, InferRequest("m", {"x": x})))
+    got = codec.decode_message(frame)
+    assert isinstance(got, InferRequest)
+    array = got.inputs["x"]
+    assert array.flags.writeable and array.flags.c_contiguous
+    assert np.shares_memory(array, np.frombuffer(frame.body, np.uint8))
+    assert array.ctypes.data % codec.ALIGNMENT == np.frombuffer(frame.body, np.uint8).ctypes.data % 8
+
+
+def test_tensor_data_is_aligned_within_the_body() -> None:
+    inputs = {"a": np.ones(3, np.uint8), "bb": np.ones((2, 2), np.float64), "c": np.ones(1, np.int16)}
+    [frame] = decode_all(codec.encode_bytes(1, InferRequest("model", inputs)))
+    got = codec.decode_message(frame)
+    assert isinstance(got, InferRequest)
+    base = np.frombuffer(frame.body, np.uint8).ctypes.data
+    for array in got.inputs.values():
+        assert (array.ctypes.data - base) % codec.ALIGNMENT == 0
+
+
+def test_bytes_backed_arrays_are_sent_without_copy() -> None:
+    payload = np.arange(6, dtype=np.float32).tobytes()
+    array = np.ndarray((2, 3), np.float32, buffer=payload)
+    chunks = codec.encode_message(5, InferReply({"y": array}))
+    assert any(chunk is payload for chunk in chunks)
+
+
+def test_big_endian_and_non_contiguous_inputs_are_converted() -> None:
+    x = np.arange(12, dtype=">i4").reshape(3, 4)[:, ::2]
+    [frame] = decode_all(codec.encode_bytes(1, InferRequest("m", {"x": x})))
+    got = codec.decode_message(frame)
+    assert isinstance(got, InferRequest)
+    np.testing.assert_array_equal(got.inputs["x"], x)
+    assert got.inputs["x"].dtype == np.dtype("<i4")
+
+
+def test_unsupported_dtype_is_refused_when_encoding() -> None:
+    with pytest.raises(CodecError) as e:
+        codec.encode_message(1, InferRequest("m", {"s": np.array(["text"])}))
+    assert e.value.code is ErrorCode.INVALID_DTYPE
+    assert "'s'" in e.value.message
+
+
+def test_oversize_frame_is_refused_from_its_header_before_buffering() -> None:
+    decoder = codec.FrameDecoder(max_frame_size=1000)
+    header = codec.HEADER.pack(codec.MAGIC, 0x10, 0, 10**9, 7)
+    with pytest.raises(CodecError) as e:
+        decoder.feed(header)
+    assert e.value.code is ErrorCode.FRAME_TOO_LARGE
+    assert "1000000000" in e.value.message and "1000" in e.value.message
+    assert decoder.buffered == 0
+
+
+def test_a_partial_large_frame_holds_one_buffer_of_its_declared_size() -> None:
+    x = np.zeros((1, 3, 224, 224), np.float32)
+    data = codec.encode_bytes(3, InferRequest("squeezenet", {"data_0": x}))
+    decoder = codec.FrameDecoder()
+    assert decoder.feed(data[:65536]) == []
+    assert decoder.buffered == len(data) - codec.HEADER_SIZE
+    frames = []
+    for start in range(65536, len(data), 65536):
+        frames += decoder.feed(data[start : start + 65536])
+    assert len(frames) == 1 and decoder.buffered == 0
+
+
+def test_bad_magic_is_a_malformed_frame() -> None:
+    with pytest.raises(CodecError) as e:
+        codec.FrameDecoder().feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert e.value.code is ErrorCode.MALFORMED_FRAME
+    assert "b'GE'" in e.value.message
+
+
+def test_unknown_message_type_is_unsupported_not_malformed() -> None:
+    with pytest.raises(CodecError) as e:
+        codec.decode_message(codec.Frame(0x55, 0, 1, bytearray()))
+    assert e.value.code is ErrorCode.UNSUPPORTED_MESSAGE
+
+
+def test_bool_tensor_with_other_bytes_is_malformed() -> None:
+    data = bytearray(codec.encode_bytes(1, InferRequest("m", {"b": np.array([True, False])})))
+    data[-8] = 7  # first element of the tensor
+    [frame] = decode_all(bytes(data))
+    with pytest.raises(CodecError, match="bool tensor 'b'"):
+        codec.decode_message(frame)
+
+
+def test_tensor_longer_than_the_body_is_malformed() -> None:
+    body = bytearray()
+    body += struct.pack("<H", 1) + b"m" + struct.pack("<IBBBB", 0, 0, 1, 0, 0)
+    body += struct.pack("<H", 1) + b"x" + struct.pack("<BB", DType.F32, 1) + struct.pack("<Q", 10**6)
+    with pytest.raises(CodecError, match="tensor 'x' data"):
+        codec.decode_message(codec.Frame(0x10, 0, 1, body))
+
+
+def test_version_negotiation_picks_the_highest_common_version() -> None:
+    assert codec.negotiate(Hello(1, 5), range(1, 3)) == 2
+    with pytest.raises(CodecError) as e:
+        codec.negotiate(Hello(3, 4), range(1, 3))
+    assert e.value.code is ErrorCode.HANDSHAKE_FAILED and "3..4" in e.value.message
