@@ -72,9 +72,10 @@ class ClientProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         try:
-            frames = self._decoder.feed(data)
-            for frame in frames:
+            for frame in self._decoder.feed(data):
                 self._message_received(frame.request_id, codec.decode_message(frame))
+            if self._decoder.error is not None:
+                raise self._decoder.error
         except CodecError as e:
             self._fail_all(TwinferError(e.code, f"bad data from the server: {e.message}"))
             self.transport.loseConnection()

@@ -2,7 +2,8 @@
 
 Nothing here imports Twisted or touches a socket.  :class:`FrameDecoder` is a
 small state machine fed with whatever bytes arrive (any chunking) and
-returning complete :class:`Frame` objects; :func:`decode_message` turns a frame
+returning complete :class:`Frame` objects (a broken stream sets its
+``error``); :func:`decode_message` turns a frame
 into a message from :mod:`twinfer.messages`; :func:`encode_message` turns a
 message back into a list of byte chunks ready for ``writeSequence``.  Bad input
 raises :class:`~twinfer.errors.CodecError` and nothing else.
@@ -99,11 +100,18 @@ class FrameDecoder:
     header arrives (the length is known then), so a large tensor costs one
     copy from the socket's chunks, never a quadratic concatenation.  The
     declared length is checked against ``max_frame_size`` *before* anything
-    is allocated.  After a :class:`CodecError` the stream is unrecoverable.
+    is allocated.
+
+    :meth:`feed` never raises: when the stream turns out to be broken (bad
+    magic, oversize frame) it still returns the frames completed before the
+    break, and sets :attr:`error`; the stream is then unrecoverable and
+    further input is ignored.
     """
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self.max_frame_size = max_frame_size
+        #: Why the stream broke, once it has; ``None`` while it is healthy.
+        self.error: CodecError | None = None
         self._header = bytearray()
         self._body: bytearray | None = None
         self._filled = 0
@@ -117,7 +125,16 @@ class FrameDecoder:
     def feed(self, data: Buffer) -> list[Frame]:
         """Add received bytes; return the frames they complete, in order."""
         frames: list[Frame] = []
-        view = memoryview(data)
+        if self.error is None:
+            try:
+                self._feed(memoryview(data), frames)
+            except CodecError as e:
+                self.error = e
+                self._header.clear()
+                self._body = None
+        return frames
+
+    def _feed(self, view: memoryview, frames: list[Frame]) -> None:
         end = len(view)
         pos = 0
         while pos < end:
@@ -165,12 +182,6 @@ class FrameDecoder:
                 mtype, flags, request_id = self._pending
                 frames.append(Frame(mtype, flags, request_id, body))
                 self._body = None
-        return frames
-
-
-def peek_request_id(frame: Frame) -> int:
-    """The request id of a frame (for error replies when decoding fails)."""
-    return frame.request_id
 
 
 # --------------------------------------------------------------------------

@@ -85,15 +85,13 @@ class TwinferProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing or self._decoder is None:
             return
-        try:
-            frames = self._decoder.feed(data)
-        except CodecError as e:
-            self._fatal(0, e)
-            return
-        for frame in frames:
+        decoder = self._decoder
+        for frame in decoder.feed(data):
             if self._closing:
                 return
             self._frame_received(frame)
+        if decoder.error is not None and not self._closing:
+            self._fatal(0, decoder.error)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self._closing = True
