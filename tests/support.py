@@ -87,7 +87,9 @@ class ServerTestCase(unittest.TestCase):
             self.addCleanup(client.close)
 
 
-def random_inputs(metadata_inputs: Mapping[str, tuple[Any, tuple[int, ...]]], seed: int = 0) -> dict[str, np.ndarray]:
+def random_inputs(
+    metadata_inputs: Mapping[str, tuple[Any, tuple[int, ...]]], seed: int = 0
+) -> dict[str, np.ndarray]:
     """Random arrays for ``{name: (dtype, shape)}``."""
     rng = np.random.default_rng(seed)
     return {

@@ -11,11 +11,10 @@ import openvino.opset13 as ops
 import pytest
 from onnx import TensorProto, helper
 
+from support import save_identity_model
 from twinfer import backend, builtin
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.messages import DType, TensorSpec
-
-from support import save_identity_model
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +36,25 @@ def test_tiny_signature_publishes_dynamic_dims_as_minus_one() -> None:
     ("inputs", "outputs", "code", "fragment"),
     [
         ({}, (), ErrorCode.INVALID_INPUT, "missing ['x']"),
-        ({"x": np.ones((1, 4), np.float32), "z": np.ones(1, np.float32)}, (),
-         ErrorCode.INVALID_INPUT, "unexpected ['z']"),
-        ({"X": np.ones((1, 4), np.float32)}, (), ErrorCode.INVALID_INPUT, "missing ['x'], unexpected ['X']"),
+        (
+            {"x": np.ones((1, 4), np.float32), "z": np.ones(1, np.float32)},
+            (),
+            ErrorCode.INVALID_INPUT,
+            "unexpected ['z']",
+        ),
+        (
+            {"X": np.ones((1, 4), np.float32)},
+            (),
+            ErrorCode.INVALID_INPUT,
+            "missing ['x'], unexpected ['X']",
+        ),
         ({"x": np.ones((1, 4), np.float64)}, (), ErrorCode.INVALID_DTYPE, "takes f32, got f64"),
-        ({"x": np.ones((1, 5), np.float32)}, (), ErrorCode.INVALID_SHAPE, "takes shape [?,4], got [1,5]"),
+        (
+            {"x": np.ones((1, 5), np.float32)},
+            (),
+            ErrorCode.INVALID_SHAPE,
+            "takes shape [?,4], got [1,5]",
+        ),
         ({"x": np.ones(4, np.float32)}, (), ErrorCode.INVALID_SHAPE, "got [4]"),
         ({"x": np.ones((1, 4), np.float32)}, ("z",), ErrorCode.UNKNOWN_OUTPUT, "no output 'z'"),
     ],

@@ -49,7 +49,9 @@ specs = st.builds(
     st.lists(st.integers(min_value=-1, max_value=2**31), max_size=5).map(tuple),
 )
 messages = st.one_of(
-    st.builds(Hello, st.integers(0, 65535), st.integers(0, 65535), st.integers(0, 2**32 - 1), names),
+    st.builds(
+        Hello, st.integers(0, 65535), st.integers(0, 65535), st.integers(0, 2**32 - 1), names
+    ),
     st.just(Ping()),
     st.just(Pong()),
     st.just(Cancel()),
@@ -168,7 +170,9 @@ def test_arbitrary_bodies_raise_only_codec_errors(mtype: int, request_id: int, b
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 @given(request_ids, messages, st.data())
-def test_truncated_bodies_raise_codec_errors(request_id: int, message: object, data: st.DataObject) -> None:
+def test_truncated_bodies_raise_codec_errors(
+    request_id: int, message: object, data: st.DataObject
+) -> None:
     encoded = codec.encode_bytes(request_id, message)  # type: ignore[arg-type]
     body = encoded[codec.HEADER_SIZE :]
     if not body:
@@ -189,11 +193,17 @@ def test_decoded_tensors_are_zero_copy_writable_views_of_the_frame() -> None:
     array = got.inputs["x"]
     assert array.flags.writeable and array.flags.c_contiguous
     assert np.shares_memory(array, np.frombuffer(frame.body, np.uint8))
-    assert array.ctypes.data % codec.ALIGNMENT == np.frombuffer(frame.body, np.uint8).ctypes.data % 8
+    assert (
+        array.ctypes.data % codec.ALIGNMENT == np.frombuffer(frame.body, np.uint8).ctypes.data % 8
+    )
 
 
 def test_tensor_data_is_aligned_within_the_body() -> None:
-    inputs = {"a": np.ones(3, np.uint8), "bb": np.ones((2, 2), np.float64), "c": np.ones(1, np.int16)}
+    inputs = {
+        "a": np.ones(3, np.uint8),
+        "bb": np.ones((2, 2), np.float64),
+        "c": np.ones(1, np.int16),
+    }
     [frame] = decode_all(codec.encode_bytes(1, InferRequest("model", inputs)))
     got = codec.decode_message(frame)
     assert isinstance(got, InferRequest)
@@ -278,7 +288,9 @@ def test_bool_tensor_with_other_bytes_is_malformed() -> None:
 def test_tensor_longer_than_the_body_is_malformed() -> None:
     body = bytearray()
     body += struct.pack("<H", 1) + b"m" + struct.pack("<IBBBB", 0, 0, 1, 0, 0)
-    body += struct.pack("<H", 1) + b"x" + struct.pack("<BB", DType.F32, 1) + struct.pack("<Q", 10**6)
+    body += (
+        struct.pack("<H", 1) + b"x" + struct.pack("<BB", DType.F32, 1) + struct.pack("<Q", 10**6)
+    )
     with pytest.raises(CodecError, match="tensor 'x' data"):
         codec.decode_message(codec.Frame(0x10, 0, 1, body))
 

@@ -72,27 +72,47 @@ def test_model_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda s: s.replace("max_frame_size = 1048576", "max_frame_size = 0"),
-         "server.max_frame_size: must be at least 1"),
+        (
+            lambda s: s.replace("max_frame_size = 1048576", "max_frame_size = 0"),
+            "server.max_frame_size: must be at least 1",
+        ),
         (lambda s: s.replace("[server]", "[server]\nport = 1"), "server.port: unknown key"),
         (lambda s: s.replace("replicas = 2", 'replicas = "many"'), "devices[0].replicas"),
-        (lambda s: s.replace("replicas = 2", "replicas = 0"), "devices[0].replicas: must be between"),
-        (lambda s: s.replace('target = "CPU"\nreplicas = 2', "replicas = 2"),
-         "devices[0].target: required key is missing"),
-        (lambda s: s.replace('name = "fpga"', 'name = "cpu0"'),
-         "devices[1].name: device 'cpu0' is defined twice"),
-        (lambda s: s.replace('["cpu0", "fpga"]', '["cpu0", "gpu"]'),
-         "models[0].devices: unknown device 'gpu'"),
+        (
+            lambda s: s.replace("replicas = 2", "replicas = 0"),
+            "devices[0].replicas: must be between",
+        ),
+        (
+            lambda s: s.replace('target = "CPU"\nreplicas = 2', "replicas = 2"),
+            "devices[0].target: required key is missing",
+        ),
+        (
+            lambda s: s.replace('name = "fpga"', 'name = "cpu0"'),
+            "devices[1].name: device 'cpu0' is defined twice",
+        ),
+        (
+            lambda s: s.replace('["cpu0", "fpga"]', '["cpu0", "gpu"]'),
+            "models[0].devices: unknown device 'gpu'",
+        ),
         (lambda s: s.replace('"per-device"', '"random"'), "models[0].queue"),
         (lambda s: s.replace("queue_size = 4", "queue_size = -1"), "models[0].queue_size"),
-        (lambda s: s.replace('"builtin:tiny"', '"no/such/model.xml"'),
-         "models[0].path: no such file"),
+        (
+            lambda s: s.replace('"builtin:tiny"', '"no/such/model.xml"'),
+            "models[0].path: no such file",
+        ),
         (lambda s: s.replace('name = "tiny"', 'name = "has space"'), "models[0].name"),
-        (lambda s: s.replace("queue_size = 4", "queue_size = true"), "models[0].queue_size: expected int"),
-        (lambda s: s + "\n[[models]]\nname='tiny'\npath='builtin:tiny'\ndevices=['cpu0']\n",
-         "models[1].name: model 'tiny' is defined twice"),
-        (lambda s: s.replace("devices = [\"cpu0\", \"fpga\"]\n", ""),
-         "models[0].devices: required when more than one device"),
+        (
+            lambda s: s.replace("queue_size = 4", "queue_size = true"),
+            "models[0].queue_size: expected int",
+        ),
+        (
+            lambda s: s + "\n[[models]]\nname='tiny'\npath='builtin:tiny'\ndevices=['cpu0']\n",
+            "models[1].name: model 'tiny' is defined twice",
+        ),
+        (
+            lambda s: s.replace('devices = ["cpu0", "fpga"]\n', ""),
+            "models[0].devices: required when more than one device",
+        ),
         (lambda s: s + "\n[extra]\n", "config.extra: unknown key"),
         (lambda s: s.replace("[server]", "[server"), "not valid TOML"),
     ],

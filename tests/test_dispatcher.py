@@ -7,10 +7,10 @@ import time
 from collections.abc import Mapping
 
 import numpy as np
-from support import ServerTestCase
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 
+from support import ServerTestCase
 from twinfer import builtin, codec
 from twinfer.backend import Engine
 from twinfer.client import TwinferClient, connect
@@ -67,7 +67,9 @@ class GuardedEngine:
         self._guard = guard
         self._hold = hold
 
-    def run(self, inputs: Mapping[str, np.ndarray], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+    def run(
+        self, inputs: Mapping[str, np.ndarray], outputs: tuple[str, ...]
+    ) -> dict[str, np.ndarray]:
         guard = self._guard
         with guard._lock:
             guard.inside += 1
@@ -89,7 +91,9 @@ class CrashingEngine:
         self._inner = inner
         self.calls = 0
 
-    def run(self, inputs: Mapping[str, np.ndarray], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+    def run(
+        self, inputs: Mapping[str, np.ndarray], outputs: tuple[str, ...]
+    ) -> dict[str, np.ndarray]:
         self.calls += 1
         if self.calls % 3 == 0:
             raise RuntimeError("device fell over")
@@ -156,9 +160,7 @@ class DispatcherTests(ServerTestCase):
             crashing.append(CrashingEngine(openvino_engine(model, device, replica)))
             return crashing[-1]
 
-        await self.start_server(
-            PLACEMENT_CONFIG.replace("replicas = 2", "replicas = 1"), factory
-        )
+        await self.start_server(PLACEMENT_CONFIG.replace("replicas = 2", "replicas = 1"), factory)
         client = await self.connect()
         outcomes = []
         for i in range(12):

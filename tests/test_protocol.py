@@ -81,7 +81,6 @@ class ProtocolFixture(unittest.TestCase):
         return taken[0]
 
 
-
 class ProtocolTests(ProtocolFixture):
     # -- handshake and framing ------------------------------------------------
 
@@ -197,7 +196,6 @@ class ProtocolTests(ProtocolFixture):
         assert (rid, error.code) == (4, ErrorCode.OVERLOADED)
         assert "'tiny' is full (3 jobs waiting)" in error.message
         assert self.queue.depth == 3
-
 
     def test_duplicate_request_id_is_refused_without_touching_the_first(self) -> None:
         self.send(self.proto, 5, InferRequest("tiny", {"x": X}))

@@ -72,10 +72,7 @@ class Port:
             return True
         if len(shape) != len(bounds):
             return False
-        for d, (lo, hi) in zip(shape, bounds):
-            if d < lo or (hi != -1 and d > hi):
-                return False
-        return True
+        return all(lo <= d and (hi == -1 or d <= hi) for d, (lo, hi) in zip(shape, bounds))
 
 
 #: OpenVINO element types the wire can carry.  Matched by name, not through
@@ -124,17 +121,13 @@ class Signature:
     @classmethod
     def of(cls, model: ov.Model | ov.CompiledModel) -> Signature:
         """Read the ports of an OpenVINO model."""
-        inputs = tuple(
-            _port(_port_name(p, i, "input"), i, p.get_element_type(), p.get_partial_shape(), "input")
-            for i, p in enumerate(model.inputs)
-        )
-        outputs = tuple(
-            _port(
-                _port_name(p, i, "output"), i, p.get_element_type(), p.get_partial_shape(), "output"
+        def ports(outputs: list[ov.Output], what: str) -> tuple[Port, ...]:
+            return tuple(
+                _port(_port_name(p, i, what), i, p.get_element_type(), p.get_partial_shape(), what)
+                for i, p in enumerate(outputs)
             )
-            for i, p in enumerate(model.outputs)
-        )
-        return cls(inputs, outputs)
+
+        return cls(ports(model.inputs, "input"), ports(model.outputs, "output"))
 
     def metadata(self, name: str, devices: tuple[str, ...]) -> Metadata:
         """The model's metadata message."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 from twisted.internet import defer
@@ -58,6 +58,8 @@ M = TypeVar("M")
 
 class ClientProtocol(Protocol):
     """Speaks the client side of the protocol; use through :class:`TwinferClient`."""
+
+    transport: Any
 
     def __init__(self) -> None:
         self._decoder = codec.FrameDecoder()
@@ -244,7 +246,7 @@ def client_endpoint(
 
 
 async def _connect(reactor: Any, endpoint: IStreamClientEndpoint) -> TwinferClient:
-    protocol = await endpoint.connect(Factory.forProtocol(ClientProtocol))
+    protocol = cast(ClientProtocol, await endpoint.connect(Factory.forProtocol(ClientProtocol)))
     await protocol.handshake
     return TwinferClient(protocol)
 

@@ -388,8 +388,8 @@ def _decode_model_list(r: _Reader) -> ModelList:
         raise CodecError(ErrorCode.MALFORMED_FRAME, "MODEL_LIST: 'models' must be a list")
     infos = []
     for m in models:
-        if not (
-            isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("ready"), bool)
+        if not isinstance(m, dict) or not (
+            isinstance(m.get("name"), str) and isinstance(m.get("ready"), bool)
         ):
             raise CodecError(ErrorCode.MALFORMED_FRAME, f"MODEL_LIST: bad entry {m!r}")
         infos.append(ModelInfo(m["name"], _str_tuple(m.get("devices"), r.what), m["ready"]))
@@ -476,7 +476,8 @@ def tensor_payload(array: np.ndarray) -> Chunk:
     base = array.base
     if type(base) is bytes and len(base) == array.nbytes:
         return base
-    return memoryview(array).cast("B") if array.ndim else memoryview(array.reshape(1)).cast("B")
+    # reshape(-1) is a view for a C-contiguous array; .data is its memoryview.
+    return array.reshape(-1).view(np.uint8).data
 
 
 def _tensors(tensors: Mapping[str, Any], prefix_len: int) -> tuple[bytes, list[Chunk]]:
@@ -543,12 +544,13 @@ def encode_message(request_id: int, message: Message) -> list[Chunk]:
     if isinstance(message, InferReply):
         if len(message.outputs) > 255:
             raise CodecError(ErrorCode.INVALID_INPUT, "at most 255 outputs")
-        head = _INFER_REPLY_FIXED.pack(
-            min(message.queue_us, 0xFFFFFFFF), min(message.compute_us, 0xFFFFFFFF),
+        fixed = _INFER_REPLY_FIXED.pack(
+            min(message.queue_us, 0xFFFFFFFF),
+            min(message.compute_us, 0xFFFFFFFF),
             len(message.outputs),
         )
-        descriptors, data = _tensors(message.outputs, len(head))
-        return _frame(MessageType.INFER_REPLY, request_id, [head + descriptors, *data])
+        descriptors, data = _tensors(message.outputs, len(fixed))
+        return _frame(MessageType.INFER_REPLY, request_id, [fixed + descriptors, *data])
     if isinstance(message, Error):
         text = message.message.encode("utf-8")[:_MAX_STR].decode("utf-8", "ignore")
         body = [_ERROR_FIXED.pack(message.code) + _string(text, "error message")]

@@ -95,7 +95,9 @@ class Config:
         return str((self.base_dir / model.path).resolve())
 
 
-def _check_keys(table: Mapping[str, Any], where: str, allowed: set[str], required: set[str]) -> None:
+def _check_keys(
+    table: Mapping[str, Any], where: str, allowed: set[str], required: set[str]
+) -> None:
     for key in table:
         if key not in allowed:
             raise ConfigError(f"{where}.{key}: unknown key (allowed: {', '.join(sorted(allowed))})")
@@ -168,7 +170,9 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path(".")) -> Config:
         if "replicas" in table:
             replicas = _typed(table, "replicas", where, (int, str))
             if isinstance(replicas, str) and replicas != AUTO:
-                raise ConfigError(f"{where}.replicas: expected a number or \"auto\", got {replicas!r}")
+                raise ConfigError(
+                    f'{where}.replicas: expected a number or "auto", got {replicas!r}'
+                )
             if isinstance(replicas, int) and not 1 <= replicas <= 64:
                 raise ConfigError(f"{where}.replicas: must be between 1 and 64, got {replicas}")
         properties = _properties(table, where)
@@ -217,7 +221,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path(".")) -> Config:
         queue = table.get("queue", QUEUE_SHARED)
         if queue not in (QUEUE_SHARED, QUEUE_PER_DEVICE):
             raise ConfigError(
-                f"{where}.queue: expected \"{QUEUE_SHARED}\" or \"{QUEUE_PER_DEVICE}\", got {queue!r}"
+                f'{where}.queue: expected "{QUEUE_SHARED}" or "{QUEUE_PER_DEVICE}", '
+                f"got {queue!r}"
             )
         path = _typed(table, "path", where, str)
         if not path.startswith("builtin:") and not (base_dir / path).exists():

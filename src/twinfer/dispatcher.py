@@ -16,8 +16,10 @@ and a worker that serves several models takes from their queues round-robin.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
+
 import attrs
 import numpy as np
 from twisted.internet.defer import (
@@ -70,9 +72,11 @@ class Job:
         self.deferred = Deferred(self._cancelled)
 
     def _cancelled(self, _: Deferred[InferResult]) -> None:
-        if self.queue is not None and not self.running:
-            self.queue.discard(self)
-        self.inputs = {}  # release the request's memory now
+        # A running job's inputs belong to the device thread until it is done.
+        if not self.running:
+            if self.queue is not None:
+                self.queue.discard(self)
+            self.inputs = {}  # release the request's memory now
 
 
 class JobQueue:
@@ -108,10 +112,8 @@ class JobQueue:
 
     def discard(self, job: Job) -> None:
         """Remove a job that has not been taken yet."""
-        try:
+        with contextlib.suppress(ValueError):
             self._queue.pending.remove(job)
-        except ValueError:
-            pass
 
     def drain(self) -> list[Job]:
         """Remove and return every waiting job."""
@@ -120,14 +122,14 @@ class JobQueue:
         return jobs
 
 
-def _execute(engine: Engine, job: Job) -> InferResult:
-    """Run ``job`` on ``engine``; called in the worker's own thread."""
+def _execute(
+    engine: Engine, inputs: Mapping[str, np.ndarray], outputs: tuple[str, ...], enqueued: float
+) -> InferResult:
+    """Run one job on ``engine``; called in the worker's own thread."""
     started = time.monotonic()
-    outputs = engine.run(job.inputs, job.outputs)
+    result = engine.run(inputs, outputs)
     done = time.monotonic()
-    return InferResult(
-        outputs, int((started - job.enqueued) * 1e6), int((done - started) * 1e6)
-    )
+    return InferResult(result, int((started - enqueued) * 1e6), int((done - started) * 1e6))
 
 
 class Worker:
@@ -212,8 +214,16 @@ class Worker:
             return False
         job.running = True
         self.current = job
-        d = deferToThreadPool(self._reactor, self._pool, _execute, self._engines[job.model], job)
-        d.addCallbacks(self._succeeded, self._failed, (job,), None, (job,))
+        d = deferToThreadPool(
+            self._reactor,
+            self._pool,
+            _execute,
+            self._engines[job.model],
+            job.inputs,
+            job.outputs,
+            job.enqueued,
+        )
+        d.addCallbacks(self._succeeded, self._failed, callbackArgs=(job,), errbackArgs=(job,))
         return True
 
     def _succeeded(self, result: InferResult, job: Job) -> None:

@@ -7,6 +7,7 @@ never be reused for a different meaning.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 
 
@@ -66,10 +67,9 @@ class TwinferError(Exception):
     """
 
     def __init__(self, code: ErrorCode | int, message: str) -> None:
-        try:
+        # An unknown code from a newer peer stays a plain int.
+        with contextlib.suppress(ValueError):
             code = ErrorCode(code)
-        except ValueError:
-            pass  # an unknown code from a newer peer stays a plain int
         super().__init__(code, message)
         self.code = code
         self.message = message

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from typing import Union
 
 import attrs
 import numpy as np
@@ -205,16 +204,17 @@ class Error:
     message: str
 
 
-Message = Union[
-    Hello,
-    Ping,
-    Pong,
-    InferRequest,
-    InferReply,
-    Cancel,
-    ListModels,
-    ModelList,
-    GetMetadata,
-    Metadata,
-    Error,
-]
+#: Any message of the protocol.
+Message = (
+    Hello
+    | Ping
+    | Pong
+    | InferRequest
+    | InferReply
+    | Cancel
+    | ListModels
+    | ModelList
+    | GetMetadata
+    | Metadata
+    | Error
+)

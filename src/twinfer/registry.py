@@ -102,15 +102,15 @@ def build_dispatcher(
         if model_config.queue == QUEUE_SHARED:
             shared = JobQueue(model_config.name, model_config.queue_size)
             queues: tuple[JobQueue, ...] = (shared,)
-            for device in model_config.devices:
-                device_queues[device].append(shared)
+            for device_name in model_config.devices:
+                device_queues[device_name].append(shared)
         else:
             queues = tuple(
-                JobQueue(f"{model_config.name}@{device}", model_config.queue_size)
-                for device in model_config.devices
+                JobQueue(f"{model_config.name}@{device_name}", model_config.queue_size)
+                for device_name in model_config.devices
             )
-            for device, queue in zip(model_config.devices, queues):
-                device_queues[device].append(queue)
+            for device_name, queue in zip(model_config.devices, queues):
+                device_queues[device_name].append(queue)
         entries[model.name] = ModelEntry(model.name, model.signature, model_config.devices, queues)
 
     workers = []

@@ -66,6 +66,8 @@ class TwinferProtocol(Protocol):
     """One client connection speaking the twinfer binary protocol."""
 
     factory: TwinferFactory
+    # A TCP or TLS transport: also an IConsumer and IProducer.
+    transport: Any
 
     def __init__(self) -> None:
         self._decoder: codec.FrameDecoder | None = None
@@ -187,7 +189,9 @@ class TwinferProtocol(Protocol):
             self._send_error(request_id, e.code, e.message)
             return
         self.inflight[request_id] = d
-        d.addCallbacks(self._reply, self._reply_failed, (request_id,), None, (request_id,))
+        d.addCallbacks(
+            self._reply, self._reply_failed, callbackArgs=(request_id,), errbackArgs=(request_id,)
+        )
 
     def _on_cancel(self, request_id: int, message: Cancel) -> None:
         # Unknown ids are ignored: the reply may already be on its way.
@@ -224,7 +228,7 @@ class TwinferProtocol(Protocol):
             error: TwinferError = failure.value  # type: ignore[assignment]
             self._send_error(request_id, error.code, error.message)
         else:
-            log.failure("unexpected failure for request {request_id}", failure, request_id=request_id)
+            log.failure("unexpected failure for request {rid}", failure, rid=request_id)
             self._send_error(request_id, ErrorCode.INTERNAL, failure.getErrorMessage())
 
     def _send_error(self, request_id: int, code: int, message: str) -> None:
@@ -250,7 +254,7 @@ class TwinferProtocol(Protocol):
 class TwinferFactory(Factory):
     """Creates a :class:`TwinferProtocol` per connection, sharing one dispatcher."""
 
-    protocol = TwinferProtocol
+    protocol = TwinferProtocol  # type: ignore[assignment]
 
     def __init__(self, dispatcher: Dispatcher, config: ServerConfig | None = None) -> None:
         self.dispatcher = dispatcher
