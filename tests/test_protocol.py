@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from twinfer import builtin, codec
 from twinfer.backend import Signature
 from twinfer.config import ServerConfig
-from twinfer.dispatcher import Dispatcher, InferResult, Job, JobQueue, ModelEntry
+from twinfer.dispatcher import Dispatcher, InferResult, Job, JobQueue, ModelEntry, WorkerState
 from twinfer.errors import ErrorCode
 from twinfer.messages import (
     Cancel,
@@ -36,6 +37,26 @@ from twinfer.server import TwinferFactory, TwinferProtocol
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
 
 
+class HandOperatedWorker:
+    """Test double for a device replica that is healthy but never takes a job
+    by itself: the tests take jobs from the queue and answer them by hand."""
+
+    name = "cpu#0"
+    device = "cpu"
+    state = WorkerState.READY
+    failure_reason = ""
+    available = True
+
+    def __init__(self, queue: JobQueue) -> None:
+        self.queues = [queue]
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
 class ProtocolFixture(unittest.TestCase):
     """A factory with one worker-less model queue, and one connected client."""
 
@@ -44,7 +65,13 @@ class ProtocolFixture(unittest.TestCase):
     def setUp(self) -> None:
         self.queue = JobQueue("tiny", size=self.queue_size)
         entry = ModelEntry("tiny", Signature.of(builtin.tiny_model()), ("cpu",), (self.queue,))
-        self.dispatcher = Dispatcher({"tiny": entry}, workers=[])
+        self.clock = Clock()
+        worker = HandOperatedWorker(self.queue)
+        self.dispatcher = Dispatcher(
+            {"tiny": entry},
+            workers=[worker],  # type: ignore[list-item]
+            clock=self.clock,
+        )
         self.dispatcher.start()
         self.factory = TwinferFactory(
             self.dispatcher, ServerConfig(max_frame_size=4096, max_inflight_per_connection=5)
@@ -76,9 +103,9 @@ class ProtocolFixture(unittest.TestCase):
         return rid, message
 
     def take_job(self) -> Job:
-        taken: list[Job] = []
-        self.queue.get().addCallback(taken.append)
-        return taken[0]
+        job = self.queue.take()
+        assert job is not None
+        return job
 
 
 class ProtocolTests(ProtocolFixture):

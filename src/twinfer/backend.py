@@ -51,6 +51,13 @@ class Port:
         dims = tuple(lo if lo == hi else -1 for lo, hi in self.bounds)
         return TensorSpec(self.name, self.dtype, dims)
 
+    @property
+    def smallest_shape(self) -> tuple[int, ...] | None:
+        """The smallest non-empty shape the port accepts (``None``: dynamic rank)."""
+        if self.bounds is None:
+            return None
+        return tuple(max(lo, 1) for lo, _ in self.bounds)
+
     def describe_shape(self) -> str:
         """The accepted shape, human-readable (``[?,3,224,224]``)."""
         if self.bounds is None:
@@ -242,3 +249,17 @@ class OpenVINOEngine:
             data = request.get_output_tensor(port.index).data
             result[port.name] = np.ndarray(data.shape, data.dtype, buffer=data.tobytes())
         return result
+
+    def probe(self) -> None:
+        """Health check: run the model once on zeros of its smallest shape.
+
+        Raises if the device fails; a model with an input of dynamic rank is
+        not probed.
+        """
+        inputs = {}
+        for port in self._signature.inputs:
+            shape = port.smallest_shape
+            if shape is None:
+                return
+            inputs[port.name] = np.zeros(shape, port.dtype.numpy)
+        self.run(inputs, ())

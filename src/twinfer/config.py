@@ -53,6 +53,10 @@ class DeviceConfig:
     replicas: int | str = AUTO
     #: OpenVINO compile properties, e.g. ``{"PERFORMANCE_HINT": "THROUGHPUT"}``.
     properties: Mapping[str, str] = attrs.field(factory=dict)
+    #: Failed inferences in a row that take a replica out of rotation.
+    max_consecutive_failures: int = 3
+    #: Seconds between health probes of an idle (or failed) replica; 0 = never.
+    health_check_interval_s: float = 10.0
 
 
 @attrs.frozen
@@ -72,6 +76,20 @@ class ModelConfig:
     queue: str = QUEUE_SHARED
     #: OpenVINO compile properties for this model, over its devices' own.
     properties: Mapping[str, str] = attrs.field(factory=dict)
+    #: Dynamic batching: most rows per inference (1 = off).
+    max_batch_size: int = 1
+    #: Dynamic batching: microseconds a partial batch may wait for more.
+    max_queue_delay_us: int = 500
+    #: Dynamic batching: sizes launched at once without waiting.
+    preferred_batch_sizes: tuple[int, ...] = ()
+    #: Milliseconds a request may wait for a device when it names no timeout (0 = forever).
+    default_timeout_ms: int = 0
+    #: Number of priority levels (1 = no priorities).
+    priority_levels: int = 1
+    #: Level of requests that name none (1 = lowest).
+    default_priority: int = 1
+    #: Milliseconds after which a waiting request is taken before higher levels.
+    priority_aging_ms: int = 100
 
 
 @attrs.frozen
@@ -140,6 +158,46 @@ def _properties(table: Mapping[str, Any], where: str) -> dict[str, str]:
     return {k: str(v) for k, v in properties.items()}
 
 
+def _non_negative(table: Mapping[str, Any], key: str, where: str, default: float) -> float:
+    if key not in table:
+        return default
+    value = _typed(table, key, where, (int, float))
+    if isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{where}.{key}: must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _scheduling(table: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The dynamic batching, deadline and priority keys of a model."""
+    max_batch = _positive(table, "max_batch_size", where, 1)
+    preferred = table.get("preferred_batch_sizes", [])
+    if not isinstance(preferred, list) or not all(
+        type(n) is int and 1 <= n <= max_batch for n in preferred
+    ):
+        raise ConfigError(
+            f"{where}.preferred_batch_sizes: expected a list of sizes from 1 to "
+            f"max_batch_size ({max_batch}), got {preferred!r}"
+        )
+    levels = _positive(table, "priority_levels", where, 1)
+    if levels > 16:
+        raise ConfigError(f"{where}.priority_levels: at most 16, got {levels}")
+    default_priority = _positive(table, "default_priority", where, 1)
+    if default_priority > levels:
+        raise ConfigError(
+            f"{where}.default_priority: must be between 1 and priority_levels ({levels}), "
+            f"got {default_priority}"
+        )
+    return {
+        "max_batch_size": max_batch,
+        "max_queue_delay_us": int(_non_negative(table, "max_queue_delay_us", where, 500)),
+        "preferred_batch_sizes": tuple(sorted(set(preferred))),
+        "default_timeout_ms": int(_non_negative(table, "default_timeout_ms", where, 0)),
+        "priority_levels": levels,
+        "default_priority": default_priority,
+        "priority_aging_ms": int(_non_negative(table, "priority_aging_ms", where, 100)),
+    }
+
+
 def parse_config(data: Mapping[str, Any], base_dir: Path = Path(".")) -> Config:
     """Build a :class:`Config` from parsed TOML, or raise :class:`ConfigError`."""
     _check_keys(data, "config", {"server", "devices", "models"}, {"devices", "models"})
@@ -154,6 +212,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path(".")) -> Config:
             server_table, "max_inflight_per_connection", "server", 1024
         ),
     )
+    if server.max_frame_size > 0xFFFFFFFF:
+        raise ConfigError("server.max_frame_size: at most 4294967295 (it travels as a u32)")
 
     if not isinstance(data["devices"], list) or not data["devices"]:
         raise ConfigError("devices: expected a non-empty array of tables ([[devices]])")
@@ -162,7 +222,19 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path(".")) -> Config:
         where = f"devices[{i}]"
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: expected a table")
-        _check_keys(table, where, {"name", "target", "replicas", "properties"}, {"name", "target"})
+        _check_keys(
+            table,
+            where,
+            {
+                "name",
+                "target",
+                "replicas",
+                "properties",
+                "max_consecutive_failures",
+                "health_check_interval_s",
+            },
+            {"name", "target"},
+        )
         name = _name(table, where)
         if any(d.name == name for d in devices):
             raise ConfigError(f"{where}.name: device {name!r} is defined twice")
@@ -182,6 +254,10 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path(".")) -> Config:
                 target=_typed(table, "target", where, str),
                 replicas=replicas,
                 properties=properties,
+                max_consecutive_failures=_positive(table, "max_consecutive_failures", where, 3),
+                health_check_interval_s=_non_negative(
+                    table, "health_check_interval_s", where, 10.0
+                ),
             )
         )
 
@@ -196,7 +272,21 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path(".")) -> Config:
         _check_keys(
             table,
             where,
-            {"name", "path", "devices", "queue_size", "queue", "properties"},
+            {
+                "name",
+                "path",
+                "devices",
+                "queue_size",
+                "queue",
+                "properties",
+                "max_batch_size",
+                "max_queue_delay_us",
+                "preferred_batch_sizes",
+                "default_timeout_ms",
+                "priority_levels",
+                "default_priority",
+                "priority_aging_ms",
+            },
             {"name", "path"},
         )
         name = _name(table, where)
@@ -235,6 +325,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path(".")) -> Config:
                 queue_size=_positive(table, "queue_size", where, 256),
                 queue=queue,
                 properties=_properties(table, where),
+                **_scheduling(table, where),
             )
         )
     return Config(server, tuple(devices), tuple(models), base_dir)

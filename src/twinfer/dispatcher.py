@@ -1,177 +1,211 @@
-"""Jobs, bounded queues and device workers: the producer-consumer core.
+"""Device workers and the dispatcher: the producer-consumer core.
 
 The reactor thread validates a request and :meth:`Dispatcher.submit` turns it
-into a :class:`Job` in a bounded ``DeferredQueue`` (:class:`JobQueue`).  Each
-device replica is a :class:`Worker` that owns a one-thread ``ThreadPool``:
-it takes one job at a time from the queues it serves, runs it there with
-``deferToThreadPool`` and fires the job's Deferred back on the reactor
-thread.  Because a worker holds at most one job and has one thread, a device
-replica is never entered by two threads, whatever the load; a device that is
-not thread-safe gets ``replicas = 1``.
+into a :class:`~twinfer.queueing.Job` in a bounded queue
+(:class:`~twinfer.queueing.JobQueue`, one ``DeferredQueue`` per priority
+level).  Each device replica is a :class:`Worker` that owns a one-thread
+``ThreadPool``: it takes one job (or one batch of jobs) at a time from the
+queues it serves, runs it there with ``deferToThreadPool`` and fires the
+jobs' Deferreds back on the reactor thread.  Because a worker holds at most
+one job or batch and has one thread, a device replica is never entered by two
+threads, whatever the load; a device that is not thread-safe gets
+``replicas = 1``.
 
-A model's queue is shared by all the devices that serve it (idle workers
-take from it in turn), or a model has one queue per device (``per-device``),
-and a worker that serves several models takes from their queues round-robin.
+A model's queue is shared by all the devices that serve it (idle workers take
+from it in turn), or a model has one queue per device (``per-device``); a
+worker that serves several queues visits them round-robin.
+
+Device failure: a worker whose device raises :class:`DeviceError`, fails
+``max_failures`` times in a row, or fails its idle health probe is taken out
+of rotation; the job that failed is retried once on another device, and
+queues left with no healthy worker hand their jobs to the model's other
+queues or answer them UNAVAILABLE.  A failed worker keeps probing and comes
+back when its device answers again.
 """
 
 from __future__ import annotations
 
-import contextlib
+import enum
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import attrs
 import numpy as np
-from twisted.internet.defer import (
-    CancelledError,
-    Deferred,
-    DeferredQueue,
-    QueueOverflow,
-)
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from twinfer.backend import Engine, Signature
+from twinfer.batching import BatchPolicy, run_batch
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.messages import Metadata, ModelInfo
+from twinfer.queueing import InferResult, Job, JobQueue, batch_key
+
+__all__ = [
+    "DeviceError",
+    "Dispatcher",
+    "InferResult",
+    "Job",
+    "JobQueue",
+    "ModelEntry",
+    "Worker",
+    "WorkerState",
+]
 
 log = Logger()
 
 
-@attrs.frozen(eq=False)
-class InferResult:
-    """What a job's Deferred fires with."""
-
-    outputs: dict[str, np.ndarray]
-    #: Microseconds between queueing and the device thread starting the job.
-    queue_us: int
-    #: Microseconds the device thread spent on the job.
-    compute_us: int
+class DeviceError(Exception):
+    """Raised by an engine when the device itself failed (not the request):
+    the worker is taken out of rotation at once."""
 
 
-@attrs.define(eq=False)
-class Job:
-    """One inference request on its way to a device."""
+class WorkerState(enum.Enum):
+    """Whether a worker takes jobs."""
 
-    model: str
-    inputs: Mapping[str, np.ndarray]
-    outputs: tuple[str, ...]
-    #: ``time.monotonic()`` when it was queued.
-    enqueued: float
-    #: Fires with :class:`InferResult` or fails with :class:`TwinferError`;
-    #: cancelling it takes a queued job out of its queue (it never runs) and
-    #: drops a running job's result.
-    deferred: Deferred[InferResult] = attrs.field(init=False)
-    queue: JobQueue | None = None
-    running: bool = False
-
-    def __attrs_post_init__(self) -> None:
-        self.deferred = Deferred(self._cancelled)
-
-    def _cancelled(self, _: Deferred[InferResult]) -> None:
-        # A running job's inputs belong to the device thread until it is done.
-        if not self.running:
-            if self.queue is not None:
-                self.queue.discard(self)
-            self.inputs = {}  # release the request's memory now
+    READY = "ready"
+    #: Its device failed; it probes until the device answers again.
+    FAILED = "failed"
+    #: Taken out of rotation by an operator (finishes its current job).
+    DRAINED = "drained"
 
 
-class JobQueue:
-    """A bounded FIFO ``DeferredQueue`` of jobs for one model (or one model on one device)."""
+class _Counters:
+    """Totals kept by the dispatcher (read by status and metrics)."""
 
-    def __init__(self, name: str, size: int) -> None:
-        self.name = name
-        self.size = size
-        self._queue: DeferredQueue[Job] = DeferredQueue(size=size)
+    def __init__(self) -> None:
+        self.cancelled = 0
+        self.deadline_exceeded = 0
+        self.results_dropped = 0
+        self.retried = 0
+        self.device_failures = 0
+        self.batches = 0
+        self.batched_requests = 0
 
-    def __repr__(self) -> str:
-        return f"<JobQueue {self.name} {self.depth}/{self.size}>"
-
-    @property
-    def depth(self) -> int:
-        """Jobs waiting."""
-        return len(self._queue.pending)
-
-    def put(self, job: Job) -> None:
-        """Queue ``job``, or raise ``OVERLOADED`` at once if the queue is full."""
-        job.queue = self
-        try:
-            self._queue.put(job)
-        except QueueOverflow:
-            raise TwinferError(
-                ErrorCode.OVERLOADED,
-                f"queue {self.name!r} is full ({self.size} jobs waiting); retry later",
-            ) from None
-
-    def get(self) -> Deferred[Job]:
-        """A Deferred firing with the next job (at once if one is waiting)."""
-        return self._queue.get()
-
-    def discard(self, job: Job) -> None:
-        """Remove a job that has not been taken yet."""
-        with contextlib.suppress(ValueError):
-            self._queue.pending.remove(job)
-
-    def drain(self) -> list[Job]:
-        """Remove and return every waiting job."""
-        jobs = list(self._queue.pending)
-        self._queue.pending.clear()
-        return jobs
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
 
 
 def _execute(
-    engine: Engine, inputs: Mapping[str, np.ndarray], outputs: tuple[str, ...], enqueued: float
-) -> InferResult:
-    """Run one job on ``engine``; called in the worker's own thread."""
+    engine: Engine,
+    inputs: list[Mapping[str, np.ndarray]],
+    rows: list[int],
+    outputs: tuple[str, ...],
+    enqueued: list[float],
+) -> list[InferResult]:
+    """Run one job or one batch on ``engine``; called in the worker's own thread."""
     started = time.monotonic()
-    result = engine.run(inputs, outputs)
+    results = run_batch(engine, inputs, rows, outputs)
     done = time.monotonic()
-    return InferResult(result, int((started - enqueued) * 1e6), int((done - started) * 1e6))
+    compute_us = int((done - started) * 1e6)
+    return [
+        InferResult(out, int((started - queued) * 1e6), compute_us, len(inputs))
+        for out, queued in zip(results, enqueued)
+    ]
+
+
+def _execute_work(engine: Engine, work: Callable[[Engine], Any]) -> Any:
+    """Run a job's custom work (e.g. an image task) in the worker's thread."""
+    return work(engine)
 
 
 class Worker:
-    """One device replica: one thread, one job at a time, from the queues it serves."""
+    """One device replica: one thread, one job or batch at a time."""
 
     def __init__(
         self,
         name: str,
         device: str,
-        reactor: IReactorFromThreads,
+        reactor: Any,
         engines: Mapping[str, Engine],
         queues: Sequence[JobQueue],
+        batching: Mapping[str, BatchPolicy] | None = None,
+        max_failures: int = 3,
+        probe_interval: float = 0.0,
     ) -> None:
         self.name = name
         self.device = device
-        self._reactor = reactor
-        self._engines = dict(engines)
-        self._queues = list(queues)
+        self._reactor: IReactorFromThreads = reactor
+        self._clock: IReactorTime = reactor
+        self.engines = dict(engines)
+        self.queues = list(queues)
+        self.batching = dict(batching or {})
+        self.max_failures = max_failures
+        self.probe_interval = probe_interval
         self._next_queue = 0
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"twinfer-{name}")
         self._waits: list[Deferred[Job]] = []
         self._running = False
-        #: The job on the device right now, if any.
-        self.current: Job | None = None
+        self._busy = False  # a job, a batch being collected, or a probe holds the device
+        self._collect_timer: IDelayedCall | None = None
+        self._collecting: list[Job] = []
+        self._probe_timer: IDelayedCall | None = None
+        self.state = WorkerState.READY
+        self.failure_reason = ""
+        #: The jobs on the device right now.
+        self.current: list[Job] = []
         self.jobs_done = 0
         self.jobs_failed = 0
         self.busy_seconds = 0.0
+        self.consecutive_failures = 0
+        #: Set by the dispatcher: called with (job, worker, message) when a job
+        #: fails on this device, and with (worker) when the worker's state changes.
+        self.on_job_failed: Callable[[Job, Worker, str], None] = _fail_job
+        self.on_state_changed: Callable[[Worker], None] = lambda worker: None
 
     def __repr__(self) -> str:
-        return f"<Worker {self.name} queues={[q.name for q in self._queues]}>"
+        return f"<Worker {self.name} {self.state.value} queues={[q.name for q in self.queues]}>"
+
+    @property
+    def available(self) -> bool:
+        """Whether this worker takes jobs (ready, and running)."""
+        return self._running and self.state is WorkerState.READY
 
     def start(self) -> None:
         """Start the thread and begin taking jobs."""
         self._pool.start()
         self._running = True
+        self._schedule_probe()
         self._take_next()
 
     def stop(self) -> None:
         """Stop taking jobs and join the thread (after the current job, if any)."""
         self._running = False
         self._stop_waiting()
+        for timer in (self._collect_timer, self._probe_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        collecting, self._collecting = self._collecting, []
+        for job in collecting:
+            job.fail(ErrorCode.UNAVAILABLE, "the server is shutting down")
         self._pool.stop()
+
+    def set_state(self, state: WorkerState, reason: str = "") -> None:
+        """Move the worker in or out of rotation."""
+        if state is self.state:
+            return
+        log.info(
+            "worker {worker} on device {device}: {old} -> {new}{why}",
+            worker=self.name,
+            device=self.device,
+            old=self.state.value,
+            new=state.value,
+            why=f" ({reason})" if reason else "",
+        )
+        self.state = state
+        self.failure_reason = reason if state is WorkerState.FAILED else ""
+        if state is WorkerState.READY:
+            self.consecutive_failures = 0
+            self._take_next()
+        else:
+            self._stop_waiting()
+        self.on_state_changed(self)
+
+    # -- taking jobs ----------------------------------------------------------
 
     def _stop_waiting(self) -> None:
         waits, self._waits = self._waits, []
@@ -180,78 +214,167 @@ class Worker:
 
     def _poll(self) -> Job | None:
         """Take a waiting job, visiting the queues round-robin for fairness."""
-        count = len(self._queues)
+        count = len(self.queues)
         for i in range(count):
-            queue = self._queues[(self._next_queue + i) % count]
-            if queue.depth:
+            queue = self.queues[(self._next_queue + i) % count]
+            job = queue.take()
+            if job is not None:
                 self._next_queue = (self._next_queue + i + 1) % count
-                taken: list[Job] = []
-                queue.get().addCallback(taken.append)
-                return taken[0]
+                return job
         return None
 
     def _take_next(self) -> None:
         # A loop, not recursion: a run of cancelled jobs must not grow the stack.
-        while self._running:
+        while self.available and not self._busy and not self._waits:
             job = self._poll()
             if job is None:
-                self._waits = [queue.get() for queue in self._queues]
+                self._waits = [wait for queue in self.queues for wait in queue.wait()]
                 for wait in self._waits:
                     wait.addCallbacks(self._woken, _ignore_cancel)
                 return
-            if self._start(job):
-                return
+            self._start(job)
 
     def _woken(self, job: Job) -> None:
         self._waits = [w for w in self._waits if not w.called]
         self._stop_waiting()
-        if not self._start(job):
-            self._take_next()
+        self._start(job)
+        self._take_next()
 
-    def _start(self, job: Job) -> bool:
-        """Send ``job`` to the device thread; False if it was cancelled meanwhile."""
-        if job.deferred.called:
-            return False
-        job.running = True
-        self.current = job
-        d = deferToThreadPool(
-            self._reactor,
-            self._pool,
-            _execute,
-            self._engines[job.model],
-            job.inputs,
-            job.outputs,
-            job.enqueued,
+    def _start(self, job: Job) -> None:
+        """Start ``job`` (collecting a batch around it if its model batches)."""
+        if job.deferred.called:  # cancelled or expired while queued
+            return
+        policy = self.batching.get(job.model)
+        if policy is None or job.work is not None or job.queue is None:
+            self._launch([job])
+            return
+        batch = [job, *job.queue.take_compatible(job.batch_key, policy.max_batch_size - job.rows)]
+        rows = sum(j.rows for j in batch)
+        if policy.launch_now(rows):
+            self._launch(batch)
+            return
+        # Hold the device for up to the delay while more requests arrive.
+        self._busy = True
+        self._collecting = batch
+        self._collect_timer = self._clock.callLater(
+            policy.max_queue_delay, self._collected, batch, rows, policy
         )
-        d.addCallbacks(self._succeeded, self._failed, callbackArgs=(job,), errbackArgs=(job,))
-        return True
 
-    def _succeeded(self, result: InferResult, job: Job) -> None:
-        self.jobs_done += 1
-        self.busy_seconds += result.compute_us / 1e6
-        self._finish(job)
-        if not job.deferred.called:
-            job.deferred.callback(result)
+    def _collected(self, batch: list[Job], rows: int, policy: BatchPolicy) -> None:
+        self._collect_timer = None
+        self._collecting = []
+        self._busy = False
+        queue = batch[0].queue
+        if queue is not None:
+            batch += queue.take_compatible(batch[0].batch_key, policy.max_batch_size - rows)
+        if not self.available:  # failed or drained meanwhile: give them back
+            for job in reversed(batch):
+                if not job.deferred.called and job.queue is not None:
+                    job.queue.put_front(job)
+            return
+        self._launch(batch)
+        self._take_next()
 
-    def _failed(self, failure: Failure, job: Job) -> None:
-        self.jobs_failed += 1
-        log.failure("model {model} failed on {worker}", failure, model=job.model, worker=self.name)
-        self._finish(job)
-        if not job.deferred.called:
-            job.deferred.errback(
-                TwinferError(
-                    ErrorCode.INFERENCE_FAILED,
-                    f"model {job.model!r} failed on device {self.device!r}: "
-                    f"{failure.getErrorMessage()}",
-                )
+    def _launch(self, batch: list[Job]) -> None:
+        """Send a job or a batch to the device thread."""
+        batch = [job for job in batch if not job.deferred.called]
+        if not batch:
+            return
+        for job in batch:
+            job.stop_timer()
+            job.running = True
+        self._busy = True
+        self.current = batch
+        first = batch[0]
+        engine = self.engines[first.model]
+        if first.work is not None:
+            d = deferToThreadPool(self._reactor, self._pool, _execute_work, engine, first.work)
+            d.addCallback(lambda value: [value])
+        else:
+            d = deferToThreadPool(
+                self._reactor,
+                self._pool,
+                _execute,
+                engine,
+                [job.inputs for job in batch],
+                [job.rows for job in batch],
+                first.outputs,
+                [job.enqueued for job in batch],
             )
+        d.addCallbacks(self._succeeded, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
 
-    def _finish(self, job: Job) -> None:
-        self.current = None
-        job.inputs = {}
-        # Take the next job before the reply is encoded and written, so the
+    def _succeeded(self, results: list[Any], batch: list[Job]) -> None:
+        self.jobs_done += len(batch)
+        self.consecutive_failures = 0
+        first = results[0]
+        if isinstance(first, InferResult):
+            self.busy_seconds += first.compute_us / 1e6
+        self._finish()
+        for job, result in zip(batch, results):
+            job.inputs = {}
+            if not job.deferred.called:
+                job.deferred.callback(result)
+
+    def _failed(self, failure: Failure, batch: list[Job]) -> None:
+        self.jobs_failed += len(batch)
+        self.consecutive_failures += 1
+        message = failure.getErrorMessage() or failure.type.__name__
+        log.failure(
+            "model {model} failed on {worker}", failure, model=batch[0].model, worker=self.name
+        )
+        self._finish()
+        if failure.check(DeviceError) or self.consecutive_failures >= self.max_failures:
+            self.set_state(WorkerState.FAILED, message)
+        for job in batch:
+            job.running = False
+            if not job.deferred.called:
+                self.on_job_failed(job, self, message)
+
+    def _finish(self) -> None:
+        self.current = []
+        self._busy = False
+        # Take the next job before the replies are encoded and written, so the
         # device is busy again as soon as possible.
         self._take_next()
+
+    # -- health -----------------------------------------------------------------
+
+    def _schedule_probe(self) -> None:
+        if self.probe_interval > 0 and self._running:
+            self._probe_timer = self._clock.callLater(self.probe_interval, self._probe)
+
+    def _probe(self) -> None:
+        """Check the device while idle: a failed one comes back when it answers."""
+        self._probe_timer = None
+        if not self._running or self._busy or self.state is WorkerState.DRAINED:
+            self._schedule_probe()
+            return
+        probe = getattr(next(iter(self.engines.values())), "probe", None)
+        if probe is None:
+            return
+        self._stop_waiting()
+        self._busy = True
+        d = deferToThreadPool(self._reactor, self._pool, probe)
+        d.addCallbacks(self._probe_passed, self._probe_failed)
+
+    def _probe_passed(self, _: object) -> None:
+        self._busy = False
+        if self.state is WorkerState.FAILED:
+            self.set_state(WorkerState.READY)
+        self._take_next()
+        self._schedule_probe()
+
+    def _probe_failed(self, failure: Failure) -> None:
+        self._busy = False
+        self.set_state(WorkerState.FAILED, f"health probe: {failure.getErrorMessage()}")
+        self._schedule_probe()
+
+
+def _fail_job(job: Job, worker: Worker, message: str) -> None:
+    job.fail(
+        ErrorCode.INFERENCE_FAILED,
+        f"model {job.model!r} failed on device {worker.device!r}: {message}",
+    )
 
 
 def _ignore_cancel(failure: Failure) -> None:
@@ -260,33 +383,77 @@ def _ignore_cancel(failure: Failure) -> None:
 
 @attrs.define(eq=False)
 class ModelEntry:
-    """A served model: its signature and the queues its requests go into."""
+    """A served model: its signature, scheduling options and queues."""
 
     name: str
     signature: Signature
     devices: tuple[str, ...]
     queues: tuple[JobQueue, ...]
+    batching: BatchPolicy | None = None
+    #: Seconds a request may wait in the queue when it names no timeout (0 = forever).
+    default_timeout: float = 0.0
+    #: Priority level used when a request names none (index, 0 = lowest).
+    default_level: int = 0
+    #: Workers that take from each queue (filled in by the dispatcher).
+    workers_of: dict[str, list[Worker]] = attrs.field(factory=dict)
+
+    def ready_queues(self) -> list[JobQueue]:
+        """Queues that at least one available worker takes from."""
+        return [
+            q for q in self.queues if any(w.available for w in self.workers_of.get(q.name, ()))
+        ]
 
     def choose_queue(self) -> JobQueue:
-        """The shared queue, or the shortest per-device queue."""
-        if len(self.queues) == 1:
+        """The shared queue, or the shortest per-device queue with a healthy device;
+        ``UNAVAILABLE`` when no device can serve the model."""
+        if len(self.queues) == 1 and self.ready_queues():
             return self.queues[0]
-        return min(self.queues, key=lambda q: q.depth)
+        ready = self.ready_queues()
+        if not ready:
+            states = ", ".join(
+                f"{w.name} {w.state.value}" + (f" ({w.failure_reason})" if w.failure_reason else "")
+                for q in self.queues
+                for w in self.workers_of.get(q.name, ())
+            )
+            raise TwinferError(
+                ErrorCode.UNAVAILABLE,
+                f"no healthy device serves model {self.name!r} ({states or 'no workers'})",
+            )
+        return min(ready, key=lambda q: q.depth)
 
 
 class Dispatcher:
     """Routes validated requests into queues and owns the workers."""
 
-    def __init__(self, models: Mapping[str, ModelEntry], workers: Sequence[Worker]) -> None:
+    def __init__(
+        self, models: Mapping[str, ModelEntry], workers: Sequence[Worker], clock: Any = None
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._clock: IReactorTime = clock
         self.models = dict(models)
         self.workers = list(workers)
         self.started = False
+        self.counters = _Counters()
+        for worker in self.workers:
+            self._adopt(worker)
+        self._index_workers()
+
+    def _adopt(self, worker: Worker) -> None:
+        worker.on_job_failed = self._job_failed
+        worker.on_state_changed = self._worker_state_changed
+
+    def _index_workers(self) -> None:
+        for entry in self.models.values():
+            entry.workers_of = {
+                q.name: [w for w in self.workers if q in w.queues] for q in entry.queues
+            }
 
     def start(self) -> None:
         """Start every worker."""
+        self.started = True
         for worker in self.workers:
             worker.start()
-        self.started = True
 
     def stop(self) -> None:
         """Fail queued jobs with UNAVAILABLE and stop every worker."""
@@ -294,10 +461,7 @@ class Dispatcher:
         for entry in self.models.values():
             for queue in entry.queues:
                 for job in queue.drain():
-                    if not job.deferred.called:
-                        job.deferred.errback(
-                            TwinferError(ErrorCode.UNAVAILABLE, "the server is shutting down")
-                        )
+                    job.fail(ErrorCode.UNAVAILABLE, "the server is shutting down")
         for worker in self.workers:
             worker.stop()
 
@@ -312,30 +476,139 @@ class Dispatcher:
             ) from None
 
     def submit(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: tuple[str, ...] = ()
-    ) -> Deferred[InferResult]:
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: tuple[str, ...] = (),
+        *,
+        timeout_ms: int = 0,
+        priority: int = 0,
+        work: Callable[[Engine], Any] | None = None,
+    ) -> Deferred[Any]:
         """Validate and queue a request.
 
-        Returns the job's Deferred, which fires with an :class:`InferResult`
-        or fails with :class:`TwinferError`; cancel it to withdraw the job.
-        Raises :class:`TwinferError` at once for an unknown model, invalid
-        inputs or a full queue.
+        ``timeout_ms`` (0: the model's default) bounds the time it may wait
+        before a device starts it; ``priority`` is a level from 1 (lowest) to
+        the model's number of levels, 0 for the model's default.  ``work``,
+        when given, replaces ``engine.run`` in the device thread (its return
+        value is what the Deferred fires with; ``inputs`` are then not
+        validated).
+
+        Returns the job's Deferred, which fires with an
+        :class:`~twinfer.queueing.InferResult` or fails with
+        :class:`TwinferError`; cancel it to withdraw the job.  Raises
+        :class:`TwinferError` at once for an unknown model, invalid inputs,
+        a full queue or no healthy device.
         """
         entry = self.entry(model)
-        entry.signature.validate(model, inputs, outputs)
+        if work is None:
+            entry.signature.validate(model, inputs, outputs)
         if not self.started:
             raise TwinferError(ErrorCode.UNAVAILABLE, "the server is not running")
-        job = Job(model, inputs, outputs, time.monotonic())
-        entry.choose_queue().put(job)
+        queue = entry.choose_queue()
+        if priority:
+            if not 1 <= priority <= queue.levels:
+                raise TwinferError(
+                    ErrorCode.INVALID_INPUT,
+                    f"priority {priority} is out of range for model {model!r} "
+                    f"(1..{queue.levels}, or 0 for the default)",
+                )
+            level = priority - 1
+        else:
+            level = entry.default_level
+        now = self._clock.seconds()
+        job = Job(model, inputs, outputs, time.monotonic(), level=level, work=work)
+        if entry.batching is not None and work is None:
+            job.rows = _rows(inputs)
+            job.batch_key = batch_key(inputs, outputs)
+            if job.rows > entry.batching.max_batch_size:
+                raise TwinferError(
+                    ErrorCode.INVALID_SHAPE,
+                    f"request has {job.rows} rows; model {model!r} takes at most "
+                    f"{entry.batching.max_batch_size} per inference",
+                )
+        queue.put(job)
+        timeout = timeout_ms / 1000 if timeout_ms else entry.default_timeout
+        if timeout > 0 and not job.deferred.called:
+            job.deadline = now + timeout
+            job.timer = self._clock.callLater(timeout, self._expire, job, timeout)
         return job.deferred
 
+    def _expire(self, job: Job, timeout: float) -> None:
+        job.timer = None
+        if job.running or job.deferred.called:
+            return
+        if job.queue is not None:
+            job.queue.discard(job)
+        job.inputs = {}
+        self.counters.deadline_exceeded += 1
+        job.fail(
+            ErrorCode.DEADLINE_EXCEEDED,
+            f"request waited {timeout * 1000:.0f} ms for model {job.model!r} without "
+            f"reaching a device (its deadline)",
+        )
+
+    def _job_failed(self, job: Job, worker: Worker, message: str) -> None:
+        """A job failed on a device: retry it once on another device, else fail it."""
+        entry = self.models.get(job.model)
+        others = (
+            [
+                q
+                for q in entry.ready_queues()
+                if any(w.available and w is not worker for w in entry.workers_of[q.name])
+            ]
+            if entry is not None
+            else []
+        )
+        if job.attempts == 0 and job.work is None and others:
+            job.attempts += 1
+            self.counters.retried += 1
+            target = job.queue if job.queue in others else min(others, key=lambda q: q.depth)
+            target.put_front(job)
+            return
+        _fail_job(job, worker, message)
+
+    def _worker_state_changed(self, worker: Worker) -> None:
+        if worker.state is WorkerState.FAILED:
+            self.counters.device_failures += 1
+        if worker.state is WorkerState.READY:
+            return
+        # Queues this worker served that no available worker serves any more:
+        # hand their jobs to the model's other queues, or answer them.
+        for entry in self.models.values():
+            ready = entry.ready_queues()
+            for queue in entry.queues:
+                if queue in ready or not queue.depth:
+                    continue
+                for job in queue.drain():
+                    if ready:
+                        min(ready, key=lambda q: q.depth).put_front(job)
+                    else:
+                        job.fail(
+                            ErrorCode.UNAVAILABLE,
+                            f"no healthy device serves model {entry.name!r} "
+                            f"({worker.name}: {worker.state.value})",
+                        )
+
     def model_infos(self) -> tuple[ModelInfo, ...]:
-        """Every served model, for MODEL_LIST."""
+        """Every served model, for MODEL_LIST (ready = a healthy device serves it)."""
         return tuple(
-            ModelInfo(e.name, e.devices, self.started) for e in self.models.values()
+            ModelInfo(e.name, e.devices, self.started and bool(e.ready_queues()))
+            for e in self.models.values()
         )
 
     def metadata(self, model: str) -> Metadata:
         """One model's metadata, or ``UNKNOWN_MODEL``."""
         entry = self.entry(model)
         return entry.signature.metadata(entry.name, entry.devices)
+
+
+def _rows(inputs: Mapping[str, np.ndarray]) -> int:
+    """The batch dimension shared by every input (validated against the model)."""
+    rows = {array.shape[0] if array.ndim else 1 for array in inputs.values()}
+    if len(rows) != 1:
+        raise TwinferError(
+            ErrorCode.INVALID_SHAPE,
+            f"inputs disagree on the batch dimension: {sorted(rows)}",
+        )
+    return rows.pop()

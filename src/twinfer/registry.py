@@ -16,7 +16,8 @@ from twisted.internet.interfaces import IReactorFromThreads
 
 from twinfer import backend
 from twinfer.backend import Engine, OpenVINOEngine, Signature
-from twinfer.config import AUTO, QUEUE_SHARED, Config
+from twinfer.batching import BatchPolicy
+from twinfer.config import AUTO, QUEUE_SHARED, Config, ModelConfig
 from twinfer.dispatcher import Dispatcher, JobQueue, ModelEntry, Worker
 
 
@@ -51,9 +52,14 @@ def load_models(config: Config, core: ov.Core | None = None) -> dict[str, Loaded
         path = config.model_path(model_config)
         try:
             model = backend.read_model(core, path)
-            signature = Signature.of(model)
         except Exception as e:
             raise ValueError(f"model {model_config.name!r}: cannot read {path}: {e}") from e
+        try:
+            if model_config.max_batch_size > 1:
+                make_batchable(model, model_config.max_batch_size)
+            signature = Signature.of(model)
+        except Exception as e:
+            raise ValueError(f"model {model_config.name!r}: {e}") from e
         compiled = {}
         for device_name in model_config.devices:
             device = config.device(device_name)
@@ -69,6 +75,39 @@ def load_models(config: Config, core: ov.Core | None = None) -> dict[str, Loaded
                 ) from e
         loaded[model_config.name] = LoadedModel(model_config.name, signature, compiled)
     return loaded
+
+
+def make_batchable(model: ov.Model, max_batch_size: int) -> None:
+    """Give every input a batch dimension ``1..max_batch_size`` (reshaping a
+    static model at load time) and check every output follows it."""
+    shapes = {}
+    for port in model.inputs:
+        shape = port.get_partial_shape()
+        if shape.rank.is_dynamic or len(shape) == 0:
+            raise ValueError(f"input {port.any_name!r} has no batch dimension to batch along")
+        if shape[0].is_static:
+            shape[0] = ov.Dimension(1, max_batch_size)
+            shapes[port] = shape
+    if shapes:
+        model.reshape(shapes)
+    for port in model.outputs:
+        shape = port.get_partial_shape()
+        if shape.rank.is_dynamic or len(shape) == 0 or shape[0].is_static:
+            raise ValueError(
+                f"cannot batch: output {port.any_name!r} has shape {shape}, whose first "
+                f"dimension does not follow the batch"
+            )
+
+
+def batch_policy(model_config: ModelConfig) -> BatchPolicy | None:
+    """The model's dynamic batching policy, or ``None`` when batching is off."""
+    if model_config.max_batch_size <= 1:
+        return None
+    return BatchPolicy(
+        model_config.max_batch_size,
+        model_config.max_queue_delay_us / 1e6,
+        model_config.preferred_batch_sizes,
+    )
 
 
 def replica_counts(config: Config, loaded: Mapping[str, LoadedModel]) -> dict[str, int]:
@@ -99,19 +138,36 @@ def build_dispatcher(
     device_queues: dict[str, list[JobQueue]] = {d.name: [] for d in config.devices}
     for model_config in config.models:
         model = loaded[model_config.name]
+
+        def new_queue(name: str, model_config: ModelConfig = model_config) -> JobQueue:
+            return JobQueue(
+                name,
+                model_config.queue_size,
+                levels=model_config.priority_levels,
+                aging=model_config.priority_aging_ms / 1000,
+            )
+
         if model_config.queue == QUEUE_SHARED:
-            shared = JobQueue(model_config.name, model_config.queue_size)
+            shared = new_queue(model_config.name)
             queues: tuple[JobQueue, ...] = (shared,)
             for device_name in model_config.devices:
                 device_queues[device_name].append(shared)
         else:
             queues = tuple(
-                JobQueue(f"{model_config.name}@{device_name}", model_config.queue_size)
+                new_queue(f"{model_config.name}@{device_name}")
                 for device_name in model_config.devices
             )
             for device_name, queue in zip(model_config.devices, queues):
                 device_queues[device_name].append(queue)
-        entries[model.name] = ModelEntry(model.name, model.signature, model_config.devices, queues)
+        entries[model.name] = ModelEntry(
+            model.name,
+            model.signature,
+            model_config.devices,
+            queues,
+            batching=batch_policy(model_config),
+            default_timeout=model_config.default_timeout_ms / 1000,
+            default_level=model_config.default_priority - 1,
+        )
 
     workers = []
     counts = replica_counts(config, loaded)
@@ -130,6 +186,11 @@ def build_dispatcher(
                     reactor,
                     engines,
                     device_queues[device.name],
+                    batching={
+                        m.name: policy for m in served if (policy := batch_policy(m)) is not None
+                    },
+                    max_failures=device.max_consecutive_failures,
+                    probe_interval=device.health_check_interval_s,
                 )
             )
-    return Dispatcher(entries, workers)
+    return Dispatcher(entries, workers, reactor)

@@ -184,7 +184,13 @@ class TwinferProtocol(Protocol):
             )
             return
         try:
-            d = self.factory.dispatcher.submit(message.model, message.inputs, message.outputs)
+            d = self.factory.dispatcher.submit(
+                message.model,
+                message.inputs,
+                message.outputs,
+                timeout_ms=message.timeout_ms,
+                priority=message.priority,
+            )
         except TwinferError as e:
             self._send_error(request_id, e.code, e.message)
             return
