@@ -90,6 +90,18 @@ def test_infer_many_small_window_refills(client: BlockingClient) -> None:
         np.testing.assert_allclose(outputs["y"], tiny_reference(x)["y"], rtol=0, atol=1e-5)
 
 
+def test_infer_many_big_pipeline_reads_while_writing(client: BlockingClient) -> None:
+    # 64 requests of 1 MiB whose replies (1.25 MiB each) far exceed the socket
+    # buffers: a client that wrote everything before reading would stall once
+    # the server stops reading a connection whose replies pile up.
+    rng = np.random.default_rng(6)
+    batches = [rng.standard_normal((65536, 4)).astype(np.float32) for _ in range(8)]
+    results = client.infer_many("tiny", [{"x": batches[i % 8]} for i in range(64)])
+    for i, outputs in enumerate(results):
+        expected = tiny_reference(batches[i % 8])
+        np.testing.assert_allclose(outputs["y"], expected["y"], rtol=0, atol=1e-4)
+
+
 def test_unknown_model(client: BlockingClient) -> None:
     with pytest.raises(TwinferError) as info:
         client.infer("nope", {"x": np.zeros((1, 4), np.float32)})
@@ -332,3 +344,17 @@ def test_tls_rejects_untrusted_ca(
     with pytest.raises(ConnectFailed) as info:
         BlockingClient.connect(f"tls:localhost:{server.port}", ca_file=str(other.ca), timeout=10)
     assert isinstance(info.value.__cause__, ssl.SSLCertVerificationError)
+
+
+def test_connection_level_error_closes_the_client(twistd_server: ServerProcess) -> None:
+    # A client that skips the HELLO: the server answers HANDSHAKE_FAILED to
+    # that request and closes the connection.
+    sock = socket.create_connection((twistd_server.host, twistd_server.port), timeout=10)
+    client = BlockingClient(sock, endpoint=twistd_server.endpoint, timeout=10)
+    with pytest.raises(TwinferError) as info:
+        client.models()
+    assert info.value.code is ErrorCode.HANDSHAKE_FAILED
+    assert "first frame must be HELLO" in info.value.message
+    assert client.closed
+    with pytest.raises(ConnectionLost, match="HANDSHAKE_FAILED"):
+        client.ping()

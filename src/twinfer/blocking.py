@@ -310,13 +310,15 @@ class BlockingClient:
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
-        sock, self._sock = self._sock, None
-        if sock is None:
-            return
-        self._selector.close()
-        sock.close()
         if self._lost is None:
             self._lost = ConnectionLost(ErrorCode.UNAVAILABLE, "the client was closed")
+        self._close_socket()
+
+    def _close_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self._selector.close()
+            sock.close()
 
     @property
     def closed(self) -> bool:
@@ -469,8 +471,10 @@ class BlockingClient:
             # Connection-level: the server closes the connection after this.
             error = TwinferError(message.code, message.message)
             if request_id in self._waiting:
+                # The caller gets this error itself; later calls get UNAVAILABLE.
                 self._replies[request_id] = message
                 self._lost = ConnectionLost(ErrorCode.UNAVAILABLE, str(error))
+                self._close_socket()
                 return
             self._connection_lost(f"the server closed the connection: {error}")
         if request_id in self._abandoned:
@@ -482,10 +486,7 @@ class BlockingClient:
     def _connection_lost(self, reason: str) -> None:
         self._lost = ConnectionLost(ErrorCode.UNAVAILABLE, reason)
         pending = len(self._waiting - self._replies.keys())
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            self._selector.close()
-            sock.close()
+        self._close_socket()
         detail = f" with {pending} request(s) unanswered" if pending else ""
         raise ConnectionLost(
             ErrorCode.UNAVAILABLE, f"connection to {self.endpoint} lost{detail}: {reason}"
