@@ -1,0 +1,360 @@
+"""The blocking client against a real ``twistd -n twinfer`` process (see conftest.py)."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from twinfer.blocking import (
+    BlockingClient,
+    ConnectFailed,
+    ConnectionLost,
+    ReplyTimeout,
+    parse_endpoint,
+)
+from twinfer.builtin import tiny_reference
+from twinfer.errors import ErrorCode, TwinferError
+from twinfer.messages import DType
+from twistd_process import TWISTD_TINY_CONFIG, ServerProcess, StartTwistd
+
+
+@pytest.fixture
+def client(twistd_server: ServerProcess) -> Iterator[BlockingClient]:
+    with BlockingClient.connect(twistd_server.endpoint, timeout=30) as c:
+        yield c
+
+
+def test_handshake_and_ping(client: BlockingClient) -> None:
+    assert client.server is not None
+    assert client.server.max_version == 1
+    assert client.server.agent.startswith("twinfer/")
+    assert 0 < client.ping() < 5
+
+
+def test_models_and_metadata(client: BlockingClient) -> None:
+    [info] = client.models()
+    assert (info.name, info.devices, info.ready) == ("tiny", ("cpu",), True)
+    meta = client.metadata("tiny")
+    assert [(s.name, s.dtype, s.shape) for s in meta.inputs] == [("x", DType.F32, (-1, 4))]
+    assert [(s.name, s.dtype, s.shape) for s in meta.outputs] == [
+        ("y", DType.F32, (-1, 3)),
+        ("label", DType.I64, (-1,)),
+    ]
+    assert meta.devices == ("cpu",)
+
+
+def test_infer_matches_reference(client: BlockingClient) -> None:
+    x = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)
+    outputs = client.infer("tiny", {"x": x})
+    expected = tiny_reference(x)
+    assert set(outputs) == {"y", "label"}
+    np.testing.assert_allclose(outputs["y"], expected["y"], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(outputs["label"], expected["label"])
+    assert outputs["label"].dtype == np.int64
+
+
+def test_infer_reply_selected_output(client: BlockingClient) -> None:
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    reply = client.infer_reply("tiny", {"x": x}, ["label"])
+    assert list(reply.outputs) == ["label"]
+    np.testing.assert_array_equal(reply.outputs["label"], tiny_reference(x)["label"])
+    assert reply.compute_us >= 0 and reply.queue_us >= 0
+
+
+def test_infer_many_pipelined(client: BlockingClient) -> None:
+    rng = np.random.default_rng(2)
+    # Different batch sizes so that a reply matched to the wrong request shows.
+    batches = [rng.standard_normal((1 + i % 7, 4)).astype(np.float32) for i in range(64)]
+    results = client.infer_many("tiny", [{"x": x} for x in batches])
+    assert len(results) == 64
+    for x, outputs in zip(batches, results, strict=True):
+        np.testing.assert_allclose(outputs["y"], tiny_reference(x)["y"], rtol=0, atol=1e-5)
+
+
+def test_infer_many_small_window_refills(client: BlockingClient) -> None:
+    batches = [np.full((2, 4), i, dtype=np.float32) for i in range(20)]
+    results = client.infer_many("tiny", ({"x": x} for x in batches), ["y"], window=3)
+    assert [list(r) for r in results] == [["y"]] * 20
+    for x, outputs in zip(batches, results, strict=True):
+        np.testing.assert_allclose(outputs["y"], tiny_reference(x)["y"], rtol=0, atol=1e-5)
+
+
+def test_infer_many_big_pipeline_reads_while_writing(client: BlockingClient) -> None:
+    # 64 requests of 1 MiB whose replies (1.25 MiB each) far exceed the socket
+    # buffers: a client that wrote everything before reading would stall once
+    # the server stops reading a connection whose replies pile up.
+    rng = np.random.default_rng(6)
+    batches = [rng.standard_normal((65536, 4)).astype(np.float32) for _ in range(8)]
+    results = client.infer_many("tiny", [{"x": batches[i % 8]} for i in range(64)])
+    for i, outputs in enumerate(results):
+        expected = tiny_reference(batches[i % 8])
+        np.testing.assert_allclose(outputs["y"], expected["y"], rtol=0, atol=1e-4)
+
+
+def test_unknown_model(client: BlockingClient) -> None:
+    with pytest.raises(TwinferError) as info:
+        client.infer("nope", {"x": np.zeros((1, 4), np.float32)})
+    assert info.value.code is ErrorCode.UNKNOWN_MODEL
+    assert "nope" in info.value.message
+    with pytest.raises(TwinferError) as info:
+        client.metadata("nope")
+    assert info.value.code is ErrorCode.UNKNOWN_MODEL
+    assert client.ping() > 0  # the connection is still usable
+
+
+def test_wrong_dtype(client: BlockingClient) -> None:
+    with pytest.raises(TwinferError) as info:
+        client.infer("tiny", {"x": np.zeros((1, 4), np.float64)})
+    assert info.value.code is ErrorCode.INVALID_DTYPE
+    assert "'x'" in info.value.message
+
+
+def test_infer_many_error_cancels_the_rest(client: BlockingClient) -> None:
+    good = {"x": np.ones((1, 4), np.float32)}
+    bad = {"x": np.ones((1, 5), np.float32)}
+    with pytest.raises(TwinferError) as info:
+        client.infer_many("tiny", [good] * 10 + [bad] + [good] * 10, window=32)
+    assert info.value.code is ErrorCode.INVALID_SHAPE
+    # Late replies of the abandoned requests are dropped, not mistaken for new ones.
+    x = np.full((3, 4), 2.0, np.float32)
+    for _ in range(3):
+        np.testing.assert_allclose(client.infer("tiny", {"x": x})["y"], tiny_reference(x)["y"])
+
+
+def test_reply_timeout_leaves_client_usable(client: BlockingClient) -> None:
+    big = np.zeros((1_000_000, 4), np.float32)  # 16 MB: cannot be answered in 1 µs
+    client.timeout = 1e-6
+    with pytest.raises(ReplyTimeout) as info:
+        client.infer("tiny", {"x": big})
+    assert info.value.code is ErrorCode.DEADLINE_EXCEEDED
+    assert isinstance(info.value, TimeoutError)
+    assert "no reply from tcp:127.0.0.1:" in str(info.value)
+    client.timeout = 30
+    x = np.eye(4, dtype=np.float32)
+    np.testing.assert_allclose(client.infer("tiny", {"x": x})["y"], tiny_reference(x)["y"])
+
+
+def test_oversize_request_refused_before_sending(client: BlockingClient) -> None:
+    assert client.server is not None
+    rows = client.server.max_frame_size // 16 + 1
+    # np.zeros maps untouched pages: nothing is written or sent.
+    with pytest.raises(TwinferError) as info:
+        client.infer("tiny", {"x": np.zeros((rows, 4), np.float32)})
+    assert info.value.code is ErrorCode.FRAME_TOO_LARGE
+    assert client.ping() > 0
+
+
+def test_unsupported_dtype_refused_locally(client: BlockingClient) -> None:
+    with pytest.raises(TwinferError) as info:
+        client.infer("tiny", {"x": np.zeros((1, 4), np.complex64)})
+    assert info.value.code is ErrorCode.INVALID_DTYPE
+
+
+def test_closed_client_raises_unavailable(twistd_server: ServerProcess) -> None:
+    client = BlockingClient.connect(twistd_server.endpoint)
+    client.close()
+    client.close()
+    assert client.closed
+    with pytest.raises(ConnectionLost) as info:
+        client.ping()
+    assert info.value.code is ErrorCode.UNAVAILABLE
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_connection_refused() -> None:
+    port = _closed_port()
+    with pytest.raises(ConnectFailed) as info:
+        BlockingClient.connect(f"tcp:127.0.0.1:{port}", timeout=5)
+    assert info.value.code is ErrorCode.UNAVAILABLE
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)
+    assert f"tcp:127.0.0.1:{port}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "parsed"),
+    [
+        ("tcp:127.0.0.1:9000", ("tcp", "127.0.0.1", 9000)),
+        ("tls:example.com:443", ("tls", "example.com", 443)),
+        ("tcp:[::1]:9000", ("tcp", "::1", 9000)),
+    ],
+)
+def test_parse_endpoint(endpoint: str, parsed: tuple[str, str, int]) -> None:
+    assert parse_endpoint(endpoint) == parsed
+
+
+@pytest.mark.parametrize("endpoint", ["9000", "tcp:9000", "udp:h:1", "tcp:h:x", "tcp:h:70000"])
+def test_parse_endpoint_rejects(endpoint: str) -> None:
+    with pytest.raises(ValueError, match="tcp:HOST:PORT"):
+        parse_endpoint(endpoint)
+
+
+def test_server_going_away_raises_connection_lost(start_twistd: StartTwistd) -> None:
+    server = start_twistd(TWISTD_TINY_CONFIG)
+    client = BlockingClient.connect(server.endpoint, timeout=30)
+    assert client.ping() > 0
+    server.process.kill()
+    server.process.wait()
+    with pytest.raises(ConnectionLost) as info:
+        client.infer("tiny", {"x": np.ones((1, 4), np.float32)})
+    assert info.value.code is ErrorCode.UNAVAILABLE
+    assert "lost" in info.value.message
+    assert client.closed
+    with pytest.raises(ConnectionLost, match="is closed"):
+        client.ping()
+
+
+# -- TLS -----------------------------------------------------------------------
+
+
+@attrs.frozen
+class TLSFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def make_tls_files(directory: Path, hostname: str) -> TLSFiles:
+    """A throw-away CA and a server certificate for ``hostname`` signed by it."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("twinfer test CA"))
+        .issuer_name(_name("twinfer test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(hostname))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = TLSFiles(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    files.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return files
+
+
+@pytest.fixture(scope="module")
+def tls_server(
+    start_twistd: StartTwistd, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServerProcess, TLSFiles]]:
+    files = make_tls_files(tmp_path_factory.mktemp("tls"), "localhost")
+    server = start_twistd(
+        TWISTD_TINY_CONFIG,
+        port=f"ssl:0:interface=127.0.0.1:privateKey={files.key}:certKey={files.cert}",
+    )
+    assert server.kind == "ssl"
+    yield server, files
+    server.stop()
+
+
+def test_tls_infer(tls_server: tuple[ServerProcess, TLSFiles]) -> None:
+    server, files = tls_server
+    with BlockingClient.connect(f"tls:localhost:{server.port}", ca_file=str(files.ca)) as client:
+        assert client.models()[0].name == "tiny"
+        x = np.random.default_rng(3).standard_normal((3, 4)).astype(np.float32)
+        np.testing.assert_allclose(
+            client.infer("tiny", {"x": x})["y"], tiny_reference(x)["y"], rtol=0, atol=1e-5
+        )
+        # Big enough to take many TLS records and partial non-blocking writes.
+        big = np.random.default_rng(4).standard_normal((200_000, 4)).astype(np.float32)
+        results = client.infer_many("tiny", [{"x": big}] * 4 + [{"x": x}] * 16)
+        for outputs in results[:4]:
+            np.testing.assert_allclose(outputs["y"], tiny_reference(big)["y"], atol=1e-4)
+        for outputs in results[4:]:
+            np.testing.assert_allclose(outputs["y"], tiny_reference(x)["y"], atol=1e-5)
+
+
+def test_tls_rejects_certificate_for_another_host(
+    tls_server: tuple[ServerProcess, TLSFiles],
+) -> None:
+    server, files = tls_server
+    # The certificate names "localhost" only; reaching the same server as
+    # 127.0.0.1 must fail hostname verification.
+    with pytest.raises(ConnectFailed) as info:
+        BlockingClient.connect(f"tls:127.0.0.1:{server.port}", ca_file=str(files.ca), timeout=10)
+    assert info.value.code is ErrorCode.UNAVAILABLE
+    assert isinstance(info.value.__cause__, ssl.SSLCertVerificationError)
+    assert "127.0.0.1" in str(info.value)
+
+
+def test_tls_rejects_untrusted_ca(
+    tls_server: tuple[ServerProcess, TLSFiles], tmp_path: Path
+) -> None:
+    server, _ = tls_server
+    other = make_tls_files(tmp_path, "localhost")
+    with pytest.raises(ConnectFailed) as info:
+        BlockingClient.connect(f"tls:localhost:{server.port}", ca_file=str(other.ca), timeout=10)
+    assert isinstance(info.value.__cause__, ssl.SSLCertVerificationError)
+
+
+def test_connection_level_error_closes_the_client(twistd_server: ServerProcess) -> None:
+    # A client that skips the HELLO: the server answers HANDSHAKE_FAILED to
+    # that request and closes the connection.
+    sock = socket.create_connection((twistd_server.host, twistd_server.port), timeout=10)
+    client = BlockingClient(sock, endpoint=twistd_server.endpoint, timeout=10)
+    with pytest.raises(TwinferError) as info:
+        client.models()
+    assert info.value.code is ErrorCode.HANDSHAKE_FAILED
+    assert "first frame must be HELLO" in info.value.message
+    assert client.closed
+    with pytest.raises(ConnectionLost, match="HANDSHAKE_FAILED"):
+        client.ping()

@@ -1,0 +1,132 @@
+"""A real ``twistd -n twinfer`` server in a subprocess, for tests.
+
+The fixtures built on this live in ``conftest.py``; tests import the types
+and the config from here (``from twistd_process import ServerProcess``).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import attrs
+
+#: A server for the builtin ``tiny`` model, answering in full f32 precision.
+TWISTD_TINY_CONFIG = """
+[[devices]]
+name = "cpu"
+target = "CPU"
+replicas = 2
+properties = { INFERENCE_PRECISION_HINT = "f32" }
+
+[[models]]
+name = "tiny"
+path = "builtin:tiny"
+"""
+
+LOOPBACK_PORT = "tcp:0:interface=127.0.0.1"
+_LISTENING = re.compile(r"twinfer listening on (?P<kind>\w+):(?P<host>.+):(?P<port>\d+)$", re.M)
+
+
+@attrs.define
+class ServerProcess:
+    """A running ``twistd -n twinfer`` and where it listens."""
+
+    #: ``"tcp"`` or ``"ssl"``, as the server logged it.
+    kind: str
+    host: str
+    port: int
+    #: The server's log file (``twistd --logfile``).
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def endpoint(self) -> str:
+        """The client endpoint: ``tcp:HOST:PORT`` (``tls:`` for an ``ssl`` server)."""
+        return f"{'tls' if self.kind == 'ssl' else 'tcp'}:{self.host}:{self.port}"
+
+    def log(self) -> str:
+        """The server's log so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout``); returns its exit status.
+
+        Idempotent.
+        """
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def twistd_command() -> list[str]:
+    """How to run this environment's ``twistd``."""
+    twistd = Path(sys.executable).with_name("twistd")
+    if twistd.exists():
+        return [str(twistd)]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def launch_twistd(
+    config_text: str,
+    directory: Path,
+    *,
+    port: str = LOOPBACK_PORT,
+    args: Sequence[str] = (),
+    timeout: float = 60.0,
+) -> ServerProcess:
+    """Write ``config_text`` to ``directory``, start ``twistd -n twinfer`` there and
+    wait until it logs the address it listens on.
+
+    Raises ``RuntimeError`` with the server's log if it exits or does not
+    listen within ``timeout`` seconds.
+    """
+    config = directory / "twinfer.toml"
+    config.write_text(config_text)
+    log_path = directory / "twistd.log"
+    command = [
+        *twistd_command(),
+        "--nodaemon",
+        "--pidfile=",  # no twistd.pid: parallel runs must not clash
+        f"--logfile={log_path}",
+        "twinfer",
+        f"--port={port}",
+        f"--config={config}",
+        *args,
+    ]
+    stderr_path = directory / "twistd.stderr"
+    with stderr_path.open("wb") as stderr:
+        # (A file, not a pipe: nobody reads a pipe while the server runs.)
+        process = subprocess.Popen(
+            command, cwd=directory, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        match = _LISTENING.search(text)
+        if match:
+            return ServerProcess(
+                match["kind"], match["host"], int(match["port"]), log_path, process
+            )
+        if process.poll() is not None or time.monotonic() > deadline:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            raise RuntimeError(
+                f"twistd did not start listening (exit status {process.returncode}):\n"
+                f"{stderr_path.read_text(errors='replace')}\n{text}"
+            )
+        time.sleep(0.05)
+
+
+StartTwistd = Callable[..., ServerProcess]
