@@ -34,7 +34,7 @@ def start_twistd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartTwis
     started: list[ServerProcess] = []
 
     def start(
-        config_text: str,
+        config_text: str | None,
         *,
         port: str = LOOPBACK_PORT,
         args: Sequence[str] = (),

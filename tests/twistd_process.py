@@ -78,21 +78,25 @@ def twistd_command() -> list[str]:
 
 
 def launch_twistd(
-    config_text: str,
+    config_text: str | None,
     directory: Path,
     *,
     port: str = LOOPBACK_PORT,
     args: Sequence[str] = (),
     timeout: float = 60.0,
 ) -> ServerProcess:
-    """Write ``config_text`` to ``directory``, start ``twistd -n twinfer`` there and
+    """Write ``config_text`` (``None``: use the embedded default) to ``directory``,
+    start ``twistd -n twinfer`` there and
     wait until it logs the address it listens on.
 
     Raises ``RuntimeError`` with the server's log if it exits or does not
     listen within ``timeout`` seconds.
     """
-    config = directory / "twinfer.toml"
-    config.write_text(config_text)
+    config_args = []
+    if config_text is not None:  # None: the embedded default configuration
+        config = directory / "twinfer.toml"
+        config.write_text(config_text)
+        config_args = [f"--config={config}"]
     log_path = directory / "twistd.log"
     command = [
         *twistd_command(),
@@ -101,7 +105,7 @@ def launch_twistd(
         f"--logfile={log_path}",
         "twinfer",
         f"--port={port}",
-        f"--config={config}",
+        *config_args,
         *args,
     ]
     stderr_path = directory / "twistd.stderr"
