@@ -83,8 +83,6 @@ class _Counters:
         self.results_dropped = 0
         self.retried = 0
         self.device_failures = 0
-        self.batches = 0
-        self.batched_requests = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -150,6 +148,8 @@ class Worker:
         self.current: list[Job] = []
         self.jobs_done = 0
         self.jobs_failed = 0
+        #: Inferences run (a batch of several jobs counts once).
+        self.batches_run = 0
         self.busy_seconds = 0.0
         self.consecutive_failures = 0
         #: Set by the dispatcher: called with (job, worker, message) when a job
@@ -285,6 +285,7 @@ class Worker:
             job.running = True
         self._busy = True
         self.current = batch
+        self.batches_run += 1
         first = batch[0]
         engine = self.engines[first.model]
         if first.work is not None:
@@ -435,9 +436,23 @@ class Dispatcher:
         self.workers = list(workers)
         self.started = False
         self.counters = _Counters()
+        #: Called (no arguments) when a saturated queue drains to its low watermark.
+        self.on_relieved: list[Callable[[], None]] = []
         for worker in self.workers:
             self._adopt(worker)
         self._index_workers()
+        for entry in self.models.values():
+            for queue in entry.queues:
+                queue.on_relieved.append(self._relieved)
+
+    def _relieved(self) -> None:
+        for callback in list(self.on_relieved):
+            callback()
+
+    def saturated(self, model: str) -> bool:
+        """Whether every queue of ``model`` that can take work is above its high watermark."""
+        entry = self.models.get(model)
+        return entry is not None and all(q.saturated for q in entry.queues)
 
     def _adopt(self, worker: Worker) -> None:
         worker.on_job_failed = self._job_failed
@@ -528,11 +543,19 @@ class Dispatcher:
                     f"{entry.batching.max_batch_size} per inference",
                 )
         queue.put(job)
+        job.deferred.addErrback(self._count_cancelled, job)
         timeout = timeout_ms / 1000 if timeout_ms else entry.default_timeout
         if timeout > 0 and not job.deferred.called:
             job.deadline = now + timeout
             job.timer = self._clock.callLater(timeout, self._expire, job, timeout)
         return job.deferred
+
+    def _count_cancelled(self, failure: Failure, job: Job) -> Failure:
+        if failure.check(CancelledError):
+            self.counters.cancelled += 1
+            if job.running:
+                self.counters.results_dropped += 1
+        return failure  # the caller still sees it
 
     def _expire(self, job: Job, timeout: float) -> None:
         job.timer = None

@@ -53,10 +53,10 @@ class _ReadThrottle:
         self._protocol = protocol
 
     def pauseProducing(self) -> None:
-        self._protocol.transport.pauseProducing()
+        self._protocol.pause_reading("writes")
 
     def resumeProducing(self) -> None:
-        self._protocol.transport.resumeProducing()
+        self._protocol.resume_reading("writes")
 
     def stopProducing(self) -> None:
         pass
@@ -76,6 +76,9 @@ class TwinferProtocol(Protocol):
         #: Pending requests: request id -> the job's Deferred.
         self.inflight: dict[int, Deferred[InferResult]] = {}
         self.requests = 0
+        #: Why reading from this client is paused: "writes" (its replies are
+        #: not being read) and/or "load" (it fills a saturated queue).
+        self.paused_for: set[str] = set()
 
     # -- Twisted events -----------------------------------------------------
 
@@ -98,6 +101,7 @@ class TwinferProtocol(Protocol):
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self._closing = True
         self.factory.connections.discard(self)
+        self.factory.paused_for_load.discard(self)
         inflight, self.inflight = self.inflight, {}
         for d in inflight.values():
             d.cancel()  # queued jobs never run; running ones' results are dropped
@@ -195,6 +199,10 @@ class TwinferProtocol(Protocol):
             self._send_error(request_id, e.code, e.message)
             return
         self.inflight[request_id] = d
+        if self.factory.dispatcher.saturated(message.model) and self.factory.is_busiest(self):
+            # Back-pressure instead of buffering: stop reading this client's
+            # requests until the queue drains to its low watermark.
+            self.pause_reading("load")
         d.addCallbacks(
             self._reply, self._reply_failed, callbackArgs=(request_id,), errbackArgs=(request_id,)
         )
@@ -213,6 +221,24 @@ class TwinferProtocol(Protocol):
         InferRequest: _on_infer,
         Cancel: _on_cancel,
     }
+
+    # -- flow control ---------------------------------------------------------
+
+    def pause_reading(self, reason: str) -> None:
+        """Stop reading requests from this client (until every reason is gone)."""
+        if not self.paused_for and self.transport is not None:
+            self.transport.pauseProducing()
+        self.paused_for.add(reason)
+        if reason == "load":
+            self.factory.paused_for_load.add(self)
+
+    def resume_reading(self, reason: str) -> None:
+        """Drop one reason to pause; read again when none is left."""
+        if reason not in self.paused_for:
+            return
+        self.paused_for.discard(reason)
+        if not self.paused_for and not self._closing:
+            self.transport.resumeProducing()
 
     # -- replies ------------------------------------------------------------
 
@@ -266,3 +292,17 @@ class TwinferFactory(Factory):
         self.dispatcher = dispatcher
         self.config = config or ServerConfig()
         self.connections: set[TwinferProtocol] = set()
+        #: Connections not being read because a queue is saturated.
+        self.paused_for_load: set[TwinferProtocol] = set()
+        dispatcher.on_relieved.append(self._relieved)
+
+    def is_busiest(self, connection: TwinferProtocol) -> bool:
+        """Whether ``connection`` has at least its fair share of the requests in flight."""
+        total = sum(len(c.inflight) for c in self.connections)
+        return len(connection.inflight) * len(self.connections) >= total
+
+    def _relieved(self) -> None:
+        """A saturated queue drained: read from the paused connections again."""
+        paused, self.paused_for_load = self.paused_for_load, set()
+        for connection in paused:
+            connection.resume_reading("load")
