@@ -77,9 +77,7 @@ class TwistedClientOverTLSTests(unittest.TestCase):
         directory = Path(self.mktemp()).resolve()
         directory.mkdir(parents=True)
         self.tls: TLSFiles = make_tls_files(directory, "localhost")
-        port = (
-            f"ssl:0:interface=127.0.0.1:privateKey={self.tls.key}:certKey={self.tls.cert}"
-        )
+        port = f"ssl:0:interface=127.0.0.1:privateKey={self.tls.key}:certKey={self.tls.cert}"
         self.server = launch_twistd(TWISTD_TINY_CONFIG, directory, port=port)
         self.addCleanup(self.server.stop)
 
@@ -99,9 +97,7 @@ class TwistedClientOverTLSTests(unittest.TestCase):
     async def test_a_certificate_for_another_name_is_refused(self) -> None:
         # The certificate names "localhost" only; asking for 127.0.0.1 must fail.
         with self.assertRaises(TwinferError) as e:
-            await connect(
-                reactor, f"tls:127.0.0.1:{self.server.port}", trust_root=str(self.tls.ca)
-            )
+            await connect(reactor, f"tls:127.0.0.1:{self.server.port}", trust_root=str(self.tls.ca))
         assert e.exception.code == ErrorCode.UNAVAILABLE
         assert "IPAddressMismatch" in e.exception.message
 

@@ -36,7 +36,9 @@ def test_a_full_queue_refuses_at_once_and_says_which() -> None:
     queue.put(job("b"))
     with pytest.raises(TwinferError) as e:
         queue.put(job("c"))
-    assert e.value.code is ErrorCode.OVERLOADED and "'m' is full (2 jobs waiting)" in e.value.message
+    assert (
+        e.value.code is ErrorCode.OVERLOADED and "'m' is full (2 jobs waiting)" in e.value.message
+    )
     assert queue.depth == 2
 
 

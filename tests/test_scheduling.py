@@ -28,7 +28,9 @@ def conv_net_ir(path: str) -> None:
     weights = ops.constant(rng.standard_normal((8, 3, 3, 3)).astype(np.float32))
     conv = ops.convolution(x, weights, [1, 1], [1, 1], [1, 1], [1, 1])
     pooled = ops.reduce_mean(ops.relu(conv), ops.constant(np.array([2, 3])), keep_dims=False)
-    dense = ops.matmul(pooled, ops.constant(rng.standard_normal((8, 5)).astype(np.float32)), False, False)
+    dense = ops.matmul(
+        pooled, ops.constant(rng.standard_normal((8, 5)).astype(np.float32)), False, False
+    )
     dense.output(0).get_tensor().set_names({"scores"})
     ov.save_model(ov.Model([dense.output(0)], [x], "convnet"), path, compress_to_fp16=False)
 
@@ -54,7 +56,9 @@ class FlakyDevice:
         self.broken = False
         self._lock = threading.Lock()
 
-    def run(self, inputs: Mapping[str, np.ndarray], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+    def run(
+        self, inputs: Mapping[str, np.ndarray], outputs: tuple[str, ...]
+    ) -> dict[str, np.ndarray]:
         with self._lock:
             self.calls += 1
             if self.calls > self.healthy_calls:
@@ -309,5 +313,7 @@ max_batch_size = 4
             await task.deferLater(reactor, 0.02, lambda: None)
         assert all(w.state is WorkerState.READY for w in self.dispatcher.workers)
         out = await client.infer("tiny", {"x": np.ones((1, 4), np.float32)})
-        np.testing.assert_allclose(out["y"], builtin.tiny_reference(np.ones((1, 4)))["y"], atol=1e-5)
+        np.testing.assert_allclose(
+            out["y"], builtin.tiny_reference(np.ones((1, 4)))["y"], atol=1e-5
+        )
         self.flushLoggedErrors(DeviceError)
