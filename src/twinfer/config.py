@@ -11,7 +11,7 @@ import sys
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -21,6 +21,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from twinfer.codec import DEFAULT_MAX_FRAME_SIZE
+
+if TYPE_CHECKING:
+    from twinfer.tasks.config import TaskConfig
 
 #: ``replicas = "auto"``: as many as OpenVINO's OPTIMAL_NUMBER_OF_INFER_REQUESTS.
 AUTO = "auto"
@@ -72,6 +75,9 @@ class ModelConfig:
     queue: str = QUEUE_SHARED
     #: OpenVINO compile properties for this model, over its devices' own.
     properties: Mapping[str, str] = attrs.field(factory=dict)
+    #: The image task (``task = "classify"`` or ``"detect"`` and its
+    #: sub-tables, see :mod:`twinfer.tasks.config`); ``None`` for a plain model.
+    task: TaskConfig | None = None
 
 
 @attrs.frozen
@@ -183,6 +189,10 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path(".")) -> Config:
 
     if not isinstance(data["models"], list) or not data["models"]:
         raise ConfigError("models: expected a non-empty array of tables ([[models]])")
+    # Imported here: twinfer.tasks imports the serving stack, which imports this module.
+    from twinfer.tasks.config import MODEL_KEYS as task_keys
+    from twinfer.tasks.config import parse_task
+
     models: list[ModelConfig] = []
     known = [d.name for d in devices]
     for i, table in enumerate(data["models"]):
@@ -192,7 +202,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path(".")) -> Config:
         _check_keys(
             table,
             where,
-            {"name", "path", "devices", "queue_size", "queue", "properties"},
+            {"name", "path", "devices", "queue_size", "queue", "properties"} | task_keys,
             {"name", "path"},
         )
         name = _name(table, where)
@@ -230,6 +240,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path(".")) -> Config:
                 queue_size=_positive(table, "queue_size", where, 256),
                 queue=queue,
                 properties=_properties(table, where),
+                task=parse_task(table, where, base_dir),
             )
         )
     return Config(server, tuple(devices), tuple(models), base_dir)

@@ -17,7 +17,9 @@ and a worker that serves several models takes from their queues round-robin.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar, cast
+
 import attrs
 import numpy as np
 from twisted.internet.defer import (
@@ -37,6 +39,7 @@ from twinfer.errors import ErrorCode, TwinferError
 from twinfer.messages import Metadata, ModelInfo
 
 log = Logger()
+T = TypeVar("T")
 
 
 @attrs.frozen(eq=False)
@@ -47,6 +50,16 @@ class InferResult:
     #: Microseconds between queueing and the device thread starting the job.
     queue_us: int
     #: Microseconds the device thread spent on the job.
+    compute_us: int
+
+
+@attrs.frozen(eq=False)
+class CallResult:
+    """What a call job's Deferred fires with (see :meth:`Dispatcher.submit_call`)."""
+
+    #: What the call returned.
+    value: Any
+    queue_us: int
     compute_us: int
 
 
@@ -65,6 +78,9 @@ class Job:
     deferred: Deferred[InferResult] = attrs.field(init=False)
     queue: JobQueue | None = None
     running: bool = False
+    #: For :meth:`Dispatcher.submit_call`: the work to do in the device
+    #: thread, given the engine, instead of ``engine.run(inputs, outputs)``.
+    call: Callable[[Engine], Any] | None = None
 
     def __attrs_post_init__(self) -> None:
         self.deferred = Deferred(self._cancelled)
@@ -72,6 +88,7 @@ class Job:
     def _cancelled(self, _: Deferred[InferResult]) -> None:
         if self.queue is not None and not self.running:
             self.queue.discard(self)
+            self.call = None
         self.inputs = {}  # release the request's memory now
 
 
@@ -120,9 +137,16 @@ class JobQueue:
         return jobs
 
 
-def _execute(engine: Engine, job: Job) -> InferResult:
+def _execute(engine: Engine, job: Job) -> InferResult | CallResult:
     """Run ``job`` on ``engine``; called in the worker's own thread."""
     started = time.monotonic()
+    if job.call is not None:
+        value = job.call(engine)
+        return CallResult(
+            value,
+            int((started - job.enqueued) * 1e6),
+            int((time.monotonic() - started) * 1e6),
+        )
     outputs = engine.run(job.inputs, job.outputs)
     done = time.monotonic()
     return InferResult(
@@ -216,14 +240,23 @@ class Worker:
         d.addCallbacks(self._succeeded, self._failed, (job,), None, (job,))
         return True
 
-    def _succeeded(self, result: InferResult, job: Job) -> None:
+    def _succeeded(self, result: InferResult | CallResult, job: Job) -> None:
         self.jobs_done += 1
         self.busy_seconds += result.compute_us / 1e6
         self._finish(job)
         if not job.deferred.called:
-            job.deferred.callback(result)
+            # (A call job's Deferred fires with the CallResult: see submit_call.)
+            job.deferred.callback(cast(InferResult, result))
 
     def _failed(self, failure: Failure, job: Job) -> None:
+        if job.call is not None and failure.check(TwinferError):
+            # A call reports bad input (an undecodable image) with its own
+            # code: the request was wrong, the device did not fail.
+            self.jobs_done += 1
+            self._finish(job)
+            if not job.deferred.called:
+                job.deferred.errback(failure)
+            return
         self.jobs_failed += 1
         log.failure("model {model} failed on {worker}", failure, model=job.model, worker=self.name)
         self._finish(job)
@@ -239,6 +272,7 @@ class Worker:
     def _finish(self, job: Job) -> None:
         self.current = None
         job.inputs = {}
+        job.call = None  # release a call's closure (and the request it holds)
         # Take the next job before the reply is encoded and written, so the
         # device is busy again as soon as possible.
         self._take_next()
@@ -256,6 +290,8 @@ class ModelEntry:
     signature: Signature
     devices: tuple[str, ...]
     queues: tuple[JobQueue, ...]
+    #: The model's image task (a :class:`twinfer.tasks.ImageTask`), if any.
+    task: Any = None
 
     def choose_queue(self) -> JobQueue:
         """The shared queue, or the shortest per-device queue."""
@@ -318,6 +354,25 @@ class Dispatcher:
         job = Job(model, inputs, outputs, time.monotonic())
         entry.choose_queue().put(job)
         return job.deferred
+
+    def submit_call(self, model: str, work: Callable[[Engine], T]) -> Deferred[T]:
+        """Queue ``work(engine)`` to run in a device thread of ``model``.
+
+        For jobs whose thread-side work is more than one inference (the image
+        tasks decode, infer and post-process there).  Returns a Deferred that
+        fires with what ``work`` returned; a :class:`TwinferError` raised by
+        ``work`` fails it as it is, any other exception as
+        ``INFERENCE_FAILED``.  Cancel it to withdraw the job.  Raises
+        :class:`TwinferError` at once for an unknown model, a stopped
+        dispatcher or a full queue.
+        """
+        entry = self.entry(model)
+        if not self.started:
+            raise TwinferError(ErrorCode.UNAVAILABLE, "the server is not running")
+        job = Job(model, {}, (), time.monotonic(), call=work)
+        entry.choose_queue().put(job)
+        d = cast(Deferred[CallResult], job.deferred)
+        return d.addCallback(lambda result: result.value)
 
     def model_infos(self) -> tuple[ModelInfo, ...]:
         """Every served model, for MODEL_LIST."""

@@ -9,6 +9,7 @@ one shared queue per model, or one queue per (model, device) for models with
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import attrs
 import openvino as ov
@@ -18,6 +19,7 @@ from twinfer import backend
 from twinfer.backend import Engine, OpenVINOEngine, Signature
 from twinfer.config import AUTO, QUEUE_SHARED, Config
 from twinfer.dispatcher import Dispatcher, JobQueue, ModelEntry, Worker
+from twinfer.tasks import prepare
 
 
 @attrs.frozen
@@ -28,6 +30,8 @@ class LoadedModel:
     signature: Signature
     #: Compiled model per device name.
     compiled: Mapping[str, ov.CompiledModel]
+    #: The image task (:class:`twinfer.tasks.ImageTask`) when the config sets one.
+    task: Any = None
 
 
 #: Makes the engine for one replica of one model on one device; tests swap
@@ -51,6 +55,19 @@ def load_models(config: Config, core: ov.Core | None = None) -> dict[str, Loaded
         path = config.model_path(model_config)
         try:
             model = backend.read_model(core, path)
+        except Exception as e:
+            raise ValueError(f"model {model_config.name!r}: cannot read {path}: {e}") from e
+        task = None
+        if model_config.task is not None:
+            try:
+                # The image preprocessing becomes part of the compiled model.
+                model, task = prepare(model_config.name, model, model_config.task)
+            except Exception as e:
+                raise ValueError(
+                    f"model {model_config.name!r}: cannot set up task "
+                    f"{model_config.task.kind!r}: {e}"
+                ) from e
+        try:
             signature = Signature.of(model)
         except Exception as e:
             raise ValueError(f"model {model_config.name!r}: cannot read {path}: {e}") from e
@@ -67,7 +84,7 @@ def load_models(config: Config, core: ov.Core | None = None) -> dict[str, Loaded
                     f"model {model_config.name!r}: cannot compile for device {device_name!r} "
                     f"({device.target}, properties {properties}): {e}"
                 ) from e
-        loaded[model_config.name] = LoadedModel(model_config.name, signature, compiled)
+        loaded[model_config.name] = LoadedModel(model_config.name, signature, compiled, task)
     return loaded
 
 
@@ -111,7 +128,9 @@ def build_dispatcher(
             )
             for device, queue in zip(model_config.devices, queues):
                 device_queues[device].append(queue)
-        entries[model.name] = ModelEntry(model.name, model.signature, model_config.devices, queues)
+        entries[model.name] = ModelEntry(
+            model.name, model.signature, model_config.devices, queues, model.task
+        )
 
     workers = []
     counts = replica_counts(config, loaded)
