@@ -40,7 +40,10 @@ def task_config(toml: str, base_dir: str = ".") -> object:
     """The TaskConfig of a one-model config whose ``[[models]]`` body is ``toml``."""
     from pathlib import Path
 
-    text = f'[[devices]]\nname = "cpu"\ntarget = "CPU"\n\n[[models]]\nname = "m"\npath = "builtin:tiny"\n{toml}'
+    text = (
+        '[[devices]]\nname = "cpu"\ntarget = "CPU"\n\n'
+        f'[[models]]\nname = "m"\npath = "builtin:tiny"\n{toml}'
+    )
     return loads_config(text, Path(base_dir)).models[0].task
 
 

@@ -8,7 +8,9 @@ import pytest
 
 from twinfer.config import ConfigError, loads_config
 
-HEAD = '[[devices]]\nname = "cpu"\ntarget = "CPU"\n\n[[models]]\nname = "m"\npath = "builtin:tiny"\n'
+HEAD = (
+    '[[devices]]\nname = "cpu"\ntarget = "CPU"\n\n[[models]]\nname = "m"\npath = "builtin:tiny"\n'
+)
 
 
 def _task(body: str, base_dir: Path = Path(".")):
@@ -71,7 +73,7 @@ def test_defaults_and_labels(tmp_path):
         ('task = "classify"\n[models.preprocess]\nscale = 0\n', "preprocess.scale: every value"),
         ('task = "classify"\n[models.preprocess]\nlayout = "CHW"\n', "preprocess.layout"),
         ('task = "classify"\n[models.classify]\ntop_k = 0\n', "classify.top_k: must be at least 1"),
-        ('task = "classify"\n[models.classify]\ntopk = 3\n', "models[0].classify.topk: unknown key"),
+        ('task = "classify"\n[models.classify]\ntopk = 3\n', "classify.topk: unknown key"),
         ('task = "classify"\n[models.detect]\ndecoder = "ssd"\n', 'only for task = "detect"'),
     ],
 )
