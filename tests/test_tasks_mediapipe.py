@@ -15,6 +15,7 @@ import io
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -77,8 +78,9 @@ def _encoded(pixels: np.ndarray, kind: str) -> bytes:
 class MediaPipeFaceDetectorTests(ServerTestCase):
     async def setUp(self) -> None:
         model = face_model()
-        directory = Path(self.mktemp())
-        directory.mkdir()
+        # (Not self.mktemp(): that writes under the current directory.)
+        directory = Path(tempfile.mkdtemp(prefix="twinfer-tasks-"))
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
         # The example config as shipped, next to the model and its labels.
         shutil.copy(ETC / "face-detection.toml", directory)
         shutil.copy(ETC / "face.labels", directory)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -71,8 +73,9 @@ def _write_models(directory: Path) -> None:
 
 class ImageTaskServerTests(ServerTestCase):
     async def setUp(self) -> None:
-        directory = Path(self.mktemp())
-        directory.mkdir()
+        # (Not self.mktemp(): that writes under the current directory.)
+        directory = Path(tempfile.mkdtemp(prefix="twinfer-tasks-"))
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
         _write_models(directory)
         self.directory = directory
         port = await self.start_server(CONFIG, base_dir=directory)
