@@ -40,6 +40,7 @@ from twinfer.messages import (
     Error,
     GetMetadata,
     Hello,
+    ImageRequest,
     InferReply,
     InferRequest,
     ListModels,
@@ -49,6 +50,8 @@ from twinfer.messages import (
     ModelList,
     Ping,
     Pong,
+    Prediction,
+    Predictions,
 )
 
 AGENT = f"twinfer-client/{twinfer.__version__}"
@@ -198,6 +201,30 @@ class TwinferClient:
         """
         d = self.infer_reply(model, inputs, outputs, timeout_ms=timeout_ms, priority=priority)
         return d.addCallback(lambda reply: dict(reply.outputs))
+
+    def predict(
+        self, model: str, image: bytes, task: str = ""
+    ) -> Deferred[list[Prediction]]:
+        """Send an encoded image (JPEG, PNG... file bytes) to the image model ``model``.
+
+        Fires with its predictions, best first (see :class:`Prediction`:
+        label id and name, confidence, box in pixels of ``image``).
+        ``task`` (``"classify"``/``"detect"``) makes the server check the
+        model's task (``WRONG_TASK`` otherwise); an image the server cannot
+        decode fails with ``INVALID_INPUT``.
+        """
+        d = self.protocol.request(ImageRequest(model, image, task))
+        return d.addCallback(lambda m: list(_expect(m, Predictions).predictions))
+
+    def classify(self, model: str, image: bytes) -> Deferred[list[Prediction]]:
+        """Classify an encoded image: fires with the top labels, best first
+        (each box is the whole image).  See :meth:`predict`."""
+        return self.predict(model, image, "classify")
+
+    def detect(self, model: str, image: bytes) -> Deferred[list[Prediction]]:
+        """Detect objects in an encoded image: fires with labelled boxes, best first.
+        See :meth:`predict`."""
+        return self.predict(model, image, "detect")
 
     def models(self) -> Deferred[list[ModelInfo]]:
         """Fires with the served models."""

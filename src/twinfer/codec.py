@@ -41,6 +41,7 @@ from twinfer.messages import (
     Error,
     GetMetadata,
     Hello,
+    ImageRequest,
     InferReply,
     InferRequest,
     ListModels,
@@ -51,6 +52,8 @@ from twinfer.messages import (
     ModelList,
     Ping,
     Pong,
+    Prediction,
+    Predictions,
     TensorSpec,
 )
 
@@ -415,6 +418,49 @@ def _decode_metadata(r: _Reader) -> Metadata:
     )
 
 
+def _decode_image_request(r: _Reader) -> ImageRequest:
+    model = r.string("model name")
+    task = r.string("task")
+    # The rest of the body is the image file, as a view (no copy).
+    image = memoryview(r.buf)[r.pos :]
+    return ImageRequest(model, image, task)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _decode_predictions(r: _Reader) -> Predictions:
+    body = _json_body(r.buf, r.what)
+    task, entries = body.get("task"), body.get("predictions")
+    if not isinstance(task, str) or not isinstance(entries, list):
+        raise CodecError(
+            ErrorCode.MALFORMED_FRAME, "PREDICTIONS: needs 'task' (string) and 'predictions' (list)"
+        )
+    predictions = []
+    for p in entries:
+        box = p.get("detection_box") if isinstance(p, dict) else None
+        if not (
+            isinstance(p, dict)
+            and type(p.get("label_id")) is int
+            and isinstance(p.get("label"), str)
+            and _number(p.get("confidences"))
+            and isinstance(box, list)
+            and len(box) == 4
+            and all(_number(v) for v in box)
+        ):
+            raise CodecError(ErrorCode.MALFORMED_FRAME, f"PREDICTIONS: bad entry {p!r}")
+        predictions.append(
+            Prediction(
+                p["label_id"],
+                p["label"],
+                float(p["confidences"]),
+                (float(box[0]), float(box[1]), float(box[2]), float(box[3])),
+            )
+        )
+    return Predictions(task, tuple(predictions))
+
+
 def _decode_error(r: _Reader) -> Error:
     (code,) = r.unpack(_ERROR_FIXED, "error code")
     message = r.string("error message")
@@ -433,6 +479,8 @@ _DECODERS: dict[MessageType, Any] = {
     MessageType.MODEL_LIST: _decode_model_list,
     MessageType.GET_METADATA: _decode_get_metadata,
     MessageType.METADATA: _decode_metadata,
+    MessageType.IMAGE_REQUEST: _decode_image_request,
+    MessageType.PREDICTIONS: _decode_predictions,
     MessageType.ERROR: _decode_error,
 }
 
@@ -575,6 +623,13 @@ def encode_message(request_id: int, message: Message) -> list[Chunk]:
             "devices": list(message.devices),
         }
         return _frame(MessageType.METADATA, request_id, [_json(value)])
+    if isinstance(message, ImageRequest):
+        names = _string(message.model, "model name") + _string(message.task, "task")
+        image = message.image if type(message.image) is bytes else memoryview(message.image)
+        return _frame(MessageType.IMAGE_REQUEST, request_id, [names, image])
+    if isinstance(message, Predictions):
+        value = {"task": message.task, "predictions": [p.as_dict() for p in message.predictions]}
+        return _frame(MessageType.PREDICTIONS, request_id, [_json(value)])
     for cls, mtype in _EMPTY_TYPES.items():
         if isinstance(message, cls):
             return _frame(mtype, request_id, [])

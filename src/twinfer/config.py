@@ -11,7 +11,7 @@ import sys
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -21,6 +21,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from twinfer.codec import DEFAULT_MAX_FRAME_SIZE
+
+if TYPE_CHECKING:
+    from twinfer.tasks.config import TaskConfig
 
 #: ``replicas = "auto"``: as many as OpenVINO's OPTIMAL_NUMBER_OF_INFER_REQUESTS.
 AUTO = "auto"
@@ -90,6 +93,9 @@ class ModelConfig:
     default_priority: int = 1
     #: Milliseconds after which a waiting request is taken before higher levels.
     priority_aging_ms: int = 100
+    #: The image task (``task = "classify"`` or ``"detect"`` and its
+    #: sub-tables, see :mod:`twinfer.tasks.config`); ``None`` for a plain model.
+    task: TaskConfig | None = None
 
 
 @attrs.frozen
@@ -263,6 +269,10 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path(".")) -> Config:
 
     if not isinstance(data["models"], list) or not data["models"]:
         raise ConfigError("models: expected a non-empty array of tables ([[models]])")
+    # Imported here: twinfer.tasks imports the serving stack, which imports this module.
+    from twinfer.tasks.config import MODEL_KEYS as task_keys
+    from twinfer.tasks.config import parse_task
+
     models: list[ModelConfig] = []
     known = [d.name for d in devices]
     for i, table in enumerate(data["models"]):
@@ -286,7 +296,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path(".")) -> Config:
                 "priority_levels",
                 "default_priority",
                 "priority_aging_ms",
-            },
+            }
+            | task_keys,
             {"name", "path"},
         )
         name = _name(table, where)
@@ -326,6 +337,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path(".")) -> Config:
                 queue=queue,
                 properties=_properties(table, where),
                 **_scheduling(table, where),
+                task=parse_task(table, where, base_dir),
             )
         )
     return Config(server, tuple(devices), tuple(models), base_dir)

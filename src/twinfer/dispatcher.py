@@ -317,6 +317,15 @@ class Worker:
                 job.deferred.callback(result)
 
     def _failed(self, failure: Failure, batch: list[Job]) -> None:
+        if batch[0].work is not None and failure.check(TwinferError):
+            # Custom work refused its request (e.g. an undecodable image):
+            # the request's fault, not the device's.
+            self._finish()
+            for job in batch:
+                job.stop_timer()
+                if not job.deferred.called:
+                    job.deferred.errback(failure)
+            return
         self.jobs_failed += len(batch)
         self.consecutive_failures += 1
         message = failure.getErrorMessage() or failure.type.__name__
@@ -395,6 +404,8 @@ class ModelEntry:
     default_timeout: float = 0.0
     #: Priority level used when a request names none (index, 0 = lowest).
     default_level: int = 0
+    #: The model's image task (a :class:`twinfer.tasks.ImageTask`), if any.
+    task: Any = None
     #: Workers that take from each queue (filled in by the dispatcher).
     workers_of: dict[str, list[Worker]] = attrs.field(factory=dict)
 
@@ -549,6 +560,16 @@ class Dispatcher:
             job.deadline = now + timeout
             job.timer = self._clock.callLater(timeout, self._expire, job, timeout)
         return job.deferred
+
+    def submit_call(self, model: str, work: Callable[[Engine], Any]) -> Deferred[Any]:
+        """Queue custom device-thread work for ``model`` (given its engine).
+
+        For jobs whose thread-side work is more than one inference (the image
+        tasks decode, infer and post-process there).  The Deferred fires with
+        what ``work`` returned; a :class:`TwinferError` raised by ``work``
+        fails it as it is, any other exception as ``INFERENCE_FAILED``.
+        """
+        return self.submit(model, {}, (), work=work)
 
     def _count_cancelled(self, failure: Failure, job: Job) -> Failure:
         if failure.check(CancelledError):

@@ -40,6 +40,9 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_OUTPUT = 105
     #: The request id is already in use by a pending request on this connection.
     DUPLICATE_REQUEST_ID = 106
+    #: An image request for a model without an image task (``task`` in its
+    #: config), or with a different one (``detect`` on a classifier).
+    WRONG_TASK = 107
     #: The model's queue (or the connection's in-flight limit) is full; retry later.
     OVERLOADED = 110
     #: No device can serve the model right now (failed, draining, shutting down).

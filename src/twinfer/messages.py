@@ -31,6 +31,8 @@ class MessageType(enum.IntEnum):
     MODEL_LIST = 0x21
     GET_METADATA = 0x22
     METADATA = 0x23
+    IMAGE_REQUEST = 0x30
+    PREDICTIONS = 0x31
     ERROR = 0x7F
 
 
@@ -196,6 +198,50 @@ class Metadata:
     devices: tuple[str, ...] = ()
 
 
+@attrs.frozen(eq=False)
+class ImageRequest:
+    """Classify or detect on one encoded image (JPEG, PNG...) with an image model.
+
+    Answered with :class:`Predictions`.  The image is decoded by the server,
+    in the model's device thread.
+    """
+
+    model: str
+    #: The encoded image file's bytes (a view of the frame when decoded).
+    image: bytes | bytearray | memoryview
+    #: ``"classify"`` or ``"detect"`` to insist on the model's task; ``""``: any.
+    task: str = ""
+
+
+@attrs.frozen
+class Prediction:
+    """One labelled box (detection) or label (classification, whole-image box)."""
+
+    label_id: int
+    label: str
+    confidence: float
+    #: (x1, y1, x2, y2) in pixels of the original image.
+    box: tuple[float, float, float, float]
+
+    def as_dict(self) -> dict[str, object]:
+        """The JSON form used on the wire and by the HTTP front end."""
+        return {
+            "label_id": self.label_id,
+            "label": self.label,
+            "confidences": self.confidence,
+            "detection_box": list(self.box),
+        }
+
+
+@attrs.frozen
+class Predictions:
+    """The answer to :class:`ImageRequest`, best first."""
+
+    #: ``"classify"`` or ``"detect"``: the model's task.
+    task: str
+    predictions: tuple[Prediction, ...]
+
+
 @attrs.frozen
 class Error:
     """A failure; see :class:`twinfer.errors.ErrorCode` for ``code``."""
@@ -216,5 +262,7 @@ Message = (
     | ModelList
     | GetMetadata
     | Metadata
+    | ImageRequest
+    | Predictions
     | Error
 )

@@ -9,6 +9,7 @@ one shared queue per model, or one queue per (model, device) for models with
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import attrs
 import openvino as ov
@@ -19,6 +20,7 @@ from twinfer.backend import Engine, OpenVINOEngine, Signature
 from twinfer.batching import BatchPolicy
 from twinfer.config import AUTO, QUEUE_SHARED, Config, ModelConfig
 from twinfer.dispatcher import Dispatcher, JobQueue, ModelEntry, Worker
+from twinfer.tasks import prepare
 
 
 @attrs.frozen
@@ -29,6 +31,8 @@ class LoadedModel:
     signature: Signature
     #: Compiled model per device name.
     compiled: Mapping[str, ov.CompiledModel]
+    #: The image task (:class:`twinfer.tasks.ImageTask`) when the config sets one.
+    task: Any = None
 
 
 #: Makes the engine for one replica of one model on one device; tests swap
@@ -54,8 +58,20 @@ def load_models(config: Config, core: ov.Core | None = None) -> dict[str, Loaded
             model = backend.read_model(core, path)
         except Exception as e:
             raise ValueError(f"model {model_config.name!r}: cannot read {path}: {e}") from e
+        task = None
+        if model_config.task is not None:
+            try:
+                # The image preprocessing becomes part of the compiled model.
+                model, task = prepare(model_config.name, model, model_config.task)
+            except Exception as e:
+                raise ValueError(
+                    f"model {model_config.name!r}: cannot set up task "
+                    f"{model_config.task.kind!r}: {e}"
+                ) from e
         try:
             if model_config.max_batch_size > 1:
+                if task is not None:
+                    raise ValueError("dynamic batching does not apply to image task models")
                 make_batchable(model, model_config.max_batch_size)
             signature = Signature.of(model)
         except Exception as e:
@@ -73,7 +89,7 @@ def load_models(config: Config, core: ov.Core | None = None) -> dict[str, Loaded
                     f"model {model_config.name!r}: cannot compile for device {device_name!r} "
                     f"({device.target}, properties {properties}): {e}"
                 ) from e
-        loaded[model_config.name] = LoadedModel(model_config.name, signature, compiled)
+        loaded[model_config.name] = LoadedModel(model_config.name, signature, compiled, task)
     return loaded
 
 
@@ -167,6 +183,7 @@ def build_dispatcher(
             batching=batch_policy(model_config),
             default_timeout=model_config.default_timeout_ms / 1000,
             default_level=model_config.default_priority - 1,
+            task=model.task,
         )
 
     workers = []

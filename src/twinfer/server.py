@@ -29,6 +29,7 @@ from twinfer.messages import (
     Error,
     GetMetadata,
     Hello,
+    ImageRequest,
     InferReply,
     InferRequest,
     ListModels,
@@ -36,7 +37,11 @@ from twinfer.messages import (
     ModelList,
     Ping,
     Pong,
+    Prediction,
+    Predictions,
 )
+from twinfer.tasks import predict_image
+from twinfer.tasks.config import TASKS
 
 log = Logger()
 
@@ -74,7 +79,7 @@ class TwinferProtocol(Protocol):
         self._version = 0
         self._closing = False
         #: Pending requests: request id -> the job's Deferred.
-        self.inflight: dict[int, Deferred[InferResult]] = {}
+        self.inflight: dict[int, Deferred[Any]] = {}
         self.requests = 0
         #: Why reading from this client is paused: "writes" (its replies are
         #: not being read) and/or "load" (it fills a saturated queue).
@@ -170,15 +175,15 @@ class TwinferProtocol(Protocol):
             return
         self._write(codec.encode_message(request_id, metadata))
 
-    def _on_infer(self, request_id: int, message: InferRequest) -> None:
-        self.requests += 1
+    def _admit(self, request_id: int) -> bool:
+        """Whether a new request may start: its id is free and the in-flight limit not reached."""
         if request_id in self.inflight:
             self._send_error(
                 request_id,
                 ErrorCode.DUPLICATE_REQUEST_ID,
                 f"request id {request_id} is already in flight on this connection",
             )
-            return
+            return False
         limit = self.factory.config.max_inflight_per_connection
         if len(self.inflight) >= limit:
             self._send_error(
@@ -186,6 +191,12 @@ class TwinferProtocol(Protocol):
                 ErrorCode.OVERLOADED,
                 f"this connection already has {limit} requests in flight (the limit)",
             )
+            return False
+        return True
+
+    def _on_infer(self, request_id: int, message: InferRequest) -> None:
+        self.requests += 1
+        if not self._admit(request_id):
             return
         try:
             d = self.factory.dispatcher.submit(
@@ -207,6 +218,29 @@ class TwinferProtocol(Protocol):
             self._reply, self._reply_failed, callbackArgs=(request_id,), errbackArgs=(request_id,)
         )
 
+    def _on_image(self, request_id: int, message: ImageRequest) -> None:
+        self.requests += 1
+        if not self._admit(request_id):
+            return
+        if message.task and message.task not in TASKS:
+            self._send_error(
+                request_id,
+                ErrorCode.INVALID_INPUT,
+                f"unknown task {message.task!r} (expected {' or '.join(TASKS)})",
+            )
+            return
+        # Decoding, inference and post-processing all run in the device thread.
+        d = predict_image(
+            self.factory.dispatcher, message.model, message.image, message.task or None
+        )
+        self.inflight[request_id] = d
+        d.addCallbacks(
+            self._reply_predictions,
+            self._reply_failed,
+            callbackArgs=(request_id, message.model),
+            errbackArgs=(request_id,),
+        )
+
     def _on_cancel(self, request_id: int, message: Cancel) -> None:
         # Unknown ids are ignored: the reply may already be on its way.
         d = self.inflight.get(request_id)
@@ -219,6 +253,7 @@ class TwinferProtocol(Protocol):
         ListModels: _on_list_models,
         GetMetadata: _on_get_metadata,
         InferRequest: _on_infer,
+        ImageRequest: _on_image,
         Cancel: _on_cancel,
     }
 
@@ -251,6 +286,20 @@ class TwinferProtocol(Protocol):
             self._send_error(request_id, ErrorCode.INTERNAL, f"cannot encode the reply: {e}")
             return
         self._write(chunks)
+
+    def _reply_predictions(
+        self, predictions: list[dict[str, Any]], request_id: int, model: str
+    ) -> None:
+        self.inflight.pop(request_id, None)
+        task = self.factory.dispatcher.entry(model).task.kind
+        reply = Predictions(
+            task,
+            tuple(
+                Prediction(p["label_id"], p["label"], p["confidences"], tuple(p["detection_box"]))
+                for p in predictions
+            ),
+        )
+        self._write(codec.encode_message(request_id, reply))
 
     def _reply_failed(self, failure: Failure, request_id: int) -> None:
         self.inflight.pop(request_id, None)
