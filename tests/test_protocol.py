@@ -301,3 +301,72 @@ class InFlightLimitTests(ProtocolFixture):
         other, other_transport = self.connect()
         self.send(other, 1, InferRequest("tiny", {"x": X}))
         assert other_transport.value() == b"" and self.queue.depth == 6
+
+
+class SchedulingProtocolTests(ProtocolFixture):
+    """Deadlines, priorities and back-pressure, on a hand-driven clock."""
+
+    queue_size = 8
+
+    def test_a_request_past_its_deadline_is_answered_and_never_runs(self) -> None:
+        self.send(self.proto, 1, InferRequest("tiny", {"x": X}, timeout_ms=50))
+        self.send(self.proto, 2, InferRequest("tiny", {"x": X}))
+        self.clock.advance(0.049)
+        assert self.transport.value() == b"" and self.queue.depth == 2
+        self.clock.advance(0.002)
+        rid, error = self.error(self.transport)
+        assert (rid, error.code) == (1, ErrorCode.DEADLINE_EXCEEDED)
+        assert "50 ms" in error.message and "'tiny'" in error.message
+        assert self.queue.depth == 1 and self.dispatcher.counters.deadline_exceeded == 1
+        assert self.take_job().deferred is self.proto.inflight[2]
+
+    def test_a_started_job_is_not_expired(self) -> None:
+        self.send(self.proto, 1, InferRequest("tiny", {"x": X}, timeout_ms=10))
+        job = self.take_job()
+        job.running = True
+        job.stop_timer()  # as a worker does when it starts the job
+        self.clock.advance(1)
+        assert self.transport.value() == b""
+        job.deferred.callback(InferResult({"y": np.zeros((2, 3), np.float32)}, 0, 0))
+        [(rid, reply)] = self.replies(self.transport)
+        assert rid == 1 and isinstance(reply, InferReply)
+
+    def test_the_models_default_timeout_applies_when_a_request_names_none(self) -> None:
+        self.dispatcher.models["tiny"].default_timeout = 0.2
+        self.send(self.proto, 1, InferRequest("tiny", {"x": X}))
+        self.clock.advance(0.25)
+        _, error = self.error(self.transport)
+        assert error.code == ErrorCode.DEADLINE_EXCEEDED and "200 ms" in error.message
+
+    def test_priority_out_of_range_is_refused(self) -> None:
+        self.send(self.proto, 1, InferRequest("tiny", {"x": X}, priority=2))
+        rid, error = self.error(self.transport)
+        assert (rid, error.code) == (1, ErrorCode.INVALID_INPUT)
+        assert "priority 2 is out of range" in error.message and "1..1" in error.message
+
+    def test_cancel_counts_and_frees_the_slot(self) -> None:
+        self.send(self.proto, 1, InferRequest("tiny", {"x": X}))
+        self.send(self.proto, 1, Cancel())
+        assert self.dispatcher.counters.cancelled == 1 and self.queue.depth == 0
+
+    def test_a_saturated_queue_pauses_the_busiest_connection_until_it_drains(self) -> None:
+        quiet, quiet_transport = self.connect()
+        self.send(quiet, 1, InferRequest("tiny", {"x": X}))
+        for rid in range(1, 6):  # depth 6 reaches the high watermark (3/4 of 8)
+            self.send(self.proto, rid, InferRequest("tiny", {"x": X}))
+        assert self.queue.saturated
+        assert self.transport.producerState == "paused" and self.proto.paused_for == {"load"}
+        assert quiet_transport.producerState == "producing"
+        for _ in range(3):
+            self.take_job()
+        assert self.transport.producerState == "paused"  # depth 3: above the low mark
+        self.take_job()
+        assert self.transport.producerState == "producing" and not self.proto.paused_for
+
+    def test_write_and_load_pauses_are_independent(self) -> None:
+        self.proto.pause_reading("writes")
+        self.proto.pause_reading("load")
+        self.proto.resume_reading("load")
+        assert self.transport.producerState == "paused"
+        self.proto.resume_reading("writes")
+        assert self.transport.producerState == "producing"

@@ -6,6 +6,8 @@
     twinfer metadata tiny
     twinfer infer tiny --input x=batch.npy --save out/
     twinfer infer squeezenet --random
+    twinfer detect face photo.jpg --draw faces.png   (image task models)
+    twinfer classify MODEL photo.jpg
     twinfer bench ...            (when twinfer.bench is installed)
 
 Every subcommand takes ``--server ENDPOINT`` (``tcp:HOST:PORT`` or
@@ -312,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for --random (default: 0)")
     p.set_defaults(func=cmd_infer)
 
+    from twinfer.tasks import cli as tasks_cli
+
+    tasks_cli.add_arguments(sub)  # classify, detect
     _add_bench(sub, common)
     return parser
 
