@@ -63,6 +63,9 @@ def test_twinfer_example_uses_every_key() -> None:
         "max_frame_size", "max_inflight_per_connection",
         "name", "target", "replicas", "properties",
         "path", "devices", "queue_size", "queue",
+        "max_consecutive_failures", "health_check_interval_s",
+        "max_batch_size", "max_queue_delay_us", "preferred_batch_sizes",
+        "default_timeout_ms", "priority_levels", "default_priority", "priority_aging_ms",
     ]
     uncommented = [line.split("#")[0] for line in text.splitlines()]
     for key in keys:
