@@ -47,7 +47,7 @@ class Port:
     def spec(self) -> TensorSpec:
         """The port as published in metadata (``-1`` for each dynamic dimension)."""
         if self.bounds is None:
-            return TensorSpec(self.name, self.dtype, ())
+            return TensorSpec(self.name, self.dtype, None)
         dims = tuple(lo if lo == hi else -1 for lo, hi in self.bounds)
         return TensorSpec(self.name, self.dtype, dims)
 

@@ -39,7 +39,7 @@ from twinfer.blocking import (
     TransportError,
     parse_endpoint,
 )
-from twinfer.errors import TwinferError
+from twinfer.errors import ErrorCode, TwinferError
 from twinfer.messages import Metadata, TensorSpec
 
 #: Exit status for errors the server reported, and for bad arguments or files.
@@ -57,8 +57,10 @@ class UserError(Exception):
 # -- formatting ----------------------------------------------------------------
 
 
-def format_shape(shape: Sequence[int]) -> str:
-    """``[?, 3, 224, 224]``: dynamic dimensions (``-1``) as ``?``."""
+def format_shape(shape: Sequence[int] | None) -> str:
+    """``[?, 3, 224, 224]``: dynamic dims (``-1``) as ``?``, a dynamic rank as ``[...]``."""
+    if shape is None:
+        return "[...]"
     return "[" + ", ".join("?" if d < 0 else str(d) for d in shape) + "]"
 
 
@@ -154,6 +156,11 @@ def _load_npy(path: str) -> np.ndarray:
 
 
 def _random_array(spec: TensorSpec, rng: np.random.Generator) -> np.ndarray:
+    if spec.shape is None:
+        raise TwinferError(
+            ErrorCode.INVALID_SHAPE,
+            f"input {spec.name!r} has a dynamic rank: give it with --input NAME=FILE.npy",
+        )
     shape = tuple(1 if d < 0 else d for d in spec.shape)
     dtype = spec.dtype.numpy
     if dtype.kind == "f":

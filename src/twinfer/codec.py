@@ -313,11 +313,15 @@ def _spec_from_json(value: Any, what: str) -> TensorSpec:
         if not (
             isinstance(name, str)
             and isinstance(dtype, str)
-            and isinstance(shape, list)
-            and all(type(d) is int and d >= -1 for d in shape)
+            and (
+                shape is None
+                or (isinstance(shape, list) and all(type(d) is int and d >= -1 for d in shape))
+            )
         ):
             raise TypeError("wrong field types")
-        return TensorSpec(name, DType.from_name(dtype), tuple(shape))
+        return TensorSpec(
+            name, DType.from_name(dtype), None if shape is None else tuple(shape)
+        )
     except (KeyError, TypeError) as e:
         raise CodecError(ErrorCode.MALFORMED_FRAME, f"{what}: bad tensor spec {value!r}") from e
 
@@ -567,7 +571,8 @@ def _json(value: Any) -> bytes:
 
 
 def _spec_json(spec: TensorSpec) -> dict[str, Any]:
-    return {"name": spec.name, "dtype": spec.dtype.short_name, "shape": list(spec.shape)}
+    shape = None if spec.shape is None else list(spec.shape)
+    return {"name": spec.name, "dtype": spec.dtype.short_name, "shape": shape}
 
 
 def encode_message(request_id: int, message: Message) -> list[Chunk]:

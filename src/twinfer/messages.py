@@ -100,8 +100,9 @@ class TensorSpec:
 
     name: str
     dtype: DType
-    #: Dimensions; ``-1`` for a dynamic dimension.
-    shape: Shape
+    #: Dimensions, ``-1`` for a dynamic dimension; ``None`` when even the
+    #: rank is dynamic (``()`` is a scalar).
+    shape: Shape | None
 
 
 @attrs.frozen
