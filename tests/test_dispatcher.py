@@ -230,3 +230,16 @@ class DispatcherTests(ServerTestCase):
         assert entry.queues[0].depth == 0
         # Only the job already on the device when the client left ran, then ours.
         assert fpga.calls == 2
+
+    async def test_the_client_refuses_a_request_over_the_servers_frame_limit(self) -> None:
+        await self.start_server(
+            "[server]\nmax_frame_size = 4096\n"
+            + PLACEMENT_CONFIG.replace("replicas = 2", "replicas = 1")
+        )
+        client = await self.connect()
+        assert client.server.max_frame_size == 4096
+        with self.assertRaises(TwinferError) as e:
+            await client.infer("tiny", {"x": np.zeros((300, 4), np.float32)})
+        assert e.exception.code == ErrorCode.FRAME_TOO_LARGE and "4096" in e.exception.message
+        out = await client.infer("tiny", {"x": batch(1)})  # the connection is intact
+        assert out["y"].shape == (3, 3)

@@ -69,6 +69,8 @@ class ClientProtocol(Protocol):
         self._pending: dict[int, Deferred[Message]] = {}
         self._next_id = 1
         self._lost: Failure | None = None
+        #: The server's HELLO (its version and frame limit), once received.
+        self.server_hello = Hello()
         #: Fires with the server's HELLO once the handshake is done.
         self.handshake: Deferred[Hello] = Deferred()
 
@@ -122,6 +124,15 @@ class ClientProtocol(Protocol):
 
     def _write(self, request_id: int, message: Message) -> None:
         chunks = codec.encode_message(request_id, message)
+        limit = self.server_hello.max_frame_size if self.handshake.called else 0
+        if limit:
+            size = sum(len(c) for c in chunks) - codec.HEADER_SIZE
+            if size > limit:
+                # Refused here: the server would drop the whole connection.
+                raise CodecError(
+                    ErrorCode.FRAME_TOO_LARGE,
+                    f"request of {size} bytes exceeds the server's limit of {limit} bytes",
+                )
         self.transport.writeSequence([c if type(c) is bytes else bytes(c) for c in chunks])
 
     def request(self, message: Message) -> Deferred[Message]:
