@@ -43,6 +43,14 @@ class ServerConfig:
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     #: Requests one connection may have queued or running at once.
     max_inflight_per_connection: int = 1024
+    #: Largest HTTP request body accepted, in bytes; checked (from
+    #: ``Content-Length``, or as chunks arrive) before buffering.
+    http_max_body_size: int = DEFAULT_MAX_FRAME_SIZE
+    #: Seconds an HTTP connection may stay idle, and that a request body may
+    #: take to arrive in full, before the connection is closed.
+    http_timeout: int = 60
+    #: Model that ``POST /inference`` uses without ``?model=``; None: the first model.
+    http_default_model: str | None = None
 
 
 @attrs.frozen
@@ -211,12 +219,31 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path(".")) -> Config:
     server_table = data.get("server", {})
     if not isinstance(server_table, dict):
         raise ConfigError("server: expected a table")
-    _check_keys(server_table, "server", {"max_frame_size", "max_inflight_per_connection"}, set())
+    _check_keys(
+        server_table,
+        "server",
+        {
+            "max_frame_size",
+            "max_inflight_per_connection",
+            "http_max_body_size",
+            "http_timeout",
+            "http_default_model",
+        },
+        set(),
+    )
+    default_model = None
+    if "http_default_model" in server_table:
+        default_model = _typed(server_table, "http_default_model", "server", str)
     server = ServerConfig(
         max_frame_size=_positive(server_table, "max_frame_size", "server", DEFAULT_MAX_FRAME_SIZE),
         max_inflight_per_connection=_positive(
             server_table, "max_inflight_per_connection", "server", 1024
         ),
+        http_max_body_size=_positive(
+            server_table, "http_max_body_size", "server", DEFAULT_MAX_FRAME_SIZE
+        ),
+        http_timeout=_positive(server_table, "http_timeout", "server", 60),
+        http_default_model=default_model,
     )
     if server.max_frame_size > 0xFFFFFFFF:
         raise ConfigError("server.max_frame_size: at most 4294967295 (it travels as a u32)")
@@ -339,6 +366,12 @@ def parse_config(data: Mapping[str, Any], base_dir: Path = Path(".")) -> Config:
                 **_scheduling(table, where),
                 task=parse_task(table, where, base_dir),
             )
+        )
+    names = [m.name for m in models]
+    if server.http_default_model is not None and server.http_default_model not in names:
+        raise ConfigError(
+            f"server.http_default_model: unknown model {server.http_default_model!r} "
+            f"(defined: {', '.join(names)})"
         )
     return Config(server, tuple(devices), tuple(models), base_dir)
 

@@ -14,6 +14,7 @@ from twisted.application import service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -34,9 +35,10 @@ def endpoint_description(port: str) -> str:
 class Options(usage.Options):
     """Options for ``twistd twinfer``."""
 
-    synopsis = "[--port ENDPOINT] [--config FILE]"
+    synopsis = "[--port ENDPOINT] [--http-port ENDPOINT] [--config FILE]"
     longdesc = (
-        "Serve OpenVINO models over twinfer's binary protocol. Without --config, "
+        "Serve OpenVINO models over twinfer's binary protocol and, with --http-port, "
+        "over HTTP (KServe v2 REST and the seed's REST API). Without --config, "
         "serves the embedded default (SqueezeNet, ResNet-50 and a tiny model on the CPU)."
     )
     optParameters = [
@@ -47,6 +49,13 @@ class Options(usage.Options):
             "Port number or Twisted server endpoint for the binary protocol, "
             "e.g. tcp:9000:interface=127.0.0.1 or ssl:9443:privateKey=key.pem:certKey=cert.pem.",
         ],
+        [
+            "http-port",
+            None,
+            None,
+            "Port number or Twisted server endpoint for the HTTP front end (off by default), "
+            "e.g. tcp:8080:interface=127.0.0.1 or ssl:8443:privateKey=key.pem:certKey=cert.pem.",
+        ],
         ["config", "c", None, "TOML configuration file (see etc/twinfer.toml)."],
     ]
 
@@ -54,6 +63,8 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         self["port"] = endpoint_description(self["port"])
+        if self["http-port"]:
+            self["http-port"] = endpoint_description(self["http-port"])
         try:
             self.config = load_config(self["config"]) if self["config"] else default_config()
         except ConfigError as e:
@@ -76,12 +87,19 @@ class ModelService(service.Service):
 
 
 class ListeningService(service.Service):
-    """Listens on an endpoint and logs the address it got (``tcp:0`` included)."""
+    """Listens on an endpoint and logs the address it got (``tcp:0`` included).
 
-    def __init__(self, reactor: Any, description: str, factory: TwinferFactory) -> None:
+    ``front`` names the front end in the log line: ``twinfer binary listening
+    on tcp:127.0.0.1:9000``, ``twinfer http listening on ...``.
+    """
+
+    def __init__(
+        self, reactor: Any, description: str, factory: Factory, front: str = "binary"
+    ) -> None:
         self._endpoint = endpoints.serverFromString(reactor, description)
         self._description = description
         self._factory = factory
+        self._front = front
         self._reactor = reactor
         self.port: IListeningPort | None = None
 
@@ -95,7 +113,8 @@ class ListeningService(service.Service):
         host = port.getHost()
         kind = "ssl" if self._description.startswith("ssl:") else "tcp"
         log.info(
-            "twinfer listening on {kind}:{host}:{port}",
+            "twinfer {front} listening on {kind}:{host}:{port}",
+            front=self._front,
             kind=kind,
             host=getattr(host, "host", host),
             port=getattr(host, "port", ""),
@@ -133,4 +152,11 @@ def makeService(options: Options) -> service.MultiService:
     ModelService(dispatcher).setServiceParent(top)
     factory = TwinferFactory(dispatcher, config.server)
     ListeningService(reactor, options["port"], factory).setServiceParent(top)
+    if options["http-port"]:
+        # Imported only when asked for: twisted.web is not needed otherwise.
+        from twinfer.http import HTTPFrontEnd
+
+        front = HTTPFrontEnd(dispatcher, config, reactor)
+        front.setServiceParent(top)
+        ListeningService(reactor, options["http-port"], front.site, "http").setServiceParent(top)
     return top

@@ -1,0 +1,69 @@
+"""twinfer's HTTP front end: the KServe v2 REST API and the seed's REST API.
+
+Both APIs share one :class:`~twinfer.dispatcher.Dispatcher` with the binary
+protocol (same queues, same limits, no second inference path).
+:class:`HTTPFrontEnd` builds the ``twisted.web`` site and owns the small
+thread pool that encodes and decodes large JSON tensors off the reactor
+thread; ``twistd twinfer --http-port ENDPOINT`` listens with it.
+
+Modules: :mod:`twinfer.http.site` (limits, routing, error mapping),
+:mod:`twinfer.http.v2` (KServe v2), :mod:`twinfer.http.rest` (the seed API);
+the tensor mapping itself is the sans-I/O :mod:`twinfer.kserve`.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from twisted.application import service
+from twisted.python.threadpool import ThreadPool
+
+from twinfer.config import Config
+from twinfer.dispatcher import Dispatcher
+from twinfer.http.rest import SeedAPI, load_tasks
+from twinfer.http.site import STATUS_BY_CODE, Router, TwinferSite, status_for
+from twinfer.http.v2 import KServeAPI
+
+__all__ = ["HTTPFrontEnd", "STATUS_BY_CODE", "status_for"]
+
+#: Threads for JSON tensor work; 2 keeps it from crowding the device threads.
+CODEC_THREADS = 2
+
+
+class HTTPFrontEnd(service.Service):
+    """The HTTP site over a dispatcher; as a service, it runs the codec thread pool.
+
+    Start it (``startService``, or as a child of the ``twistd`` service tree)
+    before serving :attr:`site`, and stop it after the port is closed.
+    """
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        config: Config,
+        reactor: Any,
+        tasks: ModuleType | None | bool = True,
+    ) -> None:
+        """``tasks``: the image-task module, None for none, True to import :mod:`twinfer.tasks`."""
+        self.pool = ThreadPool(minthreads=0, maxthreads=CODEC_THREADS, name="twinfer-http-codec")
+        router = Router()
+        KServeAPI(dispatcher, reactor, self.pool).install(router)
+        module = load_tasks() if tasks is True else tasks
+        self.seed = SeedAPI(dispatcher, config, module or None)  # type: ignore[arg-type]
+        self.seed.install(router)
+        #: The ``twisted.web`` site to listen with.
+        self.site = TwinferSite(
+            router,
+            max_body_size=config.server.http_max_body_size,
+            body_timeout=config.server.http_timeout,
+            reactor=reactor,
+        )
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()

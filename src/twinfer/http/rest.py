@@ -1,0 +1,135 @@
+"""The seed server's REST API: ``GET /``, ``GET /services``, ``POST /inference``.
+
+``POST /inference`` takes one JPEG or PNG image and answers with
+predictions in the image's own pixel coordinates.  The image work
+(decoding, preprocessing, classification and detection decoders) belongs to
+:mod:`twinfer.tasks`; this module calls exactly two functions of it:
+
+* ``predict_image(dispatcher, model_name, image_bytes)``: a Deferred firing
+  with a list of dicts with keys ``label_id``, ``label``, ``confidences``
+  and ``detection_box`` (``[x1, y1, x2, y2]``), or failing with
+  :class:`~twinfer.errors.TwinferError` (``INVALID_INPUT`` for an image it
+  cannot decode, ``INVALID_INPUT`` too for a model that has no image task,
+  and the dispatcher's own errors); it submits through the dispatcher, like
+  every other inference.
+* ``task_info(model_name)``: a dict describing the model's image task (e.g.
+  ``{"task": "classification", "labels": "imagenet"}``) merged into its
+  ``/services`` entry, or None if it has none.
+
+Without :mod:`twinfer.tasks` installed, ``POST /inference`` answers 501.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+from twisted.web import http
+
+import twinfer
+from twinfer.config import Config
+from twinfer.dispatcher import Dispatcher
+from twinfer.http.site import HTTPError, LimitedRequest, Response, Router
+
+#: Content types ``POST /inference`` accepts.
+IMAGE_TYPES = ("image/jpeg", "image/png")
+
+#: The greeting's list of APIs, in the seed's ``{description, path}`` form.
+APIS = (
+    ("Greeting and the list of APIs", "GET /"),
+    ("Served models, their devices and labels", "GET /services"),
+    ("Run a model on a JPEG or PNG image (?model=NAME)", "POST /inference"),
+    ("KServe v2 server metadata", "GET /v2"),
+    ("KServe v2 liveness", "GET /v2/health/live"),
+    ("KServe v2 readiness", "GET /v2/health/ready"),
+    ("KServe v2 model metadata", "GET /v2/models/{name}"),
+    ("KServe v2 model readiness", "GET /v2/models/{name}/ready"),
+    ("KServe v2 inference (JSON or binary tensors)", "POST /v2/models/{name}/infer"),
+)
+
+
+def load_tasks() -> ModuleType | None:
+    """:mod:`twinfer.tasks` if it is installed, else None.
+
+    Only the absence of that very module counts: an ImportError raised from
+    inside it is a bug and propagates.
+    """
+    try:
+        return importlib.import_module("twinfer.tasks")
+    except ModuleNotFoundError as e:
+        if e.name == "twinfer.tasks":
+            return None
+        raise
+
+
+class SeedAPI:
+    """The seed's routes over one dispatcher and configuration."""
+
+    def __init__(
+        self, dispatcher: Dispatcher, config: Config, tasks: ModuleType | None = None
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._config = config
+        self._tasks = tasks
+        self.default_model = config.server.http_default_model or config.models[0].name
+
+    def install(self, router: Router) -> None:
+        """Add ``/``, ``/services`` and ``/inference`` to ``router``."""
+        router.route("GET", "/", self.greeting)
+        router.route("GET", "/services", self.services)
+        router.route("POST", "/inference", self.inference)
+
+    async def greeting(self, request: LimitedRequest) -> Response:
+        """``GET /``: a greeting and the list of APIs."""
+        return Response.json(
+            {
+                "type": "greeting",
+                "from": f"twinfer {twinfer.__version__}",
+                "message": "welcome to twinfer, an OpenVINO inference server",
+                "supported APIs": [{"description": d, "path": p} for d, p in APIS],
+            }
+        )
+
+    async def services(self, request: LimitedRequest) -> Response:
+        """``GET /services``: one entry per served model."""
+        entries = []
+        for model in self._config.models:
+            devices = [self._config.device(name) for name in model.devices]
+            entry: dict[str, Any] = {
+                "name": model.name,
+                "model": model.path,
+                "device": ",".join(f"{d.name}={d.target}" for d in devices),
+                "default": model.name == self.default_model,
+            }
+            info = self._tasks.task_info(model.name) if self._tasks is not None else None
+            if info:
+                entry.update({k: v for k, v in info.items() if k not in entry})
+            entries.append(entry)
+        return Response.json(entries)
+
+    async def inference(self, request: LimitedRequest) -> Response:
+        """``POST /inference``: predictions for one image."""
+        name = self.default_model
+        args = request.args or {}
+        if b"model" in args:
+            name = args[b"model"][0].decode("utf-8", "replace")
+        self._dispatcher.entry(name)  # UNKNOWN_MODEL -> 404
+        content_type = (request.getHeader("Content-Type") or "").split(";")[0].strip().lower()
+        if content_type not in IMAGE_TYPES:
+            raise HTTPError(
+                http.UNSUPPORTED_MEDIA_TYPE,
+                f"POST /inference takes Content-Type {' or '.join(IMAGE_TYPES)}, "
+                f"got {content_type or 'none'!r}",
+            )
+        image = bytes(request.content.data)
+        if not image:
+            raise HTTPError(http.BAD_REQUEST, "the request body is empty: send the image")
+        if self._tasks is None:
+            raise HTTPError(
+                http.NOT_IMPLEMENTED,
+                "image inference is not available: this twinfer has no image tasks "
+                "(twinfer.tasks); use POST /v2/models/{name}/infer with tensors",
+            )
+        predictions = await self._tasks.predict_image(self._dispatcher, name, image)
+        return Response.json({"status": "ok", "model": name, "predictions": predictions})
