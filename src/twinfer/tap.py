@@ -13,8 +13,7 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -89,12 +88,13 @@ class ModelService(service.Service):
 class ListeningService(service.Service):
     """Listens on an endpoint and logs the address it got (``tcp:0`` included).
 
-    ``front`` names the front end in the log line: ``twinfer binary listening
-    on tcp:127.0.0.1:9000``, ``twinfer http listening on ...``.
+    ``front`` names the front end in the log line: ``twinfer http listening
+    on tcp:127.0.0.1:8080``; the binary protocol's line stays ``twinfer
+    listening on tcp:127.0.0.1:9000`` (scripts and tests parse it).
     """
 
     def __init__(
-        self, reactor: Any, description: str, factory: Factory, front: str = "binary"
+        self, reactor: Any, description: str, factory: IProtocolFactory, front: str = ""
     ) -> None:
         self._endpoint = endpoints.serverFromString(reactor, description)
         self._description = description
@@ -113,8 +113,8 @@ class ListeningService(service.Service):
         host = port.getHost()
         kind = "ssl" if self._description.startswith("ssl:") else "tcp"
         log.info(
-            "twinfer {front} listening on {kind}:{host}:{port}",
-            front=self._front,
+            "twinfer {front}listening on {kind}:{host}:{port}",
+            front=f"{self._front} " if self._front else "",
             kind=kind,
             host=getattr(host, "host", host),
             port=getattr(host, "port", ""),

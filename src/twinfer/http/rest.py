@@ -111,7 +111,7 @@ class SeedAPI:
     async def inference(self, request: LimitedRequest) -> Response:
         """``POST /inference``: predictions for one image."""
         name = self.default_model
-        args = request.args or {}
+        args: dict[bytes, list[bytes]] = request.args or {}
         if b"model" in args:
             name = args[b"model"][0].decode("utf-8", "replace")
         self._dispatcher.entry(name)  # UNKNOWN_MODEL -> 404

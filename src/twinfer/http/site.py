@@ -34,7 +34,7 @@ STATUS_BY_CODE: dict[ErrorCode, int] = {
     ErrorCode.INVALID_DTYPE: http.BAD_REQUEST,
     ErrorCode.INVALID_SHAPE: http.BAD_REQUEST,
     ErrorCode.UNKNOWN_OUTPUT: http.BAD_REQUEST,
-    ErrorCode.OVERLOADED: http.TOO_MANY_REQUESTS,
+    ErrorCode.OVERLOADED: 429,  # Too Many Requests (twisted.web has no constant for it)
     ErrorCode.UNAVAILABLE: http.SERVICE_UNAVAILABLE,
     ErrorCode.DEADLINE_EXCEEDED: http.GATEWAY_TIMEOUT,
     ErrorCode.CANCELLED: 499,  # nginx's "client closed request": never seen by the client
@@ -45,7 +45,18 @@ STATUS_BY_CODE: dict[ErrorCode, int] = {
 
 def status_for(code: ErrorCode | int) -> int:
     """The HTTP status for a :class:`TwinferError` code (500 for anything unexpected)."""
-    return STATUS_BY_CODE.get(code, http.INTERNAL_SERVER_ERROR)  # type: ignore[call-overload]
+    if isinstance(code, ErrorCode):
+        return STATUS_BY_CODE.get(code, http.INTERNAL_SERVER_ERROR)
+    return http.INTERNAL_SERVER_ERROR
+
+
+#: Reason phrases twisted.web does not know (it would send "Unknown Status").
+_REASONS = {429: b"Too Many Requests", 499: b"Client Closed Request"}
+
+
+def reason(status: int) -> bytes:
+    """The reason phrase for ``status``."""
+    return _REASONS.get(status) or http.RESPONSES.get(status, b"Unknown Status")
 
 
 class HTTPError(Exception):
@@ -93,7 +104,7 @@ def _raw_response(response: Response) -> bytes:
     """A whole HTTP/1.1 response that closes the connection, for use before
     twisted.web has a request to answer (the body is still arriving)."""
     body = b"".join(response.body)
-    lines = [f"HTTP/1.1 {response.status} {http.RESPONSES[response.status].decode()}"]
+    lines = [f"HTTP/1.1 {response.status} {reason(response.status).decode()}"]
     lines += [f"{name}: {value}" for name, value in response.headers.items()]
     lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
     return "\r\n".join(lines).encode() + body
@@ -151,7 +162,7 @@ class LimitedRequest(server.Request):
     _upload_timer: IDelayedCall | None = None
 
     def _site(self) -> TwinferSite:
-        return self.channel.site  # type: ignore[no-any-return]
+        return self.channel.site  # type: ignore[attr-defined,no-any-return]
 
     def gotLength(self, length: int | None) -> None:
         self.content = _Body()
@@ -247,7 +258,7 @@ class Router(Resource):
         self._routes.append((method.encode(), pattern, handler))
 
     def _match(self, request: server.Request) -> tuple[Handler, list[str]]:
-        segments = [s.decode("utf-8", "replace") for s in request.postpath]
+        segments = [s.decode("utf-8", "replace") for s in request.postpath or []]
         allowed = []
         for method, pattern, handler in self._routes:
             if len(pattern) != len(segments):
@@ -302,7 +313,7 @@ def _to_response(failure: Failure) -> Response:
 def _write(response: Response, request: server.Request) -> None:
     if request._disconnected or request.finished:  # the client is gone
         return
-    request.setResponseCode(response.status)
+    request.setResponseCode(response.status, reason(response.status))
     for name, value in response.headers.items():
         request.setHeader(name, value)
     request.setHeader("Content-Length", str(sum(len(c) for c in response.body)))

@@ -95,7 +95,9 @@ class KServeAPI:
             {"name": name, "ready": ready}, http.OK if ready else http.SERVICE_UNAVAILABLE
         )
 
-    async def infer(self, request: LimitedRequest, name: str, version: str | None = None) -> Response:
+    async def infer(
+        self, request: LimitedRequest, name: str, version: str | None = None
+    ) -> Response:
         """``POST /v2/models/{name}/infer``: decode, queue, encode."""
         self._check_model(name, version)
         encoding = request.getHeader("Content-Encoding")
