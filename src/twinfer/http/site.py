@@ -159,6 +159,8 @@ class LimitedRequest(server.Request):
 
     _rejected = False
     _received = 0
+    #: True from the headers until the whole body is in.
+    receiving = False
     _upload_timer: IDelayedCall | None = None
 
     def _site(self) -> TwinferSite:
@@ -175,7 +177,8 @@ class LimitedRequest(server.Request):
             )
             return
         if length != 0:
-            self._upload_timer = site.reactor.callLater(site.body_timeout, self._too_slow)
+            self.receiving = True
+            self._upload_timer = site.reactor.callLater(site.body_timeout, self.too_slow)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._rejected:
@@ -192,6 +195,7 @@ class LimitedRequest(server.Request):
         self.content.write(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self.receiving = False
         self._stop_timer()
         if self._rejected:
             return
@@ -201,8 +205,10 @@ class LimitedRequest(server.Request):
         self._stop_timer()
         super().connectionLost(reason)
 
-    def _too_slow(self) -> None:
-        self._upload_timer = None
+    def too_slow(self) -> None:
+        """Give up on the body: 408 and disconnect."""
+        if self._rejected:
+            return
         self._reject(
             http.REQUEST_TIMEOUT,
             f"the request body did not arrive within {self._site().body_timeout} seconds "
@@ -217,6 +223,7 @@ class LimitedRequest(server.Request):
     def _reject(self, status: int, message: str) -> None:
         """Answer before the body is in (twisted.web has no API for that) and hang up."""
         self._rejected = True
+        self.receiving = False
         self._stop_timer()
         self.content.close()
         channel = self.channel
@@ -330,9 +337,27 @@ def _write_failed(failure: Failure, request: server.Request) -> None:
         request.loseConnection()
 
 
-class TwinferSite(server.Site):
-    """The HTTP front end's factory: a :class:`Router` plus the body limits."""
+class _Channel(http.HTTPChannel):
+    """An HTTP/1.1 channel whose idle timeout, in the middle of a request
+    body (a stalled upload), answers 408 instead of closing silently."""
 
+    def timeoutConnection(self) -> None:
+        request = self.requests[-1] if self.requests else None
+        if isinstance(request, LimitedRequest) and request.receiving:
+            request.too_slow()
+            return
+        super().timeoutConnection()
+
+
+class TwinferSite(server.Site):
+    """The HTTP front end's factory: a :class:`Router` plus the body limits.
+
+    ``body_timeout`` is both the idle timeout of a connection and the time
+    a request body may take to arrive in full.  HTTP/1.1 only (the site does
+    not negotiate HTTP/2, whose streams would bypass the body checks).
+    """
+
+    protocol = _Channel
     requestFactory = LimitedRequest
 
     def __init__(
