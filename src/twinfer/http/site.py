@@ -357,7 +357,7 @@ class TwinferSite(server.Site):
     not negotiate HTTP/2, whose streams would bypass the body checks).
     """
 
-    protocol = _Channel
+    protocol = _Channel  # type: ignore[assignment]  # plain HTTP/1.1, see above
     requestFactory = LimitedRequest
 
     def __init__(

@@ -1,0 +1,168 @@
+"""KServe v2 conformance, shown with a real third-party client: ``tritonclient.http``.
+
+tritonclient is blocking (geventhttpclient), so each call runs in a thread
+(``deferToThread``) while the in-process server's reactor keeps running.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+import openvino as ov
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+from twisted.internet.threads import deferToThread
+
+from http_support import HTTPServerTestCase
+from twinfer import backend, http
+from twinfer.builtin import tiny_reference
+
+T = TypeVar("T")
+
+CONFIG = """
+[server]
+http_max_body_size = 4194304
+
+[[devices]]
+name = "cpu"
+target = "CPU"
+replicas = 2
+properties = { INFERENCE_PRECISION_HINT = "f32" }
+
+[[models]]
+name = "tiny"
+path = "builtin:tiny"
+
+[[models]]
+name = "squeezenet"
+path = "builtin:squeezenet"
+"""
+
+
+def squeezenet_reference(x: np.ndarray) -> np.ndarray:
+    """SqueezeNet run directly on OpenVINO, without twinfer."""
+    core = ov.Core()
+    model = backend.read_model(core, "builtin:squeezenet")
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return np.asarray(compiled({0: x})[0])
+
+
+class TritonClientTests(HTTPServerTestCase):
+    config_text = CONFIG
+    timeout = 60
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        await self.start_http()
+        self.client = triton.InferenceServerClient(f"127.0.0.1:{self.http_port}")
+        self.addCleanup(self.client.close)
+
+    async def call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await deferToThread(function, *args, **kwargs)
+
+    def tiny_input(self, x: np.ndarray, binary: bool) -> triton.InferInput:
+        tensor = triton.InferInput("x", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x, binary_data=binary)
+        return tensor
+
+    async def test_health_and_metadata(self) -> None:
+        assert await self.call(self.client.is_server_live)
+        assert await self.call(self.client.is_server_ready)
+        assert await self.call(self.client.is_model_ready, "tiny")
+        assert await self.call(self.client.is_model_ready, "tiny", "1")
+        assert not await self.call(self.client.is_model_ready, "nope")
+        server = await self.call(self.client.get_server_metadata)
+        assert server["name"] == "twinfer" and "binary_tensor_data" in server["extensions"]
+        metadata = await self.call(self.client.get_model_metadata, "squeezenet")
+        assert metadata["inputs"] == [
+            {"name": "data_0", "datatype": "FP32", "shape": [1, 3, 224, 224]}
+        ]
+        assert [o["datatype"] for o in metadata["outputs"]] == ["FP32"]
+
+    async def test_json_tensors(self) -> None:
+        x = np.random.default_rng(2).standard_normal((6, 4)).astype(np.float32)
+        outputs = [triton.InferRequestedOutput(n, binary_data=False) for n in ("y", "label")]
+        result = await self.call(
+            self.client.infer, "tiny", [self.tiny_input(x, False)], outputs=outputs,
+            request_id="json-1",
+        )
+        expected = tiny_reference(x)
+        np.testing.assert_allclose(result.as_numpy("y"), expected["y"], rtol=1e-5)
+        np.testing.assert_array_equal(result.as_numpy("label"), expected["label"])
+        assert result.get_response()["id"] == "json-1"
+        assert result.get_output("y")["data"]  # really sent as JSON
+
+    async def test_binary_tensors_all_outputs(self) -> None:
+        x = np.random.default_rng(3).standard_normal((9, 4)).astype(np.float32)
+        # No outputs listed: tritonclient asks binary_data_output for all of them.
+        result = await self.call(self.client.infer, "tiny", [self.tiny_input(x, True)])
+        expected = tiny_reference(x)
+        np.testing.assert_allclose(result.as_numpy("y"), expected["y"], rtol=1e-5)
+        np.testing.assert_array_equal(result.as_numpy("label"), expected["label"])
+        assert result.get_output("y")["parameters"]["binary_data_size"] == 9 * 3 * 4
+
+    async def test_one_output_binary_the_other_json(self) -> None:
+        x = np.random.default_rng(4).standard_normal((2, 4)).astype(np.float32)
+        outputs = [
+            triton.InferRequestedOutput("label", binary_data=True),
+            triton.InferRequestedOutput("y", binary_data=False),
+        ]
+        result = await self.call(
+            self.client.infer, "tiny", [self.tiny_input(x, True)], outputs=outputs,
+            model_version="1",
+        )
+        expected = tiny_reference(x)
+        np.testing.assert_allclose(result.as_numpy("y"), expected["y"], rtol=1e-5)
+        np.testing.assert_array_equal(result.as_numpy("label"), expected["label"])
+
+    async def test_squeezenet_binary_and_json_match_openvino(self) -> None:
+        x = np.random.default_rng(5).random((1, 3, 224, 224), dtype=np.float32)
+        expected = squeezenet_reference(x)
+        for binary in (True, False):  # JSON: 150k numbers, parsed off the reactor thread
+            tensor = triton.InferInput("data_0", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x, binary_data=binary)
+            name = (await self.call(self.client.get_model_metadata, "squeezenet"))["outputs"][0]
+            outputs = [triton.InferRequestedOutput(name["name"], binary_data=binary)]
+            result = await self.call(self.client.infer, "squeezenet", [tensor], outputs=outputs)
+            got = result.as_numpy(name["name"])
+            assert got.shape == expected.shape
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+        assert len(x.tobytes()) > http.v2.THREAD_THRESHOLD
+
+    async def test_errors_reach_the_client_with_status_and_message(self) -> None:
+        x = np.ones((1, 4), np.float32)
+        cases: list[tuple[dict[str, Any], str, str]] = [
+            ({"model_name": "nope", "inputs": [self.tiny_input(x, True)]}, "404",
+             "model 'nope' is not served here"),
+            ({"model_name": "tiny", "model_version": "3", "inputs": [self.tiny_input(x, False)]},
+             "404", "has no version '3'"),
+            ({"model_name": "tiny", "inputs": [self.tiny_input(np.ones((1, 5), np.float32),
+                                                               True)]},
+             "400", "takes shape [?,4], got [1,5]"),
+            ({"model_name": "tiny",
+              "inputs": [self.tiny_input(x, False)],
+              "outputs": [triton.InferRequestedOutput("nope")]},
+             "400", "has no output 'nope'"),
+        ]
+        wrong = triton.InferInput("x", [1, 4], "FP64")
+        wrong.set_data_from_numpy(np.ones((1, 4), np.float64), binary_data=True)
+        cases.append(({"model_name": "tiny", "inputs": [wrong]}, "400", "takes f32, got f64"))
+        for kwargs, status, needle in cases:
+            with pytest.raises(InferenceServerException) as info:
+                await self.call(self.client.infer, **kwargs)
+            assert info.value.status() == status, info.value
+            assert needle in info.value.message()
+
+    async def test_an_oversized_request_is_refused_by_the_limit(self) -> None:
+        x = np.zeros((300_000, 4), np.float32)  # 4.8 MB > http_max_body_size 4 MiB
+        with pytest.raises(InferenceServerException) as info:
+            await self.call(self.client.infer, "tiny", [self.tiny_input(x, True)])
+        # The server answers 413 as soon as it sees Content-Length and hangs
+        # up; depending on timing the client reads the 413 or sees the
+        # connection reset while it is still sending.
+        message = str(info.value)
+        refused = info.value.status() == "413" and "larger than the limit" in message
+        cut_off = any(word in message.lower() for word in ("reset", "broken pipe"))
+        assert refused or cut_off, message
