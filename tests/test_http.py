@@ -330,7 +330,7 @@ class OverloadTests(HTTPServerTestCase):
             infer_body(np.ones((1, 4), np.float32), parameters={"timeout": 100_000}),
         )
         assert late.status == 504
-        assert "timeout (100000 us) passed" in late.json()["error"]
+        assert "waited 100 ms for model 'tiny' without reaching a device" in late.json()["error"]
         assert self.dispatcher.models["tiny"].queues[0].depth == 0
         self.gate.open()
         assert (await self.first).status == 200
@@ -355,3 +355,40 @@ class OverloadTests(HTTPServerTestCase):
         assert queue.depth == 0
         self.gate.open()
         assert (await self.first).status == 200
+
+
+class PriorityTests(HTTPServerTestCase):
+    timeout = 30
+
+    async def test_tritons_priority_1_is_the_highest_level(self) -> None:
+        gate = Gate()
+        config = GATED_CONFIG.replace("queue_size = 1", "queue_size = 4\npriority_levels = 2")
+        await self.start_http(config, gated(gate))
+        self.addCleanup(gate.open)
+        self.first = Deferred.fromCoroutine(self.request(
+            "POST", "/v2/models/tiny/infer", infer_body(np.ones((1, 4), np.float32))
+        ))
+        while not gate.started.acquire(blocking=False):
+            await deferLater(reactor, 0.01)
+        finished: list[str] = []
+        queue = self.dispatcher.models["tiny"].queues[0]
+        pending = []
+        for name, priority in (("low", 2), ("high", 1)):
+            d = Deferred.fromCoroutine(self.request(
+                "POST", "/v2/models/tiny/infer",
+                infer_body(np.ones((1, 4), np.float32), parameters={"priority": priority}),
+            ))
+            d.addCallback(lambda result, name=name: finished.append(name) or result)
+            pending.append(d)
+            while queue.depth < len(pending):
+                await deferLater(reactor, 0.01)
+        refused = await self.request(
+            "POST", "/v2/models/tiny/infer",
+            infer_body(np.ones((1, 4), np.float32), parameters={"priority": 3}),
+        )
+        assert refused.status == 400
+        assert "priorities 1 (highest) to 2, got 3" in refused.json()["error"]
+        gate.open()
+        results = await gatherResults([self.first, *pending])
+        assert [r.status for r in results] == [200, 200, 200]
+        assert finished == ["high", "low"]

@@ -102,6 +102,7 @@ def test_bad_json_data_is_named_precisely(
             "binary_data_output: expected true or false",
         ),
         ({"inputs": [tensor(data=[1, 2, 3, 4])], "parameters": {"timeout": -5}}, "timeout"),
+        ({"inputs": [tensor(data=[1, 2, 3, 4])], "parameters": {"priority": "hi"}}, "priority"),
         ({"inputs": [tensor(data=[1, 2, 3, 4])], "id": 7}, "request.id: expected a string"),
     ],
 )
@@ -185,6 +186,7 @@ def test_outputs_and_parameters_are_read() -> None:
     )
     assert request.output_names == ("y", "label")
     assert request.timeout_us == 2500 and request.binary_output is False
+    assert request.priority == 3
 
 
 def parse_response(chunks: list[bytes], header_length: int | None) -> dict[str, np.ndarray]:

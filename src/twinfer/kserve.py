@@ -102,6 +102,8 @@ class InferRequest:
     binary_output: bool = False
     #: Triton's ``timeout`` request parameter, in microseconds (None: no deadline).
     timeout_us: int | None = None
+    #: Triton's ``priority`` request parameter: 1 is the highest, 0 the default.
+    priority: int = 0
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -183,11 +185,8 @@ def decode_infer_request(
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise _invalid(f"request.id: expected a string, got {request_id!r}")
-    timeout = parameters.get("timeout")
-    if timeout is not None and (
-        not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0
-    ):
-        raise _invalid(f"request.parameters.timeout: expected microseconds >= 0, got {timeout!r}")
+    timeout = _count(parameters, "timeout", "microseconds")
+    priority = _count(parameters, "priority", "a level")
 
     raw_inputs = request.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
@@ -250,7 +249,15 @@ def decode_infer_request(
         request_id,
         bool(_flag(parameters, "binary_data_output", "request")),
         timeout or None,
+        priority or 0,
     )
+
+
+def _count(parameters: Mapping[str, Any], key: str, what: str) -> int | None:
+    value = parameters.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise _invalid(f"request.parameters.{key}: expected {what} >= 0, got {value!r}")
+    return value
 
 
 def _binary_size(parameters: Mapping[str, Any], where: str) -> int | None:

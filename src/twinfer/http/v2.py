@@ -11,17 +11,19 @@ mapping is :mod:`twinfer.kserve`; this module only routes and schedules it:
   device threads: those should only run models, and parsing happens before
   a job exists.  Small documents are handled inline, where a thread hop
   would cost more than the work.
-* Triton's ``timeout`` request parameter (microseconds) becomes a deadline:
-  when it passes, the job is withdrawn from its queue (or its result dropped)
-  and the client gets 504.
+* Triton's ``timeout`` request parameter (microseconds) becomes the job's
+  deadline in the dispatcher (``timeout_ms``, rounded up): a job still
+  queued when it passes is withdrawn and the client gets 504.  Triton's
+  ``priority`` (1 is the highest, 0 the default) maps onto the model's
+  priority levels (where 1 is the lowest).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from twisted.internet.threads import deferToThreadPool
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web import http
 
@@ -116,9 +118,13 @@ class KServeAPI:
         else:
             decoded = kserve.decode_infer_request(body, header_length)
 
-        job = self._dispatcher.submit(name, decoded.inputs, decoded.output_names)
-        if decoded.timeout_us is not None:
-            job.addTimeout(decoded.timeout_us / 1e6, self._reactor, _deadline_passed)
+        job = self._dispatcher.submit(
+            name,
+            decoded.inputs,
+            decoded.output_names,
+            timeout_ms=math.ceil(decoded.timeout_us / 1000) if decoded.timeout_us else 0,
+            priority=self._level(name, decoded.priority),
+        )
         result: InferResult = await job
 
         if _json_elements(decoded, result) > THREAD_ELEMENTS:
@@ -137,17 +143,22 @@ class KServeAPI:
         )
 
 
+    def _level(self, name: str, priority: int) -> int:
+        """twinfer's priority level (1 lowest) for Triton's ``priority`` (1 highest)."""
+        if not priority:
+            return 0
+        levels = self._dispatcher.entry(name).choose_queue().levels
+        if priority > levels:
+            raise TwinferError(
+                ErrorCode.INVALID_INPUT,
+                f"request.parameters.priority: model {name!r} has priorities 1 (highest) "
+                f"to {levels}, got {priority}",
+            )
+        return levels + 1 - priority
+
+
 def _leading_int(value: str) -> int:
     return int(value) if value.isdigit() else 0  # a bad value is reported by the codec
-
-
-def _deadline_passed(result: object, timeout: float) -> Failure:
-    return Failure(
-        TwinferError(
-            ErrorCode.DEADLINE_EXCEEDED,
-            f"the request's timeout ({timeout * 1e6:.0f} us) passed before it completed",
-        )
-    )
 
 
 def _json_elements(request: kserve.InferRequest, result: InferResult) -> int:
