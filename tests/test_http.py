@@ -206,8 +206,9 @@ class SeedTasksTests(HTTPServerTestCase):
                 return Deferred.fromCoroutine(Tasks._predict(dispatcher, model, image))
 
             @staticmethod
-            def task_info(model):  # type: ignore[no-untyped-def]
-                return {"task": "classification", "labels": "three"}
+            def task_info(dispatcher, model):  # type: ignore[no-untyped-def]
+                assert dispatcher.entry(model)
+                return {"task": "classify", "labels": ["a", "b", "c"]}
 
         await self.start_http(tasks=Tasks)
         x = np.array([[0.0, 0.0, 1.0, 0.0]], np.float32)  # y = [0, 0, 1.5]: label 2
@@ -222,7 +223,7 @@ class SeedTasksTests(HTTPServerTestCase):
                              "detection_box": [0, 0, 4, 1]}],
         }
         services = (await self.request("GET", "/services")).json()
-        assert services[0]["task"] == "classification" and services[0]["labels"] == "three"
+        assert services[0]["task"] == "classify" and services[0]["labels"] == ["a", "b", "c"]
 
 
 class LimitTests(HTTPServerTestCase):

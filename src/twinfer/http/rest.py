@@ -12,9 +12,9 @@ predictions in the image's own pixel coordinates.  The image work
   cannot decode, ``INVALID_INPUT`` too for a model that has no image task,
   and the dispatcher's own errors); it submits through the dispatcher, like
   every other inference.
-* ``task_info(model_name)``: a dict describing the model's image task (e.g.
-  ``{"task": "classification", "labels": "imagenet"}``) merged into its
-  ``/services`` entry, or None if it has none.
+* ``task_info(dispatcher, model_name)``: a dict describing the model's
+  image task (e.g. ``{"task": "classify", "labels": [...]}``) merged into
+  its ``/services`` entry, or None if it has none.
 
 Without :mod:`twinfer.tasks` installed, ``POST /inference`` answers 501.
 """
@@ -72,7 +72,19 @@ class SeedAPI:
         self._dispatcher = dispatcher
         self._config = config
         self._tasks = tasks
-        self.default_model = config.server.http_default_model or config.models[0].name
+        self.default_model = config.server.http_default_model or self._first_image_model()
+
+    def _first_image_model(self) -> str:
+        """The first configured model with an image task, else the first model."""
+        for model in self._config.models:
+            if self._task_info(model.name):
+                return model.name
+        return self._config.models[0].name
+
+    def _task_info(self, model: str) -> dict[str, Any] | None:
+        if self._tasks is None:
+            return None
+        return self._tasks.task_info(self._dispatcher, model)  # type: ignore[no-any-return]
 
     def install(self, router: Router) -> None:
         """Add ``/``, ``/services`` and ``/inference`` to ``router``."""
@@ -102,7 +114,7 @@ class SeedAPI:
                 "device": ",".join(f"{d.name}={d.target}" for d in devices),
                 "default": model.name == self.default_model,
             }
-            info = self._tasks.task_info(model.name) if self._tasks is not None else None
+            info = self._task_info(model.name)
             if info:
                 entry.update({k: v for k, v in info.items() if k not in entry})
             entries.append(entry)
