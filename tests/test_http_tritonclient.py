@@ -6,6 +6,7 @@ tritonclient is blocking (geventhttpclient), so each call runs in a thread
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -17,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 from twisted.internet.threads import deferToThread
 
 from http_support import HTTPServerTestCase
-from twinfer import backend, http
+from twinfer import backend, http, kserve
 from twinfer.builtin import tiny_reference
 
 T = TypeVar("T")
@@ -130,6 +131,33 @@ class TritonClientTests(HTTPServerTestCase):
             assert got.shape == expected.shape
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
         assert len(x.tobytes()) > http.v2.THREAD_THRESHOLD
+
+    async def test_large_json_is_parsed_and_serialised_off_the_reactor_thread(self) -> None:
+        threads: dict[str, list[str]] = {"decode": [], "encode": []}
+        decode, encode = kserve.decode_infer_request, kserve.encode_infer_response
+
+        def recording(kind: str, function: Callable[..., T]) -> Callable[..., T]:
+            def wrapper(*args: Any, **kwargs: Any) -> T:
+                threads[kind].append(threading.current_thread().name)
+                return function(*args, **kwargs)
+            return wrapper
+
+        # Observe (not replace) the codec calls, to see which thread runs them.
+        self.patch(kserve, "decode_infer_request", recording("decode", decode))
+        self.patch(kserve, "encode_infer_response", recording("encode", encode))
+        small = np.ones((2, 4), np.float32)
+        large = np.random.default_rng(6).standard_normal((20_000, 4)).astype(np.float32)
+        for x in (small, large):
+            outputs = [triton.InferRequestedOutput("y", binary_data=False)]
+            result = await self.call(
+                self.client.infer, "tiny", [self.tiny_input(x, False)], outputs=outputs
+            )
+            np.testing.assert_allclose(result.as_numpy("y"), tiny_reference(x)["y"], rtol=1e-5)
+        reactor_thread = threading.current_thread().name
+        assert threads["decode"][0] == reactor_thread  # small: inline, cheaper than a hop
+        assert threads["encode"][0] == reactor_thread
+        assert threads["decode"][1].startswith("PoolThread-twinfer-http-codec")
+        assert threads["encode"][1].startswith("PoolThread-twinfer-http-codec")
 
     async def test_errors_reach_the_client_with_status_and_message(self) -> None:
         x = np.ones((1, 4), np.float32)
