@@ -1,7 +1,9 @@
 """KServe v2 conformance, shown with a real third-party client: ``tritonclient.http``.
 
-tritonclient is blocking (geventhttpclient), so each call runs in a thread
-(``deferToThread``) while the in-process server's reactor keeps running.
+tritonclient is blocking (geventhttpclient), so its calls run in a thread
+while the in-process server's reactor keeps running: always the same one
+thread, because gevent ties a client's connections to the thread (hub) that
+made them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import openvino as ov
 import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
-from twisted.internet.threads import deferToThread
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 
 from http_support import HTTPServerTestCase
 from twinfer import backend, http, kserve
@@ -57,11 +61,16 @@ class TritonClientTests(HTTPServerTestCase):
 
     async def setUp(self) -> None:  # type: ignore[override]
         await self.start_http()
-        self.client = triton.InferenceServerClient(f"127.0.0.1:{self.http_port}")
-        self.addCleanup(self.client.close)
+        self.client_thread = ThreadPool(minthreads=1, maxthreads=1, name="tritonclient")
+        self.client_thread.start()
+        self.addCleanup(self.client_thread.stop)
+        self.client = await self.call(
+            triton.InferenceServerClient, f"127.0.0.1:{self.http_port}"
+        )
+        self.addCleanup(lambda: self.call(self.client.close))
 
     async def call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await deferToThread(function, *args, **kwargs)
+        return await deferToThreadPool(reactor, self.client_thread, function, *args, **kwargs)
 
     def tiny_input(self, x: np.ndarray, binary: bool) -> triton.InferInput:
         tensor = triton.InferInput("x", list(x.shape), "FP32")
