@@ -4,10 +4,6 @@ driven over HTTP by ``tritonclient.http`` and over the binary protocol."""
 from __future__ import annotations
 
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +13,9 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from twinfer import codec
+from twinfer.blocking import BlockingClient
 from twinfer.builtin import tiny_reference
-from twinfer.messages import Hello, InferReply, InferRequest, Message
+from twistd_process import ServerProcess, StartTwistd
 
 CONFIG = """
 [server]
@@ -36,18 +32,26 @@ name = "tiny"
 path = "builtin:tiny"
 """
 
-_LISTENING = re.compile(r"twinfer (?:(?P<front>http) )?listening on (\w+):(.+):(?P<port>\d+)$",
-                        re.M)
+_HTTP_LISTENING = re.compile(r"twinfer http listening on (\w+):(.+):(?P<port>\d+)$", re.M)
 
 
 class Twistd:
-    """A running server: its binary and HTTP ports, and its log."""
+    """A running server (the shared ``start_twistd`` fixture's) and its HTTP port."""
 
-    def __init__(self, process: subprocess.Popen[bytes], log: Path, ports: dict[str, int]):
+    def __init__(self, process: ServerProcess, timeout: float = 30.0) -> None:
         self.process = process
-        self.log = log
-        self.binary_port = ports["binary"]
-        self.http_port = ports["http"]
+        self.binary_port = process.port
+        # The binary port's line is what start_twistd waits for; the HTTP
+        # port starts listening in the same reactor turn, but check anyway.
+        deadline = time.monotonic() + timeout
+        while not (match := _HTTP_LISTENING.search(process.log())):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no HTTP port in the log:\n{process.log()}")
+            time.sleep(0.05)
+        self.http_port = int(match["port"])
+
+    def log(self) -> str:
+        return self.process.log()
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
@@ -90,39 +94,11 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def run_twistd(directory: Path, http_port: str) -> Iterator[Twistd]:
-    """Start twistd with both front ends, yield it once both listen, stop it."""
-    (directory / "twinfer.toml").write_text(CONFIG)
-    log = directory / "twistd.log"
-    twistd = Path(sys.executable).with_name("twistd")
-    process = subprocess.Popen(
-        [str(twistd), "--nodaemon", "--pidfile=", f"--logfile={log}", "twinfer",
-         "--port=tcp:0:interface=127.0.0.1", f"--http-port={http_port}",
-         f"--config={directory / 'twinfer.toml'}"],
-        cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        ports: dict[str, int] = {}
-        while len(ports) < 2:
-            text = log.read_text(errors="replace") if log.exists() else ""
-            ports = {m["front"] or "binary": int(m["port"]) for m in _LISTENING.finditer(text)}
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"twistd did not start listening:\n{text}")
-            time.sleep(0.05)
-        yield Twistd(process, log, ports)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Twistd]:
-    yield from run_twistd(tmp_path_factory.mktemp("twistd-http"), "tcp:0:interface=127.0.0.1")
+def server(start_twistd: StartTwistd) -> Iterator[Twistd]:
+    process = start_twistd(CONFIG, args=["--http-port=tcp:0:interface=127.0.0.1"])
+    yield Twistd(process)
+    process.stop()
 
 
 def test_tritonclient_json_and_binary_against_twistd(server: Twistd) -> None:
@@ -145,27 +121,10 @@ def test_tritonclient_json_and_binary_against_twistd(server: Twistd) -> None:
         client.close()
 
 
-def binary_infer(port: int, x: np.ndarray) -> np.ndarray:
-    """One inference over the binary protocol, with the sans-I/O codec on a plain socket."""
-    decoder = codec.FrameDecoder()
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-
-        def exchange(request_id: int, message: Message) -> Message:
-            sock.sendall(codec.encode_bytes(request_id, message))
-            while True:
-                frames = decoder.feed(sock.recv(65536))
-                if frames:
-                    return codec.decode_message(frames[0])
-
-        assert isinstance(exchange(1, Hello()), Hello)
-        reply = exchange(2, InferRequest("tiny", {"x": x}))
-    assert isinstance(reply, InferReply), reply
-    return np.asarray(reply.outputs["y"])
-
-
 def test_binary_and_http_front_ends_share_the_server(server: Twistd) -> None:
     x = np.ones((1, 4), np.float32)
-    over_binary = binary_infer(server.binary_port, x)
+    with BlockingClient.connect(f"tcp:127.0.0.1:{server.binary_port}", timeout=30) as binary:
+        over_binary = binary.infer("tiny", {"x": x})["y"]
     client = triton.InferenceServerClient(f"127.0.0.1:{server.http_port}")
     try:
         tensor = triton.InferInput("x", [1, 4], "FP32")
@@ -174,15 +133,18 @@ def test_binary_and_http_front_ends_share_the_server(server: Twistd) -> None:
     finally:
         client.close()
     np.testing.assert_array_equal(over_http, over_binary)
-    assert "twinfer http listening on tcp:127.0.0.1:" in server.log.read_text()
+    assert "twinfer http listening on tcp:127.0.0.1:" in server.log()
 
 
-def test_http_over_tls(tmp_path_factory: pytest.TempPathFactory) -> None:
-    directory = tmp_path_factory.mktemp("twistd-https")
-    cert, key = self_signed(directory)
+def test_http_over_tls(
+    start_twistd: StartTwistd, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    cert, key = self_signed(tmp_path_factory.mktemp("https"))
     endpoint = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
-    for server in run_twistd(directory, endpoint):
-        assert "twinfer http listening on ssl:127.0.0.1:" in server.log.read_text()
+    process = start_twistd(CONFIG, args=[f"--http-port={endpoint}"])
+    try:
+        server = Twistd(process)
+        assert "twinfer http listening on ssl:127.0.0.1:" in server.log()
         client = triton.InferenceServerClient(
             f"127.0.0.1:{server.http_port}", ssl=True, ssl_options={"ca_certs": str(cert)}
         )
@@ -201,3 +163,5 @@ def test_http_over_tls(tmp_path_factory: pytest.TempPathFactory) -> None:
                 untrusting.is_server_live()
         finally:
             untrusting.close()
+    finally:
+        process.stop()
