@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,63 @@ path = "builtin:tiny"
 """
 
 
+#: Two image models (see :func:`write_image_models`) and ``tiny``.
+IMAGE_CONFIG = """
+[[devices]]
+name = "cpu"
+target = "CPU"
+replicas = 1
+properties = { INFERENCE_PRECISION_HINT = "f32" }
+
+[[models]]
+name = "tiny"
+path = "builtin:tiny"
+
+[[models]]
+name = "det"
+path = "det.xml"
+task = "detect"
+labels = "coco.txt"
+[models.detect]
+decoder = "ssd"
+
+[[models]]
+name = "colours"
+path = "colours.xml"
+task = "classify"
+labels = "colours.txt"
+[models.preprocess]
+scale = 255.0
+[models.classify]
+top_k = 3
+"""
+
+#: What ``det`` always finds: "car" (id 2) at [0.1, 0.2, 0.5, 0.6] of the image, 0.95.
+SSD_ROWS = np.array([[0, 2, 0.95, 0.1, 0.2, 0.5, 0.6], [-1, 0, 0, 0, 0, 0, 0]], np.float32)[
+    None, None
+]
+
+
+def write_image_models(directory: Path) -> Path:
+    """Write IMAGE_CONFIG's models: an SSD-style detector with a known output
+    (the graph still runs from the image) and a real classifier (the mean of
+    each colour channel)."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from tasks_support import constant_outputs_model
+
+    model = constant_outputs_model([1, 3, 32, 32], {"detection_out": SSD_ROWS})
+    ov.save_model(model, str(directory / "det.xml"), compress_to_fp16=False)
+    image = ops.parameter([1, 3, 16, 16], ov.Type.f32, name="image")
+    mean = ops.reduce_mean(image, ops.constant(np.array([2, 3])), keep_dims=False)
+    mean.output(0).get_tensor().set_names({"scores"})
+    ov.save_model(ov.Model([mean.output(0)], [image], "colours"), str(directory / "colours.xml"))
+    (directory / "coco.txt").write_text("background\nperson\ncar\n")
+    (directory / "colours.txt").write_text("red\ngreen\nblue\n")
+    return directory
+
+
 class HTTPResult:
     """A response as the tests look at it."""
 
@@ -68,11 +126,18 @@ class HTTPServerTestCase(ServerTestCase):
         config_text: str | None = None,
         engine_factory: EngineFactory = openvino_engine,
         tasks: Any = None,
+        base_dir: Path = Path("."),
     ) -> int:
-        """Start everything; return the HTTP port (``self.http_port`` too)."""
+        """Start everything; return the HTTP port (``self.http_port`` too).
+
+        ``tasks``: None for no image tasks (``POST /inference`` answers 501),
+        True for the real :mod:`twinfer.tasks`, or a stand-in module.
+        """
         text = config_text or self.config_text
-        await self.start_server(text, engine_factory)
-        self.front = HTTPFrontEnd(self.dispatcher, config_from(text), reactor, tasks=tasks)
+        await self.start_server(text, engine_factory, base_dir=base_dir)
+        self.front = HTTPFrontEnd(
+            self.dispatcher, config_from(text, base_dir), reactor, tasks=tasks
+        )
         self.front.startService()
         self.addCleanup(self.front.stopService)
         endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")

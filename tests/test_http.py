@@ -6,15 +6,29 @@ Conformance with a real third-party client (tritonclient.http) is in
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
+import pytest
+from PIL import Image
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 
-from http_support import TINY_HTTP_CONFIG, Gate, HTTPServerTestCase, gated
+from http_support import (
+    IMAGE_CONFIG,
+    TINY_HTTP_CONFIG,
+    Gate,
+    HTTPServerTestCase,
+    gated,
+    write_image_models,
+)
+from tasks_support import blank_png
 from twinfer.builtin import tiny_reference
 from twinfer.client import connect
 from twinfer.errors import ErrorCode
@@ -393,3 +407,54 @@ class PriorityTests(HTTPServerTestCase):
         results = await gatherResults([self.first, *pending])
         assert [r.status for r in results] == [200, 200, 200]
         assert finished == ["high", "low"]
+
+
+class SeedImageTests(HTTPServerTestCase):
+    """``POST /inference`` with the real image tasks (twinfer.tasks) and real models."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        directory = Path(tempfile.mkdtemp(prefix="twinfer-http-images-"))
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        await self.start_http(IMAGE_CONFIG, tasks=True, base_dir=write_image_models(directory))
+
+    async def test_detection_boxes_are_in_the_original_images_pixels(self) -> None:
+        # No ?model=: the first model with an image task ("det"), not "tiny".
+        result = await self.request(
+            "POST", "/inference", blank_png(300, 200), {"Content-Type": "image/png"}
+        )
+        assert result.status == 200, result.body
+        document = result.json()
+        assert document["status"] == "ok" and document["model"] == "det"
+        [car] = document["predictions"]
+        assert (car["label_id"], car["label"]) == (2, "car")
+        assert car["confidences"] == pytest.approx(0.95)
+        assert car["detection_box"] == [30.0, 40.0, 150.0, 120.0]
+
+    async def test_classification_of_a_jpeg(self) -> None:
+        buffer = io.BytesIO()
+        Image.new("RGB", (20, 10), (0, 51, 255)).save(buffer, "JPEG", quality=100)
+        result = await self.request(
+            "POST", "/inference?model=colours", buffer.getvalue(), {"Content-Type": "image/jpeg"}
+        )
+        assert result.status == 200, result.body
+        predictions = result.json()["predictions"]
+        assert [p["label"] for p in predictions] == ["blue", "green", "red"]
+        assert predictions[0]["detection_box"] == [0.0, 0.0, 20.0, 10.0]
+
+    async def test_image_errors(self) -> None:
+        not_an_image = await self.request(
+            "POST", "/inference?model=det", b"\x89PNG but not really", {"Content-Type": "image/png"}
+        )
+        assert not_an_image.status == 400, not_an_image.body
+        tensor_model = await self.request(
+            "POST", "/inference?model=tiny", blank_png(8, 8), {"Content-Type": "image/png"}
+        )
+        assert tensor_model.status == 400
+        assert "'tiny' is not an image model" in tensor_model.json()["error"]
+
+    async def test_services_list_tasks_and_labels(self) -> None:
+        services = {s["name"]: s for s in (await self.request("GET", "/services")).json()}
+        assert services["det"]["task"] == "detect" and services["det"]["default"] is True
+        assert services["det"]["labels"] == ["background", "person", "car"]
+        assert services["colours"]["task"] == "classify"
+        assert "task" not in services["tiny"]

@@ -4,6 +4,8 @@ success and failure, is validated against it with ``openapi-core``."""
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,8 @@ import yaml
 from openapi_core import OpenAPI
 from openapi_core.testing import MockRequest, MockResponse
 
-from http_support import HTTPResult, HTTPServerTestCase
+from http_support import IMAGE_CONFIG, HTTPResult, HTTPServerTestCase, write_image_models
+from tasks_support import blank_png
 
 SPEC_PATH = Path(__file__).parent.parent / "docs" / "openapi.yaml"
 HOST = "http://127.0.0.1:8080"
@@ -30,9 +33,17 @@ def infer_document(**extra: object) -> dict[str, object]:
     }
 
 
-class OpenAPITests(HTTPServerTestCase):
+class OpenAPICase(HTTPServerTestCase):
+    """A server with tensor and image models; ``check`` validates a live exchange."""
+
+    tasks: bool | None = True
+
     async def setUp(self) -> None:  # type: ignore[override]
-        await self.start_http()
+        directory = Path(tempfile.mkdtemp(prefix="twinfer-http-openapi-"))
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        await self.start_http(
+            IMAGE_CONFIG, tasks=self.tasks, base_dir=write_image_models(directory)
+        )
         self.openapi = spec()
         self.checked: list[tuple[str, str, int]] = []
 
@@ -65,6 +76,10 @@ class OpenAPITests(HTTPServerTestCase):
         self.checked.append((method, bare, result.status))
         return result
 
+
+class OpenAPITests(OpenAPICase):
+    """With the real image tasks."""
+
     async def test_the_spec_itself_is_valid(self) -> None:
         self.openapi.check_spec()
 
@@ -81,6 +96,7 @@ class OpenAPITests(HTTPServerTestCase):
         await self.check("GET", "/v2/models/tiny/versions/1/ready")
         await self.check("POST", "/v2/models/tiny/infer", body)
         await self.check("POST", "/v2/models/tiny/versions/1/infer", body)
+        await self.check("POST", "/inference?model=det", blank_png(64, 48), "image/png")
         documented = {
             (method.upper(), path)
             for path, item in yaml.safe_load(SPEC_PATH.read_text())["paths"].items()
@@ -91,9 +107,7 @@ class OpenAPITests(HTTPServerTestCase):
             (m, p.replace("tiny", "{name}").replace("/versions/1", "/versions/{version}"))
             for m, p, _ in self.checked
         }
-        # Every documented operation was exercised but POST /inference, which
-        # needs the image tasks (its 4xx/501 answers are checked below).
-        assert documented - templated == {("POST", "/inference")}
+        assert documented == templated  # every documented operation was exercised
 
     async def test_binary_extension_responses_are_documented(self) -> None:
         document = infer_document(parameters={"binary_data_output": True})
@@ -108,6 +122,17 @@ class OpenAPITests(HTTPServerTestCase):
         await self.check("GET", "/v2/models/nope/ready", expect=404)
         await self.check("POST", "/inference?model=nope", b"\xff\xd8", "image/jpeg", expect=404)
         await self.check("POST", "/inference", b"\xff\xd8", "image/gif", expect=415)
+        await self.check("POST", "/inference", b"\xff\xd8", "image/jpeg", expect=400)
+        await self.check("POST", "/inference?model=tiny", blank_png(8, 8), "image/png",
+                         expect=400)
+
+
+class NoTasksOpenAPITests(OpenAPICase):
+    """The same server without image tasks: ``POST /inference`` is 501."""
+
+    tasks = None
+
+    async def test_not_implemented_is_documented(self) -> None:
         await self.check("POST", "/inference", b"\xff\xd8", "image/jpeg", expect=501)
 
 

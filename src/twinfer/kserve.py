@@ -390,7 +390,9 @@ def encode_infer_response(
 
 
 def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": datatype_name(spec.dtype), "shape": list(spec.shape)}
+    # A dynamic rank has no list of dimensions: null, as in twinfer's own metadata.
+    shape = None if spec.shape is None else list(spec.shape)
+    return {"name": spec.name, "datatype": datatype_name(spec.dtype), "shape": shape}
 
 
 def model_metadata(metadata: Metadata) -> dict[str, Any]:

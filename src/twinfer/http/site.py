@@ -34,6 +34,7 @@ STATUS_BY_CODE: dict[ErrorCode, int] = {
     ErrorCode.INVALID_DTYPE: http.BAD_REQUEST,
     ErrorCode.INVALID_SHAPE: http.BAD_REQUEST,
     ErrorCode.UNKNOWN_OUTPUT: http.BAD_REQUEST,
+    ErrorCode.WRONG_TASK: http.BAD_REQUEST,  # an image sent to a model without an image task
     ErrorCode.OVERLOADED: 429,  # Too Many Requests (twisted.web has no constant for it)
     ErrorCode.UNAVAILABLE: http.SERVICE_UNAVAILABLE,
     ErrorCode.DEADLINE_EXCEEDED: http.GATEWAY_TIMEOUT,
