@@ -333,6 +333,7 @@ class OverloadTests(HTTPServerTestCase):
         )
         assert refused.status == 429
         assert refused.headers.getRawHeaders("Content-Type") == ["application/json"]
+        assert refused.header("Retry-After") == "1"
         assert "queue 'tiny' is full" in refused.json()["error"]
         self.gate.open()
         done = await gatherResults([self.first, queued])

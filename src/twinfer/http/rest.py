@@ -8,15 +8,16 @@ predictions in the image's own pixel coordinates.  The image work
 * ``predict_image(dispatcher, model_name, image_bytes)``: a Deferred firing
   with a list of dicts with keys ``label_id``, ``label``, ``confidences``
   and ``detection_box`` (``[x1, y1, x2, y2]``), or failing with
-  :class:`~twinfer.errors.TwinferError` (``INVALID_INPUT`` for an image it
-  cannot decode, ``INVALID_INPUT`` too for a model that has no image task,
-  and the dispatcher's own errors); it submits through the dispatcher, like
-  every other inference.
+  :class:`~twinfer.errors.TwinferError` (``INVALID_INPUT`` for bytes that are
+  not an image, ``WRONG_TASK`` for a model without an image task, and the
+  dispatcher's own errors); it submits through the dispatcher, like every
+  other inference, and the image is decoded in the device thread.
 * ``task_info(dispatcher, model_name)``: a dict describing the model's
   image task (e.g. ``{"task": "classify", "labels": [...]}``) merged into
   its ``/services`` entry, or None if it has none.
 
-Without :mod:`twinfer.tasks` installed, ``POST /inference`` answers 501.
+Without :mod:`twinfer.tasks` (``HTTPFrontEnd(..., tasks=None)``, or a build
+without it), ``POST /inference`` answers 501.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ class SeedAPI:
                 f"POST /inference takes Content-Type {' or '.join(IMAGE_TYPES)}, "
                 f"got {content_type or 'none'!r}",
             )
-        image = bytes(request.content.data)
+        image = request.content.data  # no copy: the tasks decode it in the device thread
         if not image:
             raise HTTPError(http.BAD_REQUEST, "the request body is empty: send the image")
         if self._tasks is None:

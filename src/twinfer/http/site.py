@@ -309,7 +309,10 @@ def _to_response(failure: Failure) -> Response:
         return Response.error(e.status, e.message, e.headers)
     if failure.check(TwinferError):
         error: TwinferError = failure.value  # type: ignore[assignment]
-        return Response.error(status_for(error.code), error.message)
+        status = status_for(error.code)
+        # Overload and unavailability are temporary: say when to come back.
+        retry = {"Retry-After": "1"} if status in (429, http.SERVICE_UNAVAILABLE) else None
+        return Response.error(status, error.message, retry)
     if failure.check(CancelledError):
         return Response.error(499, "the request was cancelled")
     log.failure("unexpected failure in an HTTP handler", failure)
