@@ -459,3 +459,18 @@ class SeedImageTests(HTTPServerTestCase):
         assert services["det"]["labels"] == ["background", "person", "car"]
         assert services["colours"]["task"] == "classify"
         assert "task" not in services["tiny"]
+
+
+def test_the_body_buffer_behaves_as_the_file_twisted_web_expects() -> None:
+    from twinfer.http.site import _Body
+
+    body = _Body()
+    body.write(b"hello ")
+    body.write(b"world")
+    assert body.tell() == 11  # twisted.web reads the body's length from tell()
+    body.seek(0)
+    assert (body.read(5), body.read(), body.read()) == (b"hello", b" world", b"")
+    data = body.data
+    view = np.frombuffer(data, np.uint8)
+    body.close()  # must not invalidate arrays still viewing the bytes
+    assert bytes(view) == b"hello world"

@@ -125,10 +125,12 @@ class _Body:
         self._position = 0
 
     def write(self, chunk: bytes) -> None:
+        # Bodies are only ever appended to (twisted.web seeks back to 0 to read).
         self.data += chunk
+        self._position = len(self.data)
 
     def tell(self) -> int:
-        return len(self.data) if self._position < 0 else self._position
+        return self._position
 
     def seek(self, offset: int, whence: int = 0) -> None:
         self._position = offset if whence == 0 else len(self.data) + offset
