@@ -290,6 +290,10 @@ def json_to_array(data: object, dtype: DType, shape: tuple[int, ...], where: str
         )
     if count == 0:
         return np.zeros(shape, target)
+    if target == np.uint64 and parsed.dtype.kind in "fO":
+        # Integers above 2**63 - 1 make numpy infer float64 (or object):
+        # parse them exactly instead (a rare case, so per element is fine).
+        parsed = _exact_u64(data, where)
     if parsed.dtype.kind not in _JSON_KINDS[target.kind]:
         kind = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}[target.kind]
         raise TwinferError(
@@ -304,6 +308,18 @@ def json_to_array(data: object, dtype: DType, shape: tuple[int, ...], where: str
                 f"{where}.data: values {low}..{high} do not fit {datatype_name(dtype)}"
             )
     return parsed.astype(target, copy=False).reshape(shape)
+
+
+def _exact_u64(data: list[object], where: str) -> np.ndarray:
+    values = np.array(data, dtype=object)
+    if not all(type(v) is int for v in values.flat):
+        raise TwinferError(
+            ErrorCode.INVALID_DTYPE, f"{where}.data: UINT64 takes integers, got floats"
+        )
+    try:
+        return values.astype(np.uint64)
+    except OverflowError:
+        raise _invalid(f"{where}.data: values do not fit UINT64") from None
 
 
 def _describe(parsed: np.ndarray) -> str:
