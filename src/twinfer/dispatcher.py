@@ -119,6 +119,10 @@ class JobQueue:
         self._queue.pending.clear()
         return jobs
 
+    def waiting(self) -> list[Job]:
+        """A snapshot of the waiting jobs, oldest first (for the operations tools)."""
+        return list(self._queue.pending)
+
 
 def _execute(engine: Engine, job: Job) -> InferResult:
     """Run ``job`` on ``engine``; called in the worker's own thread."""
@@ -242,6 +246,60 @@ class Worker:
         # Take the next job before the reply is encoded and written, so the
         # device is busy again as soon as possible.
         self._take_next()
+
+    # -- runtime control (used by twinfer.control; reactor thread only) ------
+
+    #: Set by :meth:`pause`: the worker finishes its current job and takes no more.
+    paused = False
+
+    @property
+    def queues(self) -> tuple[JobQueue, ...]:
+        """The queues this worker takes jobs from."""
+        return tuple(self._queues)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker's thread is running (it was started and not stopped)."""
+        return bool(self._pool.started) and not self._pool.joined
+
+    def reconfigure(
+        self,
+        engines: Mapping[str, Engine | None],
+        add: Sequence[JobQueue] = (),
+        remove: Sequence[JobQueue] = (),
+    ) -> None:
+        """Swap engines (``None`` drops one) and queues between two jobs.
+
+        A job already on the device keeps the engine it started with; the
+        next job taken uses the new set.  An idle worker stops waiting on its
+        old queues and looks at the new set at once.
+        """
+        for model, engine in engines.items():
+            if engine is None:
+                self._engines.pop(model, None)
+            else:
+                self._engines[model] = engine
+        self._queues = [q for q in self._queues if q not in remove]
+        self._queues += [q for q in add if q not in self._queues]
+        self._next_queue = 0
+        if self._running and self.current is None:
+            self._stop_waiting()
+            self._take_next()
+
+    def pause(self) -> None:
+        """Drain the device replica: finish the current job, take no new ones."""
+        self.paused = True
+        self._running = False
+        if self.current is None:
+            self._stop_waiting()
+
+    def resume(self) -> None:
+        """Undo :meth:`pause`: take jobs again."""
+        self.paused = False
+        if self.alive and not self._running:
+            self._running = True
+            if self.current is None:
+                self._take_next()
 
 
 def _ignore_cancel(failure: Failure) -> None:
