@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredLock, gatherResults
+from twisted.internet.defer import Deferred, DeferredLock, fail, gatherResults, maybeDeferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
@@ -45,7 +45,7 @@ from twinfer.config import (
 )
 from twinfer.dispatcher import Dispatcher, Job, JobQueue, ModelEntry, Worker
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.messages import Health
+from twinfer.messages import AdminRequest, Health
 from twinfer.registry import EngineFactory, LoadedModel, load_models, openvino_engine
 from twinfer.stats import Stats
 
@@ -168,6 +168,24 @@ class Controller:
             worker.resume()
         log.info("device {device} undrained", device=device)
         return f"device {device} undrained: {len(workers)} worker(s) serving"
+
+    def execute(self, request: AdminRequest) -> Deferred[str]:
+        """Run an ADMIN_REQUEST; fires with a summary or fails with :class:`TwinferError`."""
+        op = request.op
+        if op in ("load", "unload", "reload") and not request.model:
+            return fail(TwinferError(ErrorCode.INVALID_INPUT, f"{op} needs a model name"))
+        if op == "load":
+            if not request.path:
+                return fail(TwinferError(ErrorCode.INVALID_INPUT, "load needs a model path"))
+            return self.load(request.model, request.path, request.devices)
+        if op == "unload":
+            return self.unload(request.model)
+        if op == "reload":
+            return self.reload(request.model, request.path)
+        if op in ("drain", "undrain"):
+            action = self.drain if op == "drain" else self.undrain
+            return maybeDeferred(action, request.device)
+        return fail(TwinferError(ErrorCode.INVALID_INPUT, f"unknown admin operation {op!r}"))
 
     # -- state, for the console, metrics and health -------------------------
 

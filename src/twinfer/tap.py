@@ -14,12 +14,19 @@ from twisted.application import service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python import usage
 
 import twinfer
 from twinfer.config import Config, ConfigError, default_config, load_config
 from twinfer.dispatcher import Dispatcher
+from twinfer.operations import (
+    OPS_FLAGS,
+    OPS_PARAMETERS,
+    add_operations_services,
+    check_operations_options,
+)
 from twinfer.registry import build_dispatcher, load_models, replica_counts
 from twinfer.server import TwinferFactory
 
@@ -48,7 +55,9 @@ class Options(usage.Options):
             "e.g. tcp:9000:interface=127.0.0.1 or ssl:9443:privateKey=key.pem:certKey=cert.pem.",
         ],
         ["config", "c", None, "TOML configuration file (see etc/twinfer.toml)."],
+        *OPS_PARAMETERS,
     ]
+    optFlags = [*OPS_FLAGS]
 
     config: Config
 
@@ -58,6 +67,7 @@ class Options(usage.Options):
             self.config = load_config(self["config"]) if self["config"] else default_config()
         except ConfigError as e:
             raise usage.UsageError(f"bad configuration: {e}") from e
+        check_operations_options(self)
 
 
 class ModelService(service.Service):
@@ -78,10 +88,14 @@ class ModelService(service.Service):
 class ListeningService(service.Service):
     """Listens on an endpoint and logs the address it got (``tcp:0`` included)."""
 
-    def __init__(self, reactor: Any, description: str, factory: TwinferFactory) -> None:
+    def __init__(
+        self, reactor: Any, description: str, factory: Factory, label: str = ""
+    ) -> None:
         self._endpoint = endpoints.serverFromString(reactor, description)
         self._description = description
         self._factory = factory
+        #: Which front end, in the log line (``twinfer debug console listening on ...``).
+        self._label = label
         self._reactor = reactor
         self.port: IListeningPort | None = None
 
@@ -95,7 +109,8 @@ class ListeningService(service.Service):
         host = port.getHost()
         kind = "ssl" if self._description.startswith("ssl:") else "tcp"
         log.info(
-            "twinfer listening on {kind}:{host}:{port}",
+            "twinfer {label}listening on {kind}:{host}:{port}",
+            label=f"{self._label} " if self._label else "",
             kind=kind,
             host=getattr(host, "host", host),
             port=getattr(host, "port", ""),
@@ -130,7 +145,9 @@ def makeService(options: Options) -> service.MultiService:
         devices=", ".join(f"{d.name}={d.target}x{counts[d.name]}" for d in config.devices),
     )
     top = service.MultiService()
-    ModelService(dispatcher).setServiceParent(top)
     factory = TwinferFactory(dispatcher, config.server)
+    # The operations services (graceful drain in place of ModelService,
+    # console, metrics) go in first so that the front ends stop after them.
+    add_operations_services(top, options, config, dispatcher, factory, reactor)
     ListeningService(reactor, options["port"], factory).setServiceParent(top)
     return top
