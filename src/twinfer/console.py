@@ -212,6 +212,11 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def one_line(text: str) -> str:
+    """Collapse a (possibly multi-line, e.g. OpenVINO's) message onto one line."""
+    return " ".join(text.split())
+
+
 def duration(seconds: float) -> str:
     """``1d 02:03:04`` / ``02:03:04``."""
     s = int(seconds)
@@ -324,7 +329,7 @@ class ConsoleProtocol(LineReceiver):
             self._say(f"error: {e}; usage: {usage}")
             return
         except TwinferError as e:
-            self._say(f"error: {e.message}")
+            self._say(f"error: {one_line(e.message)}")
             return
         except Exception as e:  # a bug must not leave the session hanging
             log.failure("console command {line!r} failed", line=line)
@@ -340,7 +345,7 @@ class ConsoleProtocol(LineReceiver):
 
     def _failed(self, failure: Failure) -> None:
         if failure.check(TwinferError):
-            self._say(f"error: {failure.value.message}")  # type: ignore[union-attr]
+            self._say(f"error: {one_line(failure.value.message)}")  # type: ignore[union-attr]
         else:
             log.failure("console command failed", failure)
             self._say(f"error: internal error: {failure.getErrorMessage()}")

@@ -79,6 +79,11 @@ def file_stamp(path: str) -> tuple[float, int] | None:
     return (st.st_mtime, st.st_size)
 
 
+def _check_path(path: str) -> None:
+    if not path.startswith("builtin:") and not Path(path).is_file():
+        raise TwinferError(ErrorCode.INVALID_INPUT, f"no such model file: {path}")
+
+
 @attrs.frozen
 class _Compiled:
     loaded: LoadedModel
@@ -278,6 +283,7 @@ class Controller:
         self._check_devices(devices)
         if not path.startswith("builtin:"):
             path = str(Path(path).resolve())
+        _check_path(path)
         model_config = ModelConfig(name=name, path=path, devices=devices)
         return await self._install(model_config, None, "loaded")
 
@@ -291,6 +297,7 @@ class Controller:
                 path = str(Path(path).resolve())
             config = attrs.evolve(current, path=path or current.path)
         self._check_devices(config.devices)
+        _check_path(config.path)
         return await self._install(config, old, "reloaded")
 
     async def _unload(self, name: str) -> str:
