@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+from twisted.internet import reactor
 
 from ops_support import OpsServerTestCase
 from twinfer.client import connect
 from twinfer.console import hash_password, table, verify_password
-from twisted.internet import reactor
 
 
 def test_password_hash_round_trip() -> None:

@@ -10,10 +10,12 @@ return.  :class:`ServingService` uses that to drain:
 2. jobs already queued or running are given up to ``drain_timeout`` seconds
    to finish and be answered;
 3. whatever is left is answered with ``UNAVAILABLE`` and the workers stop;
-4. connections are closed once their replies are flushed (a client that does
+4. after ``linger`` seconds more (new requests still get ``UNAVAILABLE``),
+   connections are closed once their replies are flushed (a client that does
    not read is cut off after ``close_timeout``).
 
-Every request a client sent before it saw the connection close is answered.
+Every request a client sent before it saw the connection close is answered,
+and the process exits with status 0.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from twinfer.control import Controller, job_settled
@@ -59,12 +61,17 @@ class ServingService(service.Service):
         drain_timeout: float = 30.0,
         close_timeout: float = 5.0,
         handle_sighup: bool = False,
+        linger: float = 0.5,
     ) -> None:
         self.controller = controller
         self.clock = clock
         self.drain_timeout = drain_timeout
         self.close_timeout = close_timeout
         self.handle_sighup = handle_sighup
+        #: Seconds between the end of the drain and closing the connections,
+        #: so that clients see UNAVAILABLE for what they send meanwhile
+        #: rather than a closed connection.
+        self.linger = linger
         self._previous_sighup: Any = None
 
     def startService(self) -> None:
@@ -129,7 +136,14 @@ class ServingService(service.Service):
         if not drained:
             log.warn("drain timeout: {count} jobs answered UNAVAILABLE", count=len(left))
         dispatcher.stop()
+        if self.linger and controller.connections():
+            await deferLater(self.clock, self.linger, lambda: None)
         await self._close_connections()
+        # twistd re-raises the signal that stopped the reactor once it has
+        # shut down (so the exit status says "killed by SIGTERM").  A finished
+        # graceful drain is a normal exit: clear it so the process exits 0.
+        if getattr(self.clock, "_exitSignal", None) is not None:
+            self.clock._exitSignal = None
         stats = controller.stats
         outcomes = ", ".join(f"{code}={n}" for code, n in sorted(stats.totals.items()))
         log.info(
