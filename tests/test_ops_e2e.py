@@ -130,7 +130,10 @@ class TwistdTests(unittest.TestCase):
                 send(index)
             lost: Deferred[None] = Deferred()
             client.protocol.connectionLost = (  # type: ignore[method-assign]
-                lambda reason, orig=client.protocol.connectionLost, d=lost: (orig(reason), d.callback(None))
+                lambda reason, orig=client.protocol.connectionLost, d=lost: (
+                    orig(reason),
+                    d.callback(None),
+                )
             )
             done.append(lost)
         await first_replies
@@ -143,7 +146,8 @@ class TwistdTests(unittest.TestCase):
         self.assertEqual(counts["other"], 0, counts)
         self.assertEqual(counts["ok"] + counts["unavailable"], counts["sent"], counts)
         self.assertGreater(counts["unavailable"], 0, counts)  # new requests were refused
-        match = re.search(r"twinfer stopped: (\d+) inference requests answered \((.*)\)", proc.output)
+        stopped_line = r"twinfer stopped: (\d+) inference requests answered \((.*)\)"
+        match = re.search(stopped_line, proc.output)
         self.assertIsNotNone(match, proc.output)
         assert match is not None
         self.assertEqual(int(match.group(1)), counts["sent"])  # the server agrees
