@@ -36,9 +36,13 @@ import twinfer
 from twinfer import codec
 from twinfer.errors import CodecError, ErrorCode, TwinferError
 from twinfer.messages import (
+    AdminReply,
+    AdminRequest,
     Cancel,
     Error,
+    GetHealth,
     GetMetadata,
+    Health,
     Hello,
     ImageRequest,
     InferReply,
@@ -251,6 +255,15 @@ class TwinferClient:
         start = time.perf_counter()
         d = self.protocol.request(Ping())
         return d.addCallback(lambda m: (_expect(m, Pong), time.perf_counter() - start)[1])
+
+    def health(self) -> Deferred[Health]:
+        """Fires with the server's liveness and readiness (:class:`Health`)."""
+        return self.protocol.request(GetHealth()).addCallback(_expect, Health)
+
+    def admin(self, request: AdminRequest) -> Deferred[str]:
+        """Run a control operation (the server must allow admin); fires with its summary."""
+        d = self.protocol.request(request)
+        return d.addCallback(lambda m: _expect(m, AdminReply).message)
 
     def close(self) -> None:
         """Close the connection; pending requests fail with UNAVAILABLE."""

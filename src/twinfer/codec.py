@@ -36,10 +36,15 @@ import numpy as np
 
 from twinfer.errors import CodecError, ErrorCode
 from twinfer.messages import (
+    ADMIN_OPS,
+    AdminReply,
+    AdminRequest,
     Cancel,
     DType,
     Error,
+    GetHealth,
     GetMetadata,
+    Health,
     Hello,
     ImageRequest,
     InferReply,
@@ -463,6 +468,41 @@ def _decode_predictions(r: _Reader) -> Predictions:
             )
         )
     return Predictions(task, tuple(predictions))
+def _decode_health(r: _Reader) -> Health:
+    body = _json_body(r.buf, r.what)
+    live, ready, detail = body.get("live"), body.get("ready"), body.get("detail", "")
+    if not (isinstance(live, bool) and isinstance(ready, bool) and isinstance(detail, str)):
+        raise CodecError(
+            ErrorCode.MALFORMED_FRAME,
+            "HEALTH: needs booleans 'live', 'ready' and a string 'detail'",
+        )
+    return Health(live, ready, detail)
+
+
+def _decode_admin_request(r: _Reader) -> AdminRequest:
+    body = _json_body(r.buf, r.what)
+    op = body.get("op")
+    if op not in ADMIN_OPS:
+        raise CodecError(
+            ErrorCode.MALFORMED_FRAME,
+            f"ADMIN_REQUEST: 'op' must be one of {', '.join(ADMIN_OPS)}, got {op!r}",
+        )
+    fields = {}
+    for key in ("model", "path", "device"):
+        value = body.get(key, "")
+        if not isinstance(value, str):
+            raise CodecError(ErrorCode.MALFORMED_FRAME, f"ADMIN_REQUEST: {key!r} must be a string")
+        fields[key] = value
+    devices = _str_tuple(body.get("devices", []), r.what)
+    return AdminRequest(op, fields["model"], fields["path"], devices, fields["device"])
+
+
+def _decode_admin_reply(r: _Reader) -> AdminReply:
+    body = _json_body(r.buf, r.what)
+    message = body.get("message")
+    if not isinstance(message, str):
+        raise CodecError(ErrorCode.MALFORMED_FRAME, "ADMIN_REPLY: 'message' must be a string")
+    return AdminReply(message)
 
 
 def _decode_error(r: _Reader) -> Error:
@@ -485,6 +525,10 @@ _DECODERS: dict[MessageType, Any] = {
     MessageType.METADATA: _decode_metadata,
     MessageType.IMAGE_REQUEST: _decode_image_request,
     MessageType.PREDICTIONS: _decode_predictions,
+    MessageType.GET_HEALTH: _decode_empty(GetHealth),
+    MessageType.HEALTH: _decode_health,
+    MessageType.ADMIN_REQUEST: _decode_admin_request,
+    MessageType.ADMIN_REPLY: _decode_admin_reply,
     MessageType.ERROR: _decode_error,
 }
 
@@ -635,6 +679,20 @@ def encode_message(request_id: int, message: Message) -> list[Chunk]:
     if isinstance(message, Predictions):
         value = {"task": message.task, "predictions": [p.as_dict() for p in message.predictions]}
         return _frame(MessageType.PREDICTIONS, request_id, [_json(value)])
+    if isinstance(message, Health):
+        health = {"live": message.live, "ready": message.ready, "detail": message.detail}
+        return _frame(MessageType.HEALTH, request_id, [_json(health)])
+    if isinstance(message, AdminRequest):
+        value = {
+            "op": message.op,
+            "model": message.model,
+            "path": message.path,
+            "devices": list(message.devices),
+            "device": message.device,
+        }
+        return _frame(MessageType.ADMIN_REQUEST, request_id, [_json(value)])
+    if isinstance(message, AdminReply):
+        return _frame(MessageType.ADMIN_REPLY, request_id, [_json({"message": message.message})])
     for cls, mtype in _EMPTY_TYPES.items():
         if isinstance(message, cls):
             return _frame(mtype, request_id, [])
@@ -646,6 +704,7 @@ _EMPTY_TYPES: dict[type, MessageType] = {
     Pong: MessageType.PONG,
     Cancel: MessageType.CANCEL,
     ListModels: MessageType.LIST_MODELS,
+    GetHealth: MessageType.GET_HEALTH,
 }
 
 

@@ -100,10 +100,16 @@ def _execute(
     results = run_batch(engine, inputs, rows, outputs)
     done = time.monotonic()
     compute_us = int((done - started) * 1e6)
+    batch_rows = sum(rows) if len(inputs) > 1 else _leading_dim(inputs[0])
     return [
-        InferResult(out, int((started - queued) * 1e6), compute_us, len(inputs))
+        InferResult(out, int((started - queued) * 1e6), compute_us, batch_rows)
         for out, queued in zip(results, enqueued)
     ]
+
+
+def _leading_dim(inputs: Mapping[str, np.ndarray]) -> int:
+    first = next(iter(inputs.values()), None)
+    return first.shape[0] if first is not None and first.ndim else 1
 
 
 def _execute_work(engine: Engine, work: Callable[[Engine], Any]) -> Any:
@@ -164,6 +170,57 @@ class Worker:
     def available(self) -> bool:
         """Whether this worker takes jobs (ready, and running)."""
         return self._running and self.state is WorkerState.READY
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker's thread is running (started and not stopped)."""
+        return bool(self._pool.started) and not self._pool.joined
+
+    @property
+    def paused(self) -> bool:
+        """Whether an operator drained this worker."""
+        return self.state is WorkerState.DRAINED
+
+    def pause(self) -> None:
+        """Drain: finish the current job, take no new ones (the queued jobs it
+        alone served move to the model's other devices)."""
+        self.set_state(WorkerState.DRAINED, "drained by an operator")
+
+    def resume(self) -> None:
+        """Undo :meth:`pause`."""
+        if self.state is WorkerState.DRAINED:
+            self.set_state(WorkerState.READY)
+
+    def reconfigure(
+        self,
+        engines: Mapping[str, Engine | None],
+        add: Sequence[JobQueue] = (),
+        remove: Sequence[JobQueue] = (),
+        batching: Mapping[str, BatchPolicy | None] | None = None,
+    ) -> None:
+        """Swap engines (``None`` drops one), queues and batching between two jobs.
+
+        A job already on the device keeps the engine it started with; the
+        next job taken uses the new set.  The dispatcher must be re-indexed
+        afterwards (:meth:`Dispatcher.reindex`).
+        """
+        for model, engine in engines.items():
+            if engine is None:
+                self.engines.pop(model, None)
+                self.batching.pop(model, None)
+            else:
+                self.engines[model] = engine
+        for model, policy in (batching or {}).items():
+            if policy is None:
+                self.batching.pop(model, None)
+            else:
+                self.batching[model] = policy
+        self.queues = [q for q in self.queues if q not in remove]
+        self.queues += [q for q in add if q not in self.queues]
+        self._next_queue = 0
+        if self._waits:
+            self._stop_waiting()
+            self._take_next()
 
     def start(self) -> None:
         """Start the thread and begin taking jobs."""
@@ -408,6 +465,9 @@ class ModelEntry:
     task: Any = None
     #: Workers that take from each queue (filled in by the dispatcher).
     workers_of: dict[str, list[Worker]] = attrs.field(factory=dict)
+    #: Set while a (re)load attaches the queues to workers: requests then
+    #: wait in the queues instead of being refused for want of a device.
+    attaching: bool = False
 
     def ready_queues(self) -> list[JobQueue]:
         """Queues that at least one available worker takes from."""
@@ -418,9 +478,9 @@ class ModelEntry:
     def choose_queue(self) -> JobQueue:
         """The shared queue, or the shortest per-device queue with a healthy device;
         ``UNAVAILABLE`` when no device can serve the model."""
-        if len(self.queues) == 1 and self.ready_queues():
+        if len(self.queues) == 1 and (self.attaching or self.ready_queues()):
             return self.queues[0]
-        ready = self.ready_queues()
+        ready = self.ready_queues() or (list(self.queues) if self.attaching else [])
         if not ready:
             states = ", ".join(
                 f"{w.name} {w.state.value}" + (f" ({w.failure_reason})" if w.failure_reason else "")
@@ -468,6 +528,34 @@ class Dispatcher:
     def _adopt(self, worker: Worker) -> None:
         worker.on_job_failed = self._job_failed
         worker.on_state_changed = self._worker_state_changed
+
+    def add_worker(self, worker: Worker) -> None:
+        """Take a new worker into service (started if the dispatcher runs)."""
+        self._adopt(worker)
+        self.workers.append(worker)
+        self._index_workers()
+        if self.started:
+            worker.start()
+
+    def remove_worker(self, worker: Worker) -> None:
+        """Stop a worker and forget it."""
+        worker.stop()
+        self.workers.remove(worker)
+        self._index_workers()
+
+    def install(self, entry: ModelEntry) -> ModelEntry | None:
+        """Serve ``entry`` under its name (atomically replacing any previous
+        version, which is returned); its queues must already be on workers."""
+        for queue in entry.queues:
+            queue.on_relieved.append(self._relieved)
+        old = self.models.get(entry.name)
+        self.models[entry.name] = entry
+        self._index_workers()
+        return old
+
+    def reindex(self) -> None:
+        """Recompute which workers serve which queues (after a reconfiguration)."""
+        self._index_workers()
 
     def _index_workers(self) -> None:
         for entry in self.models.values():
@@ -620,6 +708,8 @@ class Dispatcher:
         # Queues this worker served that no available worker serves any more:
         # hand their jobs to the model's other queues, or answer them.
         for entry in self.models.values():
+            if entry.attaching:
+                continue  # its workers are being attached: its queues wait
             ready = entry.ready_queues()
             for queue in entry.queues:
                 if queue in ready or not queue.depth:

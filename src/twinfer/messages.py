@@ -33,6 +33,10 @@ class MessageType(enum.IntEnum):
     METADATA = 0x23
     IMAGE_REQUEST = 0x30
     PREDICTIONS = 0x31
+    GET_HEALTH = 0x24
+    HEALTH = 0x25
+    ADMIN_REQUEST = 0x40
+    ADMIN_REPLY = 0x41
     ERROR = 0x7F
 
 
@@ -244,6 +248,52 @@ class Predictions:
 
 
 @attrs.frozen
+class GetHealth:
+    """Ask whether the server is live and ready."""
+
+
+@attrs.frozen
+class Health:
+    """The answer to :class:`GetHealth`.
+
+    ``ready`` is true when every configured model is loaded on at least one
+    healthy (running, not drained) device and the server is not shutting down.
+    """
+
+    live: bool
+    ready: bool
+    #: Why the server is not ready (empty when it is).
+    detail: str = ""
+
+
+#: The operations an :class:`AdminRequest` may ask for.
+ADMIN_OPS = ("load", "unload", "reload", "drain", "undrain")
+
+
+@attrs.frozen
+class AdminRequest:
+    """A runtime control operation; servers refuse it unless started with ``--allow-admin``.
+
+    ``load`` takes ``model``, ``path`` and optionally ``devices``; ``unload``
+    takes ``model``; ``reload`` takes ``model`` and optionally a new ``path``;
+    ``drain`` and ``undrain`` take ``device``.
+    """
+
+    op: str
+    model: str = ""
+    path: str = ""
+    devices: tuple[str, ...] = ()
+    device: str = ""
+
+
+@attrs.frozen
+class AdminReply:
+    """An :class:`AdminRequest` succeeded; ``message`` says what was done."""
+
+    message: str
+
+
+@attrs.frozen
 class Error:
     """A failure; see :class:`twinfer.errors.ErrorCode` for ``code``."""
 
@@ -265,5 +315,9 @@ Message = (
     | Metadata
     | ImageRequest
     | Predictions
+    | GetHealth
+    | Health
+    | AdminRequest
+    | AdminReply
     | Error
 )

@@ -39,7 +39,8 @@ class InferResult:
     queue_us: int
     #: Microseconds the device thread spent on the job (its whole batch).
     compute_us: int
-    #: How many requests ran together in the job's batch (1 without batching).
+    #: Rows (dimension 0 of the inputs) in the inference that produced it:
+    #: the whole dynamic batch when several requests ran together.
     batch_size: int = 1
 
 
@@ -197,6 +198,10 @@ class JobQueue:
             self.saturated = False
             for callback in list(self.on_relieved):
                 callback()
+
+    def waiting(self) -> list[Job]:
+        """A snapshot of the waiting jobs, highest level first (for operations tools)."""
+        return [job for level in reversed(self._levels) for job in level.pending]
 
     def take(self) -> Job | None:
         """Take the next job by the scheduling policy, or ``None`` if empty."""

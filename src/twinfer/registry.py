@@ -8,7 +8,7 @@ one shared queue per model, or one queue per (model, device) for models with
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twinfer import backend
 from twinfer.backend import Engine, OpenVINOEngine, Signature
 from twinfer.batching import BatchPolicy
-from twinfer.config import AUTO, QUEUE_SHARED, Config, ModelConfig
+from twinfer.config import AUTO, QUEUE_SHARED, Config, DeviceConfig, ModelConfig
 from twinfer.dispatcher import Dispatcher, JobQueue, ModelEntry, Worker
 from twinfer.tasks import prepare
 
@@ -142,6 +142,59 @@ def replica_counts(config: Config, loaded: Mapping[str, LoadedModel]) -> dict[st
     return counts
 
 
+def make_queues(model_config: ModelConfig) -> dict[str, JobQueue]:
+    """The model's queues by device: one shared queue, or one per device."""
+    def new_queue(name: str) -> JobQueue:
+        return JobQueue(
+            name,
+            model_config.queue_size,
+            levels=model_config.priority_levels,
+            aging=model_config.priority_aging_ms / 1000,
+        )
+
+    if model_config.queue == QUEUE_SHARED:
+        shared = new_queue(model_config.name)
+        return dict.fromkeys(model_config.devices, shared)
+    return {d: new_queue(f"{model_config.name}@{d}") for d in model_config.devices}
+
+
+def make_entry(
+    model_config: ModelConfig, model: LoadedModel, queues: Mapping[str, JobQueue]
+) -> ModelEntry:
+    """The dispatcher's entry for a loaded model and its queues."""
+    return ModelEntry(
+        model.name,
+        model.signature,
+        model_config.devices,
+        tuple(dict.fromkeys(queues.values())),  # distinct, in device order
+        batching=batch_policy(model_config),
+        default_timeout=model_config.default_timeout_ms / 1000,
+        default_level=model_config.default_priority - 1,
+        task=model.task,
+    )
+
+
+def make_worker(
+    device: DeviceConfig,
+    replica: int,
+    reactor: IReactorFromThreads,
+    engines: Mapping[str, Engine],
+    queues: Sequence[JobQueue],
+    models: Sequence[ModelConfig],
+) -> Worker:
+    """Replica ``replica`` of ``device``, serving ``models`` from ``queues``."""
+    return Worker(
+        f"{device.name}#{replica}",
+        device.name,
+        reactor,
+        engines,
+        queues,
+        batching={m.name: policy for m in models if (policy := batch_policy(m)) is not None},
+        max_failures=device.max_consecutive_failures,
+        probe_interval=device.health_check_interval_s,
+    )
+
+
 def build_dispatcher(
     config: Config,
     loaded: Mapping[str, LoadedModel],
@@ -150,41 +203,13 @@ def build_dispatcher(
 ) -> Dispatcher:
     """Create queues, workers and the dispatcher for ``loaded`` models."""
     entries: dict[str, ModelEntry] = {}
-    # (device name) -> queues its workers take from, with the model each serves.
+    # Device name -> the queues its workers take from.
     device_queues: dict[str, list[JobQueue]] = {d.name: [] for d in config.devices}
     for model_config in config.models:
-        model = loaded[model_config.name]
-
-        def new_queue(name: str, model_config: ModelConfig = model_config) -> JobQueue:
-            return JobQueue(
-                name,
-                model_config.queue_size,
-                levels=model_config.priority_levels,
-                aging=model_config.priority_aging_ms / 1000,
-            )
-
-        if model_config.queue == QUEUE_SHARED:
-            shared = new_queue(model_config.name)
-            queues: tuple[JobQueue, ...] = (shared,)
-            for device_name in model_config.devices:
-                device_queues[device_name].append(shared)
-        else:
-            queues = tuple(
-                new_queue(f"{model_config.name}@{device_name}")
-                for device_name in model_config.devices
-            )
-            for device_name, queue in zip(model_config.devices, queues):
-                device_queues[device_name].append(queue)
-        entries[model.name] = ModelEntry(
-            model.name,
-            model.signature,
-            model_config.devices,
-            queues,
-            batching=batch_policy(model_config),
-            default_timeout=model_config.default_timeout_ms / 1000,
-            default_level=model_config.default_priority - 1,
-            task=model.task,
-        )
+        queues = make_queues(model_config)
+        for device_name, queue in queues.items():
+            device_queues[device_name].append(queue)
+        entries[model_config.name] = make_entry(model_config, loaded[model_config.name], queues)
 
     workers = []
     counts = replica_counts(config, loaded)
@@ -197,17 +222,6 @@ def build_dispatcher(
                 m.name: engine_factory(loaded[m.name], device.name, replica) for m in served
             }
             workers.append(
-                Worker(
-                    f"{device.name}#{replica}",
-                    device.name,
-                    reactor,
-                    engines,
-                    device_queues[device.name],
-                    batching={
-                        m.name: policy for m in served if (policy := batch_policy(m)) is not None
-                    },
-                    max_failures=device.max_consecutive_failures,
-                    probe_interval=device.health_check_interval_s,
-                )
+                make_worker(device, replica, reactor, engines, device_queues[device.name], served)
             )
     return Dispatcher(entries, workers, reactor)

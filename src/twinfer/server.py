@@ -9,9 +9,10 @@ copying: the reactor thread only parses, queues and writes.
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import IAddress, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -25,9 +26,13 @@ from twinfer.dispatcher import Dispatcher, InferResult
 from twinfer.errors import CodecError, ErrorCode, TwinferError
 from twinfer.messages import (
     PROTOCOL_VERSION,
+    AdminReply,
+    AdminRequest,
     Cancel,
     Error,
+    GetHealth,
     GetMetadata,
+    Health,
     Hello,
     ImageRequest,
     InferReply,
@@ -42,6 +47,10 @@ from twinfer.messages import (
 )
 from twinfer.tasks import predict_image
 from twinfer.tasks.config import TASKS
+
+if TYPE_CHECKING:
+    from twinfer.control import Controller
+    from twinfer.stats import Stats
 
 log = Logger()
 
@@ -175,28 +184,73 @@ class TwinferProtocol(Protocol):
             return
         self._write(codec.encode_message(request_id, metadata))
 
-    def _admit(self, request_id: int) -> bool:
-        """Whether a new request may start: its id is free and the in-flight limit not reached."""
+    def _admit(self, request_id: int, model: str, started: float) -> bool:
+        """Whether a new request may start: its id is free, the in-flight limit
+        is not reached and the server is not shutting down."""
         if request_id in self.inflight:
-            self._send_error(
+            self._refuse(
                 request_id,
+                model,
+                started,
                 ErrorCode.DUPLICATE_REQUEST_ID,
                 f"request id {request_id} is already in flight on this connection",
             )
             return False
         limit = self.factory.config.max_inflight_per_connection
         if len(self.inflight) >= limit:
-            self._send_error(
+            self._refuse(
                 request_id,
+                model,
+                started,
                 ErrorCode.OVERLOADED,
                 f"this connection already has {limit} requests in flight (the limit)",
             )
             return False
+        if self.factory.closing:
+            self._refuse(
+                request_id,
+                model,
+                started,
+                ErrorCode.UNAVAILABLE,
+                "the server is shutting down and accepts no new requests",
+            )
+            return False
         return True
+
+    def _refuse(
+        self, request_id: int, model: str, started: float, code: int, message: str
+    ) -> None:
+        """Answer a request that was not queued with an error (and count it)."""
+        self._count(model, code, started)
+        self._send_error(request_id, code, message)
+
+    def _count(
+        self, model: str, code: int, started: float, result: InferResult | None = None
+    ) -> None:
+        """Feed the request statistics, when the server keeps them."""
+        stats = self.factory.stats
+        if stats is None:
+            return
+        name = "OK" if code == 0 else getattr(code, "name", str(code))
+        known = model in self.factory.dispatcher.models or model in stats.models
+        latency = time.monotonic() - started
+        if result is None:
+            stats.request_done(model, name, latency, known=known)
+        else:
+            stats.request_done(
+                model,
+                name,
+                latency,
+                result.queue_us / 1e6,
+                result.compute_us / 1e6,
+                result.batch_size,
+                known,
+            )
 
     def _on_infer(self, request_id: int, message: InferRequest) -> None:
         self.requests += 1
-        if not self._admit(request_id):
+        started = time.monotonic()
+        if not self._admit(request_id, message.model, started):
             return
         try:
             d = self.factory.dispatcher.submit(
@@ -207,7 +261,7 @@ class TwinferProtocol(Protocol):
                 priority=message.priority,
             )
         except TwinferError as e:
-            self._send_error(request_id, e.code, e.message)
+            self._refuse(request_id, message.model, started, e.code, e.message)
             return
         self.inflight[request_id] = d
         if self.factory.dispatcher.saturated(message.model) and self.factory.is_busiest(self):
@@ -215,12 +269,15 @@ class TwinferProtocol(Protocol):
             # requests until the queue drains to its low watermark.
             self.pause_reading("load")
         d.addCallbacks(
-            self._reply, self._reply_failed, callbackArgs=(request_id,), errbackArgs=(request_id,)
+            self._reply,
+            self._reply_failed,
+            callbackArgs=(request_id, message.model, started),
+            errbackArgs=(request_id, message.model, started),
         )
 
     def _on_image(self, request_id: int, message: ImageRequest) -> None:
         self.requests += 1
-        if not self._admit(request_id):
+        if not self._admit(request_id, message.model, time.monotonic()):
             return
         if message.task and message.task not in TASKS:
             self._send_error(
@@ -241,6 +298,45 @@ class TwinferProtocol(Protocol):
             errbackArgs=(request_id,),
         )
 
+    def _on_get_health(self, request_id: int, message: GetHealth) -> None:
+        controller = self.factory.controller
+        if controller is not None:
+            health = controller.health()
+        else:
+            started = self.factory.dispatcher.started and not self.factory.closing
+            health = Health(True, started, "" if started else "the server is not running")
+        self._write(codec.encode_message(request_id, health))
+
+    def _on_admin(self, request_id: int, message: AdminRequest) -> None:
+        controller = self.factory.controller
+        if controller is None or not self.factory.allow_admin:
+            self._send_error(
+                request_id,
+                ErrorCode.UNSUPPORTED_MESSAGE,
+                "administration is disabled on this server (start it with --allow-admin)",
+            )
+            return
+        peer = self.transport.getPeer()
+        log.info("admin request from {peer}: {message}", peer=peer, message=message)
+        d = maybeDeferred(controller.execute, message)
+        d.addCallbacks(
+            self._admin_done,
+            self._admin_failed,
+            callbackArgs=(request_id,),
+            errbackArgs=(request_id,),
+        )
+
+    def _admin_done(self, summary: str, request_id: int) -> None:
+        self._write(codec.encode_message(request_id, AdminReply(summary)))
+
+    def _admin_failed(self, failure: Failure, request_id: int) -> None:
+        if failure.check(TwinferError):
+            error: TwinferError = failure.value  # type: ignore[assignment]
+            self._send_error(request_id, error.code, error.message)
+        else:
+            log.failure("admin request {rid} failed", failure, rid=request_id)
+            self._send_error(request_id, ErrorCode.INTERNAL, failure.getErrorMessage())
+
     def _on_cancel(self, request_id: int, message: Cancel) -> None:
         # Unknown ids are ignored: the reply may already be on its way.
         d = self.inflight.get(request_id)
@@ -255,6 +351,8 @@ class TwinferProtocol(Protocol):
         InferRequest: _on_infer,
         ImageRequest: _on_image,
         Cancel: _on_cancel,
+        GetHealth: _on_get_health,
+        AdminRequest: _on_admin,
     }
 
     # -- flow control ---------------------------------------------------------
@@ -277,8 +375,11 @@ class TwinferProtocol(Protocol):
 
     # -- replies ------------------------------------------------------------
 
-    def _reply(self, result: InferResult, request_id: int) -> None:
+    def _reply(
+        self, result: InferResult, request_id: int, model: str = "", started: float = 0.0
+    ) -> None:
         del self.inflight[request_id]
+        self._count(model, 0, started, result)
         reply = InferReply(result.outputs, result.queue_us, result.compute_us)
         try:
             chunks = codec.encode_message(request_id, reply)
@@ -301,14 +402,19 @@ class TwinferProtocol(Protocol):
         )
         self._write(codec.encode_message(request_id, reply))
 
-    def _reply_failed(self, failure: Failure, request_id: int) -> None:
+    def _reply_failed(
+        self, failure: Failure, request_id: int, model: str = "", started: float = 0.0
+    ) -> None:
         self.inflight.pop(request_id, None)
         if failure.check(CancelledError):
+            self._count(model, ErrorCode.CANCELLED, started)
             self._send_error(request_id, ErrorCode.CANCELLED, f"request {request_id} was cancelled")
         elif failure.check(TwinferError):
             error: TwinferError = failure.value  # type: ignore[assignment]
+            self._count(model, error.code, started)
             self._send_error(request_id, error.code, error.message)
         else:
+            self._count(model, ErrorCode.INTERNAL, started)
             log.failure("unexpected failure for request {rid}", failure, rid=request_id)
             self._send_error(request_id, ErrorCode.INTERNAL, failure.getErrorMessage())
 
@@ -336,6 +442,17 @@ class TwinferFactory(Factory):
     """Creates a :class:`TwinferProtocol` per connection, sharing one dispatcher."""
 
     protocol = TwinferProtocol  # type: ignore[assignment]
+
+    # Set by twinfer.tap for the operations features (class defaults keep the
+    # factory usable on its own, as the tests' in-process servers use it).
+    #: Request statistics to feed, if any (:class:`twinfer.stats.Stats`).
+    stats: Stats | None = None
+    #: Runtime control and health (:class:`twinfer.control.Controller`), if any.
+    controller: Controller | None = None
+    #: Whether ADMIN_REQUEST messages are obeyed (``--allow-admin``).
+    allow_admin = False
+    #: Set at the start of a graceful shutdown: new requests get UNAVAILABLE.
+    closing = False
 
     def __init__(self, dispatcher: Dispatcher, config: ServerConfig | None = None) -> None:
         self.dispatcher = dispatcher

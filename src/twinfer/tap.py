@@ -20,6 +20,12 @@ from twisted.python import usage
 import twinfer
 from twinfer.config import Config, ConfigError, default_config, load_config
 from twinfer.dispatcher import Dispatcher
+from twinfer.operations import (
+    OPS_FLAGS,
+    OPS_PARAMETERS,
+    add_operations_services,
+    check_operations_options,
+)
 from twinfer.registry import build_dispatcher, load_models, replica_counts
 from twinfer.server import TwinferFactory
 
@@ -56,7 +62,9 @@ class Options(usage.Options):
             "e.g. tcp:8080:interface=127.0.0.1 or ssl:8443:privateKey=key.pem:certKey=cert.pem.",
         ],
         ["config", "c", None, "TOML configuration file (see etc/twinfer.toml)."],
+        *OPS_PARAMETERS,
     ]
+    optFlags = [*OPS_FLAGS]
 
     config: Config
 
@@ -68,6 +76,7 @@ class Options(usage.Options):
             self.config = load_config(self["config"]) if self["config"] else default_config()
         except ConfigError as e:
             raise usage.UsageError(f"bad configuration: {e}") from e
+        check_operations_options(self)
 
 
 class ModelService(service.Service):
@@ -149,8 +158,10 @@ def makeService(options: Options) -> service.MultiService:
         devices=", ".join(f"{d.name}={d.target}x{counts[d.name]}" for d in config.devices),
     )
     top = service.MultiService()
-    ModelService(dispatcher).setServiceParent(top)
     factory = TwinferFactory(dispatcher, config.server)
+    # The operations services (graceful drain in place of ModelService,
+    # console, metrics) go in first so that the front ends stop after them.
+    add_operations_services(top, options, config, dispatcher, factory, reactor)
     ListeningService(reactor, options["port"], factory).setServiceParent(top)
     if options["http-port"]:
         # Imported only when asked for: twisted.web is not needed otherwise.

@@ -1,0 +1,172 @@
+"""Prometheus metrics and HTTP health checks, served on ``--metrics-port``.
+
+Nothing here runs on the request path: :class:`TwinferCollector` turns the
+plain counters kept by :mod:`twinfer.stats` and the state of the dispatcher
+into metric families when Prometheus scrapes.  ``prometheus_client``'s
+Twisted resource renders in a reactor pool thread; the collector only takes
+snapshots (list copies, integer reads), which the GIL makes consistent per
+value.
+
+Routes: ``/metrics`` (Prometheus text format), ``/healthz`` (liveness: 200
+while the reactor answers) and ``/readyz`` (readiness: 200 when every
+configured model is loaded on at least one healthy device, else 503 with the
+reason).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.twisted import MetricsResource
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from twinfer.control import Controller
+from twinfer.stats import Histogram
+
+
+class TwinferCollector(Collector):
+    """Builds twinfer's metric families from a :class:`Controller` at scrape time."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+
+    def collect(self) -> Iterator[Metric]:
+        controller = self.controller
+        stats = controller.stats
+        dispatcher = controller.dispatcher
+
+        requests = CounterMetricFamily(
+            "twinfer_requests",
+            "Inference requests answered, by model and outcome (OK or an error code name).",
+            labels=["model", "code"],
+        )
+        per_model: dict[str, int] = {}
+        for model, model_stats in list(stats.models.items()):
+            for code, n in list(model_stats.codes.items()):
+                requests.add_metric([model, code], n)
+                per_model[code] = per_model.get(code, 0) + n
+        for code, n in list(stats.totals.items()):
+            if n - per_model.get(code, 0):  # requests for models not served
+                requests.add_metric(["", code], n - per_model.get(code, 0))
+        yield requests
+
+        families = {
+            "queue": HistogramMetricFamily(
+                "twinfer_queue_seconds", "Time jobs waited in a queue.", labels=["model"]
+            ),
+            "compute": HistogramMetricFamily(
+                "twinfer_compute_seconds", "Time jobs spent on a device.", labels=["model"]
+            ),
+            "latency": HistogramMetricFamily(
+                "twinfer_request_seconds",
+                "End-to-end time from request decoded to reply written.",
+                labels=["model"],
+            ),
+            "batch": HistogramMetricFamily(
+                "twinfer_batch_size", "Samples per device execution.", labels=["model"]
+            ),
+        }
+        for model, model_stats in list(stats.models.items()):
+            for attr, family in families.items():
+                histogram: Histogram = getattr(model_stats, attr)
+                family.add_metric([model], histogram.cumulative(), histogram.sum)
+        yield from families.values()
+
+        depth = GaugeMetricFamily(
+            "twinfer_queue_depth", "Jobs waiting, per queue.", labels=["model", "queue"]
+        )
+        for entry in list(dispatcher.models.values()):
+            for queue in entry.queues:
+                depth.add_metric([entry.name, queue.name], queue.depth)
+        yield depth
+        yield GaugeMetricFamily(
+            "twinfer_inflight", "Inference requests queued or running.", value=controller.inflight()
+        )
+        yield GaugeMetricFamily(
+            "twinfer_connections", "Open protocol connections.", value=len(controller.connections())
+        )
+
+        busy = CounterMetricFamily(
+            "twinfer_device_busy_seconds", "Seconds devices spent computing.", labels=["device"]
+        )
+        jobs = CounterMetricFamily(
+            "twinfer_device_jobs", "Jobs devices completed.", labels=["device"]
+        )
+        workers = GaugeMetricFamily(
+            "twinfer_device_workers", "Device workers, by state.", labels=["device", "state"]
+        )
+        for device in controller.device_names():
+            busy.add_metric([device], controller.busy_seconds(device))
+            jobs.add_metric([device], controller.jobs_done(device))
+            states = {"serving": 0, "drained": 0}
+            for worker in list(dispatcher.workers):
+                if worker.device == device and worker.alive:
+                    states["drained" if worker.paused else "serving"] += 1
+            for state, n in states.items():
+                workers.add_metric([device, state], n)
+        yield busy
+        yield jobs
+        yield workers
+
+        health = controller.health()
+        yield GaugeMetricFamily("twinfer_ready", "1 when the server is ready.", value=health.ready)
+        yield GaugeMetricFamily(
+            "twinfer_uptime_seconds",
+            "Seconds since the server started.",
+            value=time.monotonic() - stats.started,
+        )
+
+
+def make_registry(controller: Controller) -> CollectorRegistry:
+    """A registry of twinfer's metrics plus the standard process metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TwinferCollector(controller))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+class HealthResource(Resource):
+    """``/healthz`` (``ready=False``) or ``/readyz`` (``ready=True``)."""
+
+    isLeaf = True
+
+    def __init__(self, controller: Controller, ready: bool) -> None:
+        super().__init__()
+        self.controller = controller
+        self.ready = ready
+
+    def render_GET(self, request: Request) -> bytes:
+        health = self.controller.health()
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        ok = health.ready if self.ready else health.live
+        if not ok:
+            request.setResponseCode(503)
+            return f"not ready: {health.detail}\n".encode()
+        return b"ready\n" if self.ready else b"ok\n"
+
+
+def make_site(controller: Controller, registry: CollectorRegistry | None = None) -> Site:
+    """The metrics port's web site: ``/metrics``, ``/healthz``, ``/readyz``."""
+    root = Resource()
+    metrics: Any = MetricsResource(registry or make_registry(controller))
+    root.putChild(b"metrics", metrics)
+    health: Any = HealthResource(controller, ready=False)
+    ready: Any = HealthResource(controller, ready=True)
+    root.putChild(b"healthz", health)
+    root.putChild(b"readyz", ready)
+    site = Site(root)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site
