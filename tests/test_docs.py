@@ -7,19 +7,26 @@ the offsets must follow one another and the bytes must equal what
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from twinfer.builtin import tiny_reference
 from twinfer.codec import FrameDecoder, decode_message, encode_bytes
-from twinfer.messages import InferReply, InferRequest
+from twinfer.messages import ImageRequest, InferReply, InferRequest
 
 PROTOCOL_MD = Path(__file__).parent.parent / "docs" / "protocol.md"
 _LINE = re.compile(r"^([0-9a-f]{4})  ((?:[0-9a-f]{2} )*[0-9a-f]{2})(?:\s{2,}\S.*)?$")
 X = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
+#: The 1x1 white PNG of the IMAGE_REQUEST example, as Pillow wrote it.
+ONE_PIXEL_PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de"
+    "0000000c49444154789c63f8ffff3f0005fe02fe0def46b80000000049454e44ae426082"
+)
 
 
 def hex_dump(label: str) -> bytes:
@@ -42,6 +49,7 @@ def hex_dump(label: str) -> bytes:
     [
         ("infer-request", InferRequest("tiny", {"x": X})),
         ("infer-reply", InferReply(tiny_reference(X), 120, 45)),
+        ("image-request", ImageRequest("face", ONE_PIXEL_PNG, "detect")),
     ],
 )
 def test_dump_is_codec_output(label: str, message: object) -> None:
@@ -54,3 +62,15 @@ def test_request_dump_decodes_to_the_tiny_request() -> None:
     assert isinstance(request, InferRequest)
     assert frame.request_id == 7 and request.model == "tiny" and request.outputs == ()
     np.testing.assert_array_equal(request.inputs["x"], X)
+
+
+def test_image_dump_decodes_to_the_image_request() -> None:
+    (frame,) = FrameDecoder().feed(hex_dump("image-request"))
+    request = decode_message(frame)
+    assert isinstance(request, ImageRequest)
+    assert (frame.request_id, request.model, request.task) == (7, "face", "detect")
+    assert bytes(request.image) == ONE_PIXEL_PNG
+    # It really is the 1x1 image the text says it is.
+    with Image.open(io.BytesIO(bytes(request.image))) as image:
+        assert (image.format, image.size) == ("PNG", (1, 1))
+        assert image.getpixel((0, 0)) == (255, 255, 255)
