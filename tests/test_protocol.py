@@ -370,3 +370,15 @@ class SchedulingProtocolTests(ProtocolFixture):
         assert self.transport.producerState == "paused"
         self.proto.resume_reading("writes")
         assert self.transport.producerState == "producing"
+
+
+class AdminDecodingTests(ProtocolFixture):
+    def test_a_well_formed_admin_request_for_an_unknown_op_keeps_the_connection(self) -> None:
+        body = b'{"op":"explode","model":"tiny"}'
+        self.proto.dataReceived(codec.HEADER.pack(codec.MAGIC, 0x40, 0, len(body), 3) + body)
+        rid, error = self.error(self.transport)
+        assert (rid, error.code) == (3, ErrorCode.INVALID_INPUT)
+        assert "'explode'" in error.message
+        assert not self.transport.disconnecting
+        self.send(self.proto, 4, Ping())
+        assert self.replies(self.transport) == [(4, Pong())]

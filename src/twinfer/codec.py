@@ -482,18 +482,25 @@ def _decode_health(r: _Reader) -> Health:
 def _decode_admin_request(r: _Reader) -> AdminRequest:
     body = _json_body(r.buf, r.what)
     op = body.get("op")
+    # Well-formed JSON that asks for something wrong is the request's error,
+    # not the stream's: INVALID_INPUT keeps the connection.
     if op not in ADMIN_OPS:
         raise CodecError(
-            ErrorCode.MALFORMED_FRAME,
+            ErrorCode.INVALID_INPUT,
             f"ADMIN_REQUEST: 'op' must be one of {', '.join(ADMIN_OPS)}, got {op!r}",
         )
     fields = {}
     for key in ("model", "path", "device"):
         value = body.get(key, "")
         if not isinstance(value, str):
-            raise CodecError(ErrorCode.MALFORMED_FRAME, f"ADMIN_REQUEST: {key!r} must be a string")
+            raise CodecError(ErrorCode.INVALID_INPUT, f"ADMIN_REQUEST: {key!r} must be a string")
         fields[key] = value
-    devices = _str_tuple(body.get("devices", []), r.what)
+    devices = body.get("devices", [])
+    if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
+        raise CodecError(
+            ErrorCode.INVALID_INPUT, "ADMIN_REQUEST: 'devices' must be a list of strings"
+        )
+    devices = tuple(devices)
     return AdminRequest(op, fields["model"], fields["path"], devices, fields["device"])
 
 

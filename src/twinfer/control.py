@@ -208,7 +208,7 @@ class Controller:
             return Health(True, False, "the server is shutting down")
         if not self.dispatcher.started:
             return Health(True, False, "the server is not started")
-        serving = {w.device for w in self.dispatcher.workers if w.alive and not w.paused}
+        serving = {w.device for w in self.dispatcher.workers if w.alive and w.available}
         problems = []
         for name in self.models:
             entry = self.dispatcher.models.get(name)

@@ -724,6 +724,11 @@ class Dispatcher:
                             f"({worker.name}: {worker.state.value})",
                         )
 
+    def model_ready(self, model: str) -> bool:
+        """Whether ``model`` can be served now (running, with a healthy device)."""
+        entry = self.models.get(model)
+        return self.started and entry is not None and bool(entry.ready_queues())
+
     def model_infos(self) -> tuple[ModelInfo, ...]:
         """Every served model, for MODEL_LIST (ready = a healthy device serves it)."""
         return tuple(

@@ -126,7 +126,7 @@ class TwinferProtocol(Protocol):
         try:
             message = codec.decode_message(frame)
         except CodecError as e:
-            if e.code is ErrorCode.UNSUPPORTED_MESSAGE and self._version:
+            if isinstance(e.code, ErrorCode) and not e.code.closes_connection and self._version:
                 self._send_error(frame.request_id, e.code, e.message)
             else:
                 self._fatal(frame.request_id, e)

@@ -67,8 +67,8 @@ class KServeAPI:
         return Response.json({"live": True})
 
     async def ready(self, request: LimitedRequest) -> Response:
-        """``GET /v2/health/ready``: 200 when the workers run, else 503."""
-        ready = self._dispatcher.started
+        """``GET /v2/health/ready``: 200 when every model has a healthy device, else 503."""
+        ready = all(info.ready for info in self._dispatcher.model_infos())
         return Response.json({"ready": ready}, http.OK if ready else http.SERVICE_UNAVAILABLE)
 
     def _check_model(self, name: str, version: str | None) -> None:
@@ -92,7 +92,7 @@ class KServeAPI:
     ) -> Response:
         """``GET /v2/models/{name}/ready``: 200 when it can serve, 503 if not, 404 if unknown."""
         self._check_model(name, version)
-        ready = self._dispatcher.started
+        ready = self._dispatcher.model_ready(name)
         return Response.json(
             {"name": name, "ready": ready}, http.OK if ready else http.SERVICE_UNAVAILABLE
         )
