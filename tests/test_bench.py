@@ -21,11 +21,10 @@ import numpy as np
 import pytest
 from twisted.internet import reactor
 
+from support import TINY_CONFIG, ServerTestCase
 from twinfer import bench, codec
 from twinfer.client import connect
 from twinfer.messages import DType, InferRequest, Metadata, TensorSpec
-
-from support import TINY_CONFIG, ServerTestCase
 
 # -- statistics ----------------------------------------------------------------
 

@@ -140,6 +140,10 @@ def summarize(samples: Samples) -> dict[str, Any]:
         "errors": dict(sorted(samples.errors.items())),
         "error_count": sum(samples.errors.values()),
         "window_s": window,
+        # The window on the system-wide monotonic clock (to line up with
+        # other measurements, e.g. the server's CPU time).
+        "window_start_ns": samples.start_ns,
+        "window_end_ns": samples.end_ns,
         "throughput": count / window,
         "latency_ms": _percentiles(latency_us, 1e-3),
         "queue_ms": _percentiles(samples.queue_us, 1e-3),
