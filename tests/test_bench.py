@@ -7,6 +7,7 @@ real ``python -m twinfer.bench`` against a real ``twistd`` process.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -248,13 +249,50 @@ def test_bench_command_end_to_end(server: str, tmp_path: Path, processes: int) -
     assert done.stderr == ""  # no progress line when not on a terminal
 
 
-def test_bench_command_names_an_unknown_model(server: str) -> None:
-    done = run_bench("--model", "nope", "--server", server, "--requests", "5")
-    assert done.returncode == 2
+def test_bench_command_sends_npy_inputs_and_counts_errors_by_code(
+    server: str, tmp_path: Path
+) -> None:
+    good = tmp_path / "good.npy"
+    np.save(good, np.ones((3, 4), np.float32))
+    out = tmp_path / "good.json"
+    done = run_bench("--model", "tiny", "--server", server, "--requests", "20", "--warmup", "0",
+                     "--input", f"x={good}", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    check_points(out, [1], 20)
+    # A file the server rejects: every request fails, counted under its code.
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.ones((3, 5), np.float32))
+    out = tmp_path / "bad.json"
+    done = run_bench("--model", "tiny", "--server", server, "--requests", "20", "--warmup", "0",
+                     "--concurrency", "2", "--input", f"x={bad}", "--json", str(out))
+    assert done.returncode == 1, done.stderr
+    point = json.loads(out.read_text())["points"][0]
+    assert point["count"] == 0 and point["errors"] == {"INVALID_SHAPE": 20}
+    assert "error INVALID_SHAPE: 20" in done.stdout
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_bench_command_names_an_unknown_model(server: str, processes: int) -> None:
+    done = run_bench("--model", "nope", "--server", server, "--requests", "5",
+                     "--concurrency", "2", "--processes", str(processes))
+    assert done.returncode == 2, done.stderr
     assert "UNKNOWN_MODEL" in done.stderr and "'nope'" in done.stderr
 
 
 def test_bench_command_reports_an_unreachable_server() -> None:
     done = run_bench("--model", "tiny", "--server", "tcp:127.0.0.1:1", "--requests", "5")
-    assert done.returncode == 2
-    assert "twinfer bench:" in done.stderr
+    assert done.returncode == 3
+    assert "twinfer bench: cannot reach the server" in done.stderr
+
+
+def test_progress_line_only_when_enabled() -> None:
+    stream = io.StringIO()
+    progress = bench.Progress(stream)  # a StringIO is not a terminal
+    progress.reset()
+    progress.update("concurrency 4", 100, 1.0, 10.0)
+    assert stream.getvalue() == ""
+    progress = bench.Progress(stream, enabled=True)
+    progress.reset()
+    progress.update("concurrency 4", 100, 1.5, 10.0)
+    line = stream.getvalue()
+    assert line.startswith("\rconcurrency 4:") and "inf/s" in line and "1.5/10 s" in line

@@ -41,6 +41,7 @@ import attrs
 import numpy as np
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectError
 from twisted.python.failure import Failure
 
 import twinfer
@@ -450,7 +451,7 @@ def _child_main(share: Share, conn: multiprocessing.connection.Connection, count
         try:
             clients, message = await prepare(reactor, share)
         except Exception as e:
-            conn.send(("error", _describe(e)))
+            conn.send(("error", _describe(e)))  # (status, message)
             return
         conn.send(("ready", None))
         start_at = await deferToThread(conn.recv)
@@ -519,7 +520,7 @@ def shares_for(concurrency: int, args: argparse.Namespace) -> list[Share]:
             duration=args.duration if args.requests is None else None,
             requests=requests[i] if requests is not None else None,
             warmup=args.warmup,
-            trust_root=args.trust_root,
+            trust_root=args.ca_file,
             files=args.input_files,
             shapes=args.shapes,
             seed=args.seed + i,
@@ -573,21 +574,38 @@ def _run_in_process(args: argparse.Namespace, progress: Progress,
         if e.code:
             raise BenchError("the load run failed (see the traceback above)") from None
     if failures:
-        raise BenchError(_describe(failures[0])) from failures[0]
+        status, message = _describe(failures[0])
+        raise BenchError(message, status) from failures[0]
 
 
-def _describe(error: BaseException) -> str:
+def _describe(error: BaseException) -> tuple[int, str]:
+    """The exit status and message for a failure to set a run up."""
     if isinstance(error, TwinferError):
-        return str(error)
-    return f"{type(error).__name__}: {error}"
+        if error.code == ErrorCode.UNAVAILABLE:
+            return EXIT_UNREACHABLE, str(error)
+        return EXIT_ERROR, str(error)
+    if isinstance(error, (ConnectError, ConnectionError, OSError)):
+        return EXIT_UNREACHABLE, f"cannot reach the server: {error}"
+    return EXIT_ERROR, f"{type(error).__name__}: {error}"
 
 
 def _planned(args: argparse.Namespace) -> float | None:
     return None if args.requests is not None else args.warmup + args.duration
 
 
+#: Exit statuses (those of the ``twinfer`` command, plus 1 for failed requests).
+EXIT_OK = 0
+EXIT_FAILED_REQUESTS = 1
+EXIT_ERROR = 2
+EXIT_UNREACHABLE = 3
+
+
 class BenchError(Exception):
     """The benchmark could not run (no server, unknown model, a child failed...)."""
+
+    def __init__(self, message: str, status: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _run_point_processes(args: argparse.Namespace, concurrency: int,
@@ -612,7 +630,7 @@ def _run_point_processes(args: argparse.Namespace, concurrency: int,
         for pipe, process in zip(pipes, processes, strict=True):
             kind, detail = _receive(pipe, process, timeout=60.0)
             if kind != "ready":
-                raise BenchError(f"load process {process.name}: {detail}")
+                raise BenchError(*_child_failure(process, detail))
         start_at = time.monotonic_ns() + 50_000_000  # everyone starts together
         for pipe in pipes:
             pipe.send(start_at)
@@ -627,7 +645,7 @@ def _run_point_processes(args: argparse.Namespace, concurrency: int,
                 i = pipes.index(done)  # type: ignore[arg-type]
                 kind, detail = _receive(pipes[i], processes[i], timeout=0)
                 if kind != "result":
-                    raise BenchError(f"load process {processes[i].name}: {detail}")
+                    raise BenchError(*_child_failure(processes[i], detail))
                 results[i] = Samples(**detail)
             elapsed = (time.monotonic_ns() - start_at) / 1e9
             progress.update(f"concurrency {concurrency}", sum(counters), max(0.0, elapsed),
@@ -643,6 +661,13 @@ def _run_point_processes(args: argparse.Namespace, concurrency: int,
                 process.terminate()
         for pipe in pipes:
             pipe.close()
+
+
+def _child_failure(process: Any, detail: Any) -> tuple[str, int]:
+    if isinstance(detail, tuple):  # (status, message) from the child's set-up
+        status, message = detail
+        return message, status
+    return f"load process {process.name}: {detail}", EXIT_ERROR
 
 
 def _receive(pipe: multiprocessing.connection.Connection, process: Any,
@@ -699,8 +724,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"server endpoint: tcp:HOST:PORT or tls:HOST:PORT (default {DEFAULT_SERVER})",
     )
     parser.add_argument(
-        "--trust-root", metavar="PEM",
-        help="for tls: CA certificate the server's certificate must chain to",
+        "--ca-file", "--trust-root", dest="ca_file", metavar="PEM",
+        help="for tls: CA certificate the server's certificate must chain to "
+        "(default: the system's)",
     )
     parser.add_argument(
         "-c", "--concurrency", type=_int_list, default=[1], metavar="C[,C...]",
@@ -796,7 +822,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the sweep described by ``args``; print the report; return an exit status.
 
     0: every measured request succeeded; 1: some requests failed (see the
-    errors column / JSON); 2: the benchmark could not run.
+    errors column / JSON); 2: a bad argument or input file, or the server
+    refused the model; 3: the server cannot be reached.
     """
     progress = Progress(enabled=False if args.quiet else None)
     points: list[dict[str, Any]] = []
@@ -832,14 +859,10 @@ def run(args: argparse.Namespace) -> int:
             for concurrency in args.concurrency:
                 samples = _run_point_processes(args, concurrency, progress)
                 report(concurrency, min(args.processes, concurrency), samples)
-    except (BenchError, TwinferError, ConnectionError, OSError) as e:
+    except BenchError as e:
         progress.clear()
         print(f"twinfer bench: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # e.g. ConnectionRefusedError from Twisted's endpoints
-        progress.clear()
-        print(f"twinfer bench: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+        return e.status
     if args.json:
         result = {
             "twinfer": twinfer.__version__,
@@ -856,7 +879,7 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2, allow_nan=False, default=_json_default)
             f.write("\n")
-    return 1 if any(p["error_count"] for p in points) else 0
+    return EXIT_FAILED_REQUESTS if any(p["error_count"] for p in points) else EXIT_OK
 
 
 def _json_default(value: Any) -> Any:
