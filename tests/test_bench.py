@@ -292,7 +292,11 @@ def test_progress_line_only_when_enabled() -> None:
     progress.update("concurrency 4", 100, 1.0, 10.0)
     assert stream.getvalue() == ""
     progress = bench.Progress(stream, enabled=True)
+    progress.interval = 0.0
     progress.reset()
-    progress.update("concurrency 4", 100, 1.5, 10.0)
+    progress.update("concurrency 4", 100, 1.5, 12.5)
     line = stream.getvalue()
-    assert line.startswith("\rconcurrency 4:") and "inf/s" in line and "1.5/10 s" in line
+    assert line.startswith("\rconcurrency 4:") and "inf/s" in line and "1.5/12.5 s" in line
+    progress.interval = 3600.0
+    progress.update("concurrency 4", 200, 1.6, 12.5)  # too soon: skipped
+    assert stream.getvalue() == line

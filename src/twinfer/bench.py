@@ -479,20 +479,31 @@ class Progress:
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self._last = (0.0, 0)
 
+    #: Shortest time between two updates, in seconds.
+    interval = 0.25
+
     def reset(self) -> None:
         """Start a new point."""
         self._last = (time.monotonic(), 0)
 
     def update(self, label: str, completed: int, elapsed: float, total: float | None) -> None:
-        """Show the rate since the last update and elapsed/total seconds."""
+        """Show the rate since the last update and elapsed/total seconds.
+
+        Updates closer together than :attr:`interval` are skipped, so the
+        rate is never taken over a meaninglessly short time.
+        """
         if not self.enabled:
             return
         now = time.monotonic()
         then, before = self._last
-        rate = (completed - before) / max(now - then, 1e-9)
+        if now - then < self.interval:
+            return
+        rate = (completed - before) / (now - then)
         self._last = (now, completed)
-        of = f"/{total:.0f}" if total is not None else ""
-        self.stream.write(f"\r{label}: {rate:8.1f} inf/s  {elapsed:5.1f}{of} s  ({completed} done)")
+        of = f"/{total:.1f}" if total is not None else ""
+        self.stream.write(
+            f"\r{label}: {rate:8.1f} inf/s  {elapsed:5.1f}{of} s  ({completed} done)"
+        )
         self.stream.flush()
 
     def clear(self) -> None:
