@@ -52,8 +52,17 @@ def log(message: str) -> None:
 
 def benchmark_app(model_path: str, hint: str, seconds: float) -> dict[str, Any]:
     """Run OpenVINO's ``benchmark_app``; return its throughput and latency figures."""
-    command = [str(BIN / "benchmark_app"), "-m", model_path, "-d", "CPU", "-hint", hint,
-               "-t", str(max(1, round(seconds)))]
+    command = [
+        str(BIN / "benchmark_app"),
+        "-m",
+        model_path,
+        "-d",
+        "CPU",
+        "-hint",
+        hint,
+        "-t",
+        str(max(1, round(seconds))),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 300)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark_app failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
@@ -68,8 +77,12 @@ def benchmark_app(model_path: str, hint: str, seconds: float) -> dict[str, Any]:
     return {
         "hint": hint,
         "throughput": number("Throughput"),
-        "latency_ms": {"p50": number("Median"), "mean": number("Average"),
-                       "min": number("Min"), "max": number("Max")},
+        "latency_ms": {
+            "p50": number("Median"),
+            "mean": number("Average"),
+            "min": number("Min"),
+            "max": number("Max"),
+        },
         "count": int(number("Count")),
         "command": " ".join(command),
     }
@@ -91,8 +104,9 @@ def python_loop(model_path: str, seconds: float) -> dict[str, Any]:
     import openvino as ov
 
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(model_path), "CPU",
-                                  {"PERFORMANCE_HINT": "THROUGHPUT"})
+    compiled = core.compile_model(
+        core.read_model(model_path), "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"}
+    )
     request = compiled.create_infer_request()
     port = compiled.inputs[0]
     shape = [d.get_length() if d.is_static else 1 for d in port.get_partial_shape()]
@@ -116,8 +130,13 @@ def python_loop(model_path: str, seconds: float) -> dict[str, Any]:
     return {
         "count": len(latencies),
         "throughput": len(latencies) / wall,
-        "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99),
-                       "max": 1e3 * latencies[-1], "mean": 1e3 * statistics.fmean(latencies)},
+        "latency_ms": {
+            "p50": pct(50),
+            "p90": pct(90),
+            "p99": pct(99),
+            "max": 1e3 * latencies[-1],
+            "mean": 1e3 * statistics.fmean(latencies),
+        },
         "cpu_percent": 100 * cpu / wall,
         "streams": int(compiled.get_property("NUM_STREAMS")),
         "inference_precision": str(compiled.get_property("INFERENCE_PRECISION_HINT")),
@@ -127,7 +146,9 @@ def python_loop(model_path: str, seconds: float) -> dict[str, Any]:
 def run_python_loop(model_path: str, seconds: float) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, __file__, "python-loop", model_path, str(seconds)],
-        capture_output=True, text=True, timeout=seconds + 300,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 300,
     )
     if done.returncode != 0:
         raise RuntimeError(f"the Python loop failed:\n{done.stderr[-3000:]}")
@@ -191,13 +212,21 @@ class Server:
 
     def __init__(self, workdir: Path, config: str | None = None) -> None:
         self.log_path = workdir / f"twistd-{time.monotonic_ns()}.log"
-        command = [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile=-", "twinfer",
-                   "--port", "tcp:0:interface=127.0.0.1"]
+        command = [
+            str(BIN / "twistd"),
+            "-n",
+            "--pidfile=",
+            "--logfile=-",
+            "twinfer",
+            "--port",
+            "tcp:0:interface=127.0.0.1",
+        ]
         if config:
             command += ["--config", config]
         self._out = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(command, stdout=self._out, stderr=subprocess.STDOUT,
-                                        cwd=workdir)
+        self.process = subprocess.Popen(
+            command, stdout=self._out, stderr=subprocess.STDOUT, cwd=workdir
+        )
         self.port = self._wait_listening()
         self.endpoint = f"tcp:127.0.0.1:{self.port}"
         self.sampler = ProcSampler(self.process.pid)
@@ -228,15 +257,40 @@ class Server:
         self._out.close()
 
 
-def run_bench(endpoint: str, model: str, concurrency: Sequence[int], duration: float,
-              warmup: float, connections: int, processes: int) -> dict[str, Any]:
+def run_bench(
+    endpoint: str,
+    model: str,
+    concurrency: Sequence[int],
+    duration: float,
+    warmup: float,
+    connections: int,
+    processes: int,
+) -> dict[str, Any]:
     """``python -m twinfer.bench`` in a child process; returns its JSON."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
-        command = [sys.executable, "-m", "twinfer.bench", "--model", model, "--server", endpoint,
-                   "--concurrency", ",".join(map(str, concurrency)), "--duration", str(duration),
-                   "--warmup", str(warmup), "--connections", str(connections),
-                   "--processes", str(processes), "--quiet", "--json", str(out)]
+        command = [
+            sys.executable,
+            "-m",
+            "twinfer.bench",
+            "--model",
+            model,
+            "--server",
+            endpoint,
+            "--concurrency",
+            ",".join(map(str, concurrency)),
+            "--duration",
+            str(duration),
+            "--warmup",
+            str(warmup),
+            "--connections",
+            str(connections),
+            "--processes",
+            str(processes),
+            "--quiet",
+            "--json",
+            str(out),
+        ]
         budget = len(concurrency) * (duration + warmup + 30) + 60
         done = subprocess.run(command, capture_output=True, text=True, timeout=budget)
         if done.returncode not in (0, 1):  # 1: some requests failed, reported in the JSON
@@ -251,9 +305,14 @@ def rss_summary(samples: Sequence[tuple[int, int, float]]) -> dict[str, Any]:
     if not samples:
         return {}
     rss = [s[1] / 2**20 for s in samples]
-    return {"start_mib": rss[0], "end_mib": rss[-1], "max_mib": max(rss),
-            "min_mib": min(rss), "change_percent": 100 * (rss[-1] - rss[0]) / rss[0],
-            "samples": len(rss)}
+    return {
+        "start_mib": rss[0],
+        "end_mib": rss[-1],
+        "max_mib": max(rss),
+        "min_mib": min(rss),
+        "change_percent": 100 * (rss[-1] - rss[0]) / rss[0],
+        "samples": len(rss),
+    }
 
 
 def measure_twinfer(model: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -262,11 +321,19 @@ def measure_twinfer(model: str, args: argparse.Namespace, workdir: Path) -> dict
         log(f"  twistd pid {server.process.pid} listening on {server.endpoint}")
         time.sleep(1.0)
         idle_rss = server.sampler.samples[-1][1] if server.sampler.samples else 0
-        bench = run_bench(server.endpoint, model, args.concurrency, args.duration, args.warmup,
-                          args.connections, args.processes)
+        bench = run_bench(
+            server.endpoint,
+            model,
+            args.concurrency,
+            args.duration,
+            args.warmup,
+            args.connections,
+            args.processes,
+        )
         for point in bench["points"]:
             point["server_cpu_percent"] = server.sampler.cpu_percent(
-                point["window_start_ns"], point["window_end_ns"])
+                point["window_start_ns"], point["window_end_ns"]
+            )
         series = server.sampler.samples
         result: dict[str, Any] = {
             "bench": bench,
@@ -276,12 +343,20 @@ def measure_twinfer(model: str, args: argparse.Namespace, workdir: Path) -> dict
         }
         if args.soak and model == args.soak_model:
             log(f"  soak: concurrency {args.soak_concurrency} for {args.soak:g} s")
-            soak = run_bench(server.endpoint, model, [args.soak_concurrency], args.soak,
-                             args.warmup, args.connections, args.processes)
+            soak = run_bench(
+                server.endpoint,
+                model,
+                [args.soak_concurrency],
+                args.soak,
+                args.warmup,
+                args.connections,
+                args.processes,
+            )
             point = soak["points"][0]
             window = server.sampler.between(point["window_start_ns"], point["window_end_ns"])
             point["server_cpu_percent"] = server.sampler.cpu_percent(
-                point["window_start_ns"], point["window_end_ns"])
+                point["window_start_ns"], point["window_end_ns"]
+            )
             result["soak"] = {
                 "bench": soak,
                 "rss": rss_summary(window),
@@ -312,8 +387,12 @@ def machine() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[package] = None
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=HERE).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         commit = None
     return {
@@ -352,8 +431,10 @@ def write_markdown(results: dict[str, Any], path: Path, plot: Path | None) -> No
         f"**Machine:** {m['cpu']}, {m['cores']} cores, {m['memory_gib']:.1f} GiB, "
         f"Linux {m['kernel']}, Python {m['python']}; load average at start "
         f"{', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}.  ",
-        "**Versions:** " + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-        + (f"; twinfer commit {m['git_commit']}" if m["git_commit"] else "") + ".",
+        "**Versions:** "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+        + (f"; twinfer commit {m['git_commit']}" if m["git_commit"] else "")
+        + ".",
         "",
         "Ceiling: OpenVINO `benchmark_app -d CPU -hint throughput` (same model file, same "
         "machine). Floor: one infer request called in a Python loop (model compiled with "
@@ -438,7 +519,7 @@ def write_markdown(results: dict[str, Any], path: Path, plot: Path | None) -> No
             f"Server RSS during the sweep: idle {r['twinfer']['rss_idle_mib']:.0f} MiB, start "
             f"{rss['start_mib']:.0f} MiB, end {rss['end_mib']:.0f} MiB, max "
             f"{rss['max_mib']:.0f} MiB. CPU figures are percent of one core; the server's "
-            "is its whole process (reactor and device threads). \"other\" is client latency "
+            'is its whole process (reactor and device threads). "other" is client latency '
             "minus the server's queue and compute times: network, both codecs, both event "
             "loops.",
             "",
@@ -474,10 +555,15 @@ def write_plot(results: dict[str, Any], path: Path) -> Path | None:
         conc = [p["concurrency"] for p in points]
         ax = axes[row][0]
         ax.plot(conc, [p["throughput"] for p in points], "o-", label="twinfer")
-        ax.axhline(r["benchmark_app"]["throughput"]["throughput"], color="tab:red", ls="--",
-                   label="benchmark_app -hint throughput (ceiling)")
-        ax.axhline(r["python_loop"]["throughput"], color="tab:gray", ls=":",
-                   label="Python loop, 1 request")
+        ax.axhline(
+            r["benchmark_app"]["throughput"]["throughput"],
+            color="tab:red",
+            ls="--",
+            label="benchmark_app -hint throughput (ceiling)",
+        )
+        ax.axhline(
+            r["python_loop"]["throughput"], color="tab:gray", ls=":", label="Python loop, 1 request"
+        )
         ax.set_xscale("log", base=2)
         ax.set_xticks(conc, [str(c) for c in conc])
         ax.set_ylim(bottom=0)
@@ -487,10 +573,15 @@ def write_plot(results: dict[str, Any], path: Path) -> Path | None:
         ax.legend(fontsize="small", loc="lower right")
         ax = axes[row][1]
         ax.plot(conc, [p["latency_ms"]["p99"] for p in points], "o-", label="twinfer p99")
-        ax.plot(conc, [p["latency_ms"]["p50"] for p in points], "s--", alpha=0.6,
-                label="twinfer p50")
-        ax.axhline(r["python_loop"]["latency_ms"]["p50"], color="tab:gray", ls=":",
-                   label="Python loop p50 (direct infer)")
+        ax.plot(
+            conc, [p["latency_ms"]["p50"] for p in points], "s--", alpha=0.6, label="twinfer p50"
+        )
+        ax.axhline(
+            r["python_loop"]["latency_ms"]["p50"],
+            color="tab:gray",
+            ls=":",
+            label="Python loop p50 (direct infer)",
+        )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(conc, [str(c) for c in conc])
@@ -528,24 +619,49 @@ def targets(r: dict[str, Any]) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="resnet50,squeezenet",
-                        help="builtin models to measure (default resnet50,squeezenet)")
+    parser.add_argument(
+        "--models",
+        default="resnet50,squeezenet",
+        help="builtin models to measure (default resnet50,squeezenet)",
+    )
     parser.add_argument("--concurrency", default="1,4,16,64")
-    parser.add_argument("--duration", type=float, default=None,
-                        help="seconds per twinfer point (default 20, --quick 4)")
-    parser.add_argument("--warmup", type=float, default=None,
-                        help="warm-up seconds per point (default 3, --quick 1)")
-    parser.add_argument("--ceiling-seconds", type=float, default=None,
-                        help="benchmark_app -t per hint (default 20, --quick 5)")
-    parser.add_argument("--loop-seconds", type=float, default=None,
-                        help="seconds of the Python loop (default 10, --quick 3)")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds per twinfer point (default 20, --quick 4)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="warm-up seconds per point (default 3, --quick 1)",
+    )
+    parser.add_argument(
+        "--ceiling-seconds",
+        type=float,
+        default=None,
+        help="benchmark_app -t per hint (default 20, --quick 5)",
+    )
+    parser.add_argument(
+        "--loop-seconds",
+        type=float,
+        default=None,
+        help="seconds of the Python loop (default 10, --quick 3)",
+    )
     parser.add_argument("--connections", type=int, default=1)
-    parser.add_argument("--processes", type=int, default=1,
-                        help="twinfer bench client processes (default 1)")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="twinfer bench client processes (default 1)"
+    )
     parser.add_argument("--config", help="twinfer config for the server (default: embedded)")
     parser.add_argument("--quick", action="store_true", help="short runs, to check the tooling")
-    parser.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
-                        help="also run a long RSS soak of this many seconds (e.g. 300)")
+    parser.add_argument(
+        "--soak",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="also run a long RSS soak of this many seconds (e.g. 300)",
+    )
     parser.add_argument("--soak-model", default="resnet50")
     parser.add_argument("--soak-concurrency", type=int, default=64)
     parser.add_argument("--note", default="", help="a note printed at the top of RESULTS.md")
@@ -570,7 +686,10 @@ def main(argv: Sequence[str]) -> int:
 
     started = time.monotonic()
     results: dict[str, Any] = {
-        "argv": list(argv), "machine": machine(), "note": args.note, "targets": TARGETS,
+        "argv": list(argv),
+        "machine": machine(),
+        "note": args.note,
+        "targets": TARGETS,
         "settings": {k: v for k, v in vars(args).items() if k != "out" and k != "models"},
         "models": {},
     }
@@ -587,13 +706,19 @@ def main(argv: Sequence[str]) -> int:
             loop = run_python_loop(path, args.loop_seconds)
             log(f"{name}: twinfer at concurrency {args.concurrency}")
             twinfer = measure_twinfer(name, args, Path(tmp))
-            r = {"model_path": path, "benchmark_app": ceiling, "python_loop": loop,
-                 "twinfer": twinfer}
+            r = {
+                "model_path": path,
+                "benchmark_app": ceiling,
+                "python_loop": loop,
+                "twinfer": twinfer,
+            }
             r["targets"] = targets(r)
             results["models"][name] = r
-            log(f"{name}: ceiling {ceiling['throughput']['throughput']:.1f} inf/s, best twinfer "
+            log(
+                f"{name}: ceiling {ceiling['throughput']['throughput']:.1f} inf/s, best twinfer "
                 f"{r['targets']['best_throughput']:.1f} ({r['targets']['best_ratio']:.0%}), "
-                f"server-added p50 at c=1 {r['targets']['server_added_p50_us']:.0f} µs")
+                f"server-added p50 at c=1 {r['targets']['server_added_p50_us']:.0f} µs"
+            )
     results["elapsed_s"] = time.monotonic() - started
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     plot = write_plot(results, args.out / "results.png")

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +19,22 @@ import numpy as np
 import pytest
 from twisted.internet import reactor
 
-from support import TINY_CONFIG, ServerTestCase
+from support import ServerTestCase
 from twinfer import bench, codec
 from twinfer.client import connect
 from twinfer.messages import DType, InferRequest, Metadata, TensorSpec
+from twistd_process import ServerProcess
 
 # -- statistics ----------------------------------------------------------------
 
 
-def samples(latency_ms: list[float], start: int = 0, end: int = 1_000_000_000,
-            errors: dict[str, int] | None = None, cpu: float = 0.0) -> bench.Samples:
+def samples(
+    latency_ms: list[float],
+    start: int = 0,
+    end: int = 1_000_000_000,
+    errors: dict[str, int] | None = None,
+    cpu: float = 0.0,
+) -> bench.Samples:
     latency = np.array([int(ms * 1e6) for ms in latency_ms], dtype=np.int64)
     return bench.Samples(
         latency_ns=latency,
@@ -62,10 +65,16 @@ def test_merged_percentiles_are_those_of_the_union() -> None:
 
 
 def test_merge_adds_errors_and_cpu_and_spans_the_windows() -> None:
-    a = samples([1.0] * 10, start=1_000_000_000, end=3_000_000_000,
-                errors={"OVERLOADED": 2}, cpu=0.5)
-    b = samples([2.0] * 30, start=1_200_000_000, end=3_500_000_000,
-                errors={"OVERLOADED": 1, "CANCELLED": 4}, cpu=0.25)
+    a = samples(
+        [1.0] * 10, start=1_000_000_000, end=3_000_000_000, errors={"OVERLOADED": 2}, cpu=0.5
+    )
+    b = samples(
+        [2.0] * 30,
+        start=1_200_000_000,
+        end=3_500_000_000,
+        errors={"OVERLOADED": 1, "CANCELLED": 4},
+        cpu=0.25,
+    )
     merged = bench.merge([a, b])
     assert merged.errors == {"OVERLOADED": 3, "CANCELLED": 4}
     assert merged.start_ns == 1_000_000_000 and merged.end_ns == 3_500_000_000
@@ -161,8 +170,7 @@ class ClosedLoopTests(ServerTestCase):
         client = await connect(reactor, f"tcp:127.0.0.1:{port}")
         self.close_clients_on_cleanup(client)
         message = InferRequest("tiny", {"x": np.ones((1, 4), np.float32)})
-        loop = bench.ClosedLoop(reactor, [client.protocol], message, 2, duration=0.3,
-                                warmup=0.1)
+        loop = bench.ClosedLoop(reactor, [client.protocol], message, 2, duration=0.3, warmup=0.1)
         started = time.monotonic_ns()
         result = await loop.start()
         assert result.end_ns - result.start_ns == 300_000_000
@@ -185,40 +193,17 @@ class ClosedLoopTests(ServerTestCase):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``twistd twinfer`` serving the tiny model on a free loopback port."""
-    directory = tmp_path_factory.mktemp("server")
-    config = directory / "tiny.toml"
-    config.write_text(TINY_CONFIG)
-    log = directory / "twistd.log"
-    with open(log, "wb") as out:
-        twistd = subprocess.Popen(
-            [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=",
-             "--logfile=-", "twinfer", "--port", "tcp:0:interface=127.0.0.1",
-             "--config", str(config)],
-            stdout=out, stderr=subprocess.STDOUT, cwd=directory,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            found = re.search(r"twinfer listening on tcp:127\.0\.0\.1:(\d+)", log.read_text())
-            if found:
-                yield f"tcp:127.0.0.1:{found.group(1)}"
-                break
-            if twistd.poll() is not None:
-                raise AssertionError(f"twistd exited:\n{log.read_text()}")
-            time.sleep(0.1)
-        else:
-            raise AssertionError(f"twistd did not start listening:\n{log.read_text()}")
-    finally:
-        twistd.terminate()
-        twistd.wait(timeout=30)
+def server(twistd_server: ServerProcess) -> str:
+    """The endpoint of a real ``twistd twinfer`` serving ``tiny`` (see conftest.py)."""
+    return twistd_server.endpoint
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "twinfer.bench", *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -239,9 +224,24 @@ def check_points(path: Path, concurrencies: list[int], requests: int) -> dict[st
 @pytest.mark.parametrize("processes", [1, 2])
 def test_bench_command_end_to_end(server: str, tmp_path: Path, processes: int) -> None:
     out = tmp_path / "result.json"
-    done = run_bench("--model", "tiny", "--server", server, "--requests", "50",
-                     "--concurrency", "1,4", "--warmup", "0", "--connections", "2",
-                     "--processes", str(processes), "--json", str(out))
+    done = run_bench(
+        "--model",
+        "tiny",
+        "--server",
+        server,
+        "--requests",
+        "50",
+        "--concurrency",
+        "1,4",
+        "--warmup",
+        "0",
+        "--connections",
+        "2",
+        "--processes",
+        str(processes),
+        "--json",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr
     result = check_points(out, [1, 4], 50)
     assert result["processes"] == processes
@@ -255,16 +255,42 @@ def test_bench_command_sends_npy_inputs_and_counts_errors_by_code(
     good = tmp_path / "good.npy"
     np.save(good, np.ones((3, 4), np.float32))
     out = tmp_path / "good.json"
-    done = run_bench("--model", "tiny", "--server", server, "--requests", "20", "--warmup", "0",
-                     "--input", f"x={good}", "--json", str(out))
+    done = run_bench(
+        "--model",
+        "tiny",
+        "--server",
+        server,
+        "--requests",
+        "20",
+        "--warmup",
+        "0",
+        "--input",
+        f"x={good}",
+        "--json",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr
     check_points(out, [1], 20)
     # A file the server rejects: every request fails, counted under its code.
     bad = tmp_path / "bad.npy"
     np.save(bad, np.ones((3, 5), np.float32))
     out = tmp_path / "bad.json"
-    done = run_bench("--model", "tiny", "--server", server, "--requests", "20", "--warmup", "0",
-                     "--concurrency", "2", "--input", f"x={bad}", "--json", str(out))
+    done = run_bench(
+        "--model",
+        "tiny",
+        "--server",
+        server,
+        "--requests",
+        "20",
+        "--warmup",
+        "0",
+        "--concurrency",
+        "2",
+        "--input",
+        f"x={bad}",
+        "--json",
+        str(out),
+    )
     assert done.returncode == 1, done.stderr
     point = json.loads(out.read_text())["points"][0]
     assert point["count"] == 0 and point["errors"] == {"INVALID_SHAPE": 20}
@@ -273,8 +299,18 @@ def test_bench_command_sends_npy_inputs_and_counts_errors_by_code(
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_bench_command_names_an_unknown_model(server: str, processes: int) -> None:
-    done = run_bench("--model", "nope", "--server", server, "--requests", "5",
-                     "--concurrency", "2", "--processes", str(processes))
+    done = run_bench(
+        "--model",
+        "nope",
+        "--server",
+        server,
+        "--requests",
+        "5",
+        "--concurrency",
+        "2",
+        "--processes",
+        str(processes),
+    )
     assert done.returncode == 2, done.stderr
     assert "UNKNOWN_MODEL" in done.stderr and "'nope'" in done.stderr
 

@@ -429,8 +429,9 @@ async def prepare(reactor: Any, share: Share) -> tuple[list[TwinferClient], Infe
     return clients, InferRequest(share.model, inputs, (), share.timeout_ms)
 
 
-def _loop(reactor: Any, clients: Sequence[TwinferClient], message: InferRequest,
-          share: Share) -> ClosedLoop:
+def _loop(
+    reactor: Any, clients: Sequence[TwinferClient], message: InferRequest, share: Share
+) -> ClosedLoop:
     return ClosedLoop(
         reactor,
         [c.protocol for c in clients],
@@ -442,8 +443,9 @@ def _loop(reactor: Any, clients: Sequence[TwinferClient], message: InferRequest,
     )
 
 
-def _child_main(share: Share, conn: multiprocessing.connection.Connection, counters: Any,
-                index: int) -> None:
+def _child_main(
+    share: Share, conn: multiprocessing.connection.Connection, counters: Any, index: int
+) -> None:
     """A child process: connect, report ready, wait for the start time, run, send samples."""
     from twisted.internet.threads import deferToThread
 
@@ -501,9 +503,7 @@ class Progress:
         rate = (completed - before) / (now - then)
         self._last = (now, completed)
         of = f"/{total:.1f}" if total is not None else ""
-        self.stream.write(
-            f"\r{label}: {rate:8.1f} inf/s  {elapsed:5.1f}{of} s  ({completed} done)"
-        )
+        self.stream.write(f"\r{label}: {rate:8.1f} inf/s  {elapsed:5.1f}{of} s  ({completed} done)")
         self.stream.flush()
 
     def clear(self) -> None:
@@ -541,8 +541,9 @@ def shares_for(concurrency: int, args: argparse.Namespace) -> list[Share]:
     ]
 
 
-def _run_in_process(args: argparse.Namespace, progress: Progress,
-                    report: Callable[[int, int, Samples], None]) -> None:
+def _run_in_process(
+    args: argparse.Namespace, progress: Progress, report: Callable[[int, int, Samples], None]
+) -> None:
     """Every point in this process, on one reactor and one set of connections."""
 
     failures: list[BaseException] = []
@@ -564,8 +565,8 @@ def _run_in_process(args: argparse.Namespace, progress: Progress,
                 started = time.monotonic()
                 ticker = task.LoopingCall(
                     lambda c=concurrency, lp=loop, s=started: progress.update(
-                        f"concurrency {c}", lp.completed, time.monotonic() - s,
-                        _planned(args)),
+                        f"concurrency {c}", lp.completed, time.monotonic() - s, _planned(args)
+                    ),
                 )
                 ticker.start(0.5, now=False)
                 samples = await loop.start()
@@ -619,8 +620,7 @@ class BenchError(Exception):
         self.status = status
 
 
-def _run_point_processes(args: argparse.Namespace, concurrency: int,
-                         progress: Progress) -> Samples:
+def _run_point_processes(args: argparse.Namespace, concurrency: int, progress: Progress) -> Samples:
     """One point over several child processes; fires nothing, blocks until done."""
     shares = shares_for(concurrency, args)
     context = multiprocessing.get_context("spawn")
@@ -630,7 +630,9 @@ def _run_point_processes(args: argparse.Namespace, concurrency: int,
     for i, share in enumerate(shares):
         parent_end, child_end = context.Pipe()
         process = context.Process(
-            target=_child_main, args=(share, child_end, counters, i), daemon=True,
+            target=_child_main,
+            args=(share, child_end, counters, i),
+            daemon=True,
             name=f"twinfer-bench-{i}",
         )
         process.start()
@@ -659,8 +661,9 @@ def _run_point_processes(args: argparse.Namespace, concurrency: int,
                     raise BenchError(*_child_failure(processes[i], detail))
                 results[i] = Samples(**detail)
             elapsed = (time.monotonic_ns() - start_at) / 1e9
-            progress.update(f"concurrency {concurrency}", sum(counters), max(0.0, elapsed),
-                            _planned(args))
+            progress.update(
+                f"concurrency {concurrency}", sum(counters), max(0.0, elapsed), _planned(args)
+            )
             if deadline is not None and elapsed > deadline:
                 raise BenchError("load processes did not finish in time")
         progress.clear()
@@ -681,8 +684,9 @@ def _child_failure(process: Any, detail: Any) -> tuple[str, int]:
     return f"load process {process.name}: {detail}", EXIT_ERROR
 
 
-def _receive(pipe: multiprocessing.connection.Connection, process: Any,
-             timeout: float) -> tuple[str, Any]:
+def _receive(
+    pipe: multiprocessing.connection.Connection, process: Any, timeout: float
+) -> tuple[str, Any]:
     if not pipe.poll(timeout):
         return ("error", "no answer (timed out)")
     try:
@@ -731,50 +735,85 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``twinfer bench``'s options to ``parser``."""
     parser.add_argument("-m", "--model", required=True, help="model to load")
     parser.add_argument(
-        "-s", "--server", default=DEFAULT_SERVER,
+        "-s",
+        "--server",
+        default=DEFAULT_SERVER,
         help=f"server endpoint: tcp:HOST:PORT or tls:HOST:PORT (default {DEFAULT_SERVER})",
     )
     parser.add_argument(
-        "--ca-file", "--trust-root", dest="ca_file", metavar="PEM",
+        "--ca-file",
+        "--trust-root",
+        dest="ca_file",
+        metavar="PEM",
         help="for tls: CA certificate the server's certificate must chain to "
         "(default: the system's)",
     )
     parser.add_argument(
-        "-c", "--concurrency", type=_int_list, default=[1], metavar="C[,C...]",
+        "-c",
+        "--concurrency",
+        type=_int_list,
+        default=[1],
+        metavar="C[,C...]",
         help="requests kept in flight; a comma-separated list is a sweep (default 1)",
     )
     amount = parser.add_mutually_exclusive_group()
     amount.add_argument(
-        "-d", "--duration", type=_positive, default=10.0, metavar="SECONDS",
+        "-d",
+        "--duration",
+        type=_positive,
+        default=10.0,
+        metavar="SECONDS",
         help="measurement window per concurrency point (default 10)",
     )
     amount.add_argument(
-        "-n", "--requests", type=_positive_int, metavar="N",
+        "-n",
+        "--requests",
+        type=_positive_int,
+        metavar="N",
         help="measure exactly N requests per point instead of a duration",
     )
     parser.add_argument(
-        "-w", "--warmup", type=_non_negative, default=2.0, metavar="SECONDS",
+        "-w",
+        "--warmup",
+        type=_non_negative,
+        default=2.0,
+        metavar="SECONDS",
         help="unmeasured load before each point's window (default 2)",
     )
     parser.add_argument(
-        "--connections", type=_positive_int, default=1, metavar="K",
+        "--connections",
+        type=_positive_int,
+        default=1,
+        metavar="K",
         help="spread the concurrency over K connections (default 1)",
     )
     parser.add_argument(
-        "--processes", type=_positive_int, default=1, metavar="N",
+        "--processes",
+        type=_positive_int,
+        default=1,
+        metavar="N",
         help="run the load from N client processes; samples are merged (default 1)",
     )
     parser.add_argument(
-        "-i", "--input", action="append", default=[], metavar="NAME=FILE.npy",
+        "-i",
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=FILE.npy",
         help="take input NAME from a .npy file (repeatable); others are random",
     )
     parser.add_argument(
-        "--shape", action="append", default=[], metavar="NAME=D0,D1,...",
+        "--shape",
+        action="append",
+        default=[],
+        metavar="NAME=D0,D1,...",
         help="shape of a random input with dynamic dimensions (default: 1 for each)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument(
-        "--timeout-ms", type=int, default=0,
+        "--timeout-ms",
+        type=int,
+        default=0,
         help="per-request queueing deadline sent to the server (default: server's)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
