@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -40,6 +41,36 @@ BIN = Path(sys.executable).parent
 LISTENING = re.compile(r"twinfer listening on tcp:127\.0\.0\.1:(\d+)")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class Interference:
+    """How much CPU *other* processes used during a phase of the run.
+
+    On a shared machine the ceiling and twinfer are measured at different
+    moments, so their ratio means little if something else was running.
+    This compares the machine's busy time (``/proc/stat``) with the CPU time
+    of this script and its reaped children (benchmark_app, the Python loop,
+    twistd, twinfer bench): the difference, in cores, is everybody else.
+    """
+
+    def __init__(self) -> None:
+        self._start = self._now()
+
+    @staticmethod
+    def _now() -> tuple[float, float, float]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal (guest is inside user)
+        busy = (sum(fields[:3]) + sum(fields[5:8])) / TICKS
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        ours = children.ru_utime + children.ru_stime + me.ru_utime + me.ru_stime
+        return time.monotonic(), busy, ours
+
+    def stop(self) -> float:
+        """Cores used by other processes on average since construction."""
+        (t0, busy0, ours0), (t1, busy1, ours1) = self._start, self._now()
+        return max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / max(t1 - t0, 1e-9))
 
 
 def log(message: str) -> None:
@@ -477,6 +508,17 @@ def write_markdown(results: dict[str, Any], path: Path, plot: Path | None) -> No
                 f"{rss['max_mib']:.0f} MiB ({rss['change_percent']:+.1f} %) | "
                 f"{'✅' if flat else '❌'} |"
             )
+    disturbed = [
+        name
+        for name, r in results["models"].items()
+        if max(r.get("other_processes_cores", {}).values(), default=0.0) > 0.2
+    ]
+    if disturbed:
+        lines += [
+            "",
+            f"⚠ Other processes used more than 0.2 cores while {', '.join(disturbed)} "
+            "was measured (see below): the verdicts above are not trustworthy.",
+        ]
     lines += [""]
     if plot is not None:
         lines += [f"![throughput and p99 latency against concurrency]({plot.name})", ""]
@@ -514,6 +556,21 @@ def write_markdown(results: dict[str, Any], path: Path, plot: Path | None) -> No
                 f"{_pct(point.get('server_cpu_percent'))} | {_pct(point['client_cpu_percent'])} |"
             )
         rss = r["twinfer"]["rss"]
+        other = r.get("other_processes_cores", {})
+        if other:
+            worst = max(other.values())
+            lines += [
+                "",
+                "CPU used by *other* processes during each phase (cores, out of "
+                f"{m['cores']}): "
+                + ", ".join(f"{phase} {cores:.2f}" for phase, cores in other.items())
+                + (
+                    ". **Other load above 0.2 cores: these figures, and the ratios between "
+                    "phases measured at different moments, are not trustworthy.**"
+                    if worst > 0.2
+                    else "."
+                ),
+            ]
         lines += [
             "",
             f"Server RSS during the sweep: idle {r['twinfer']['rss_idle_mib']:.0f} MiB, start "
@@ -699,18 +756,28 @@ def main(argv: Sequence[str]) -> int:
         for name in args.models:
             path = str(onnx_light_model_path(name))
             log(f"{name}: benchmark_app -hint throughput ({args.ceiling_seconds:g} s)")
+            other: dict[str, float] = {}
+            phase = Interference()
             ceiling = {"throughput": benchmark_app(path, "throughput", args.ceiling_seconds)}
+            other["benchmark_app -hint throughput"] = phase.stop()
             log(f"{name}: benchmark_app -hint latency ({args.ceiling_seconds:g} s)")
+            phase = Interference()
             ceiling["latency"] = benchmark_app(path, "latency", args.ceiling_seconds)
+            other["benchmark_app -hint latency"] = phase.stop()
             log(f"{name}: Python loop ({args.loop_seconds:g} s)")
+            phase = Interference()
             loop = run_python_loop(path, args.loop_seconds)
+            other["Python loop"] = phase.stop()
             log(f"{name}: twinfer at concurrency {args.concurrency}")
+            phase = Interference()
             twinfer = measure_twinfer(name, args, Path(tmp))
+            other["twinfer (sweep and soak)"] = phase.stop()
             r = {
                 "model_path": path,
                 "benchmark_app": ceiling,
                 "python_loop": loop,
                 "twinfer": twinfer,
+                "other_processes_cores": other,
             }
             r["targets"] = targets(r)
             results["models"][name] = r
