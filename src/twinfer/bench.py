@@ -204,6 +204,13 @@ def make_inputs(
                 )
             inputs[spec.name] = _bytes_backed(array.astype(spec.dtype.numpy, copy=False))
             continue
+        if spec.shape is None:  # dynamic rank: only the user can say
+            if spec.name not in shapes:
+                raise ValueError(
+                    f"input {spec.name!r} has a dynamic rank: give --shape {spec.name}=D,D,..."
+                )
+            inputs[spec.name] = _bytes_backed(_random(rng, spec.dtype, shapes[spec.name]))
+            continue
         shape = shapes.get(spec.name) or tuple(1 if d < 0 else d for d in spec.shape)
         if len(shape) != len(spec.shape) or any(
             d >= 0 and s != d for s, d in zip(shape, spec.shape, strict=True)
