@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import socket
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -160,27 +158,17 @@ def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str
     assert "usage: twinfer" in capsys.readouterr().err
 
 
-def test_bench_is_delegated(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # twinfer.bench is written separately; this stand-in checks only the
-    # contract the CLI relies on: add_arguments(subparser) and run(args) -> int.
-    calls: list[argparse.Namespace] = []
-    bench = types.ModuleType("twinfer.bench")
+def test_bench_is_delegated_to_twinfer_bench() -> None:
+    from twinfer import bench
 
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--requests", type=int, default=1)
-
-    def run_bench(args: argparse.Namespace) -> int:
-        calls.append(args)
-        return 7
-
-    bench.add_arguments = add_arguments  # type: ignore[attr-defined]
-    bench.run = run_bench  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "twinfer.bench", bench)
-    assert cli.main(["bench", "--requests", "5", "--server", "tcp:h:1"]) == 7
-    [args] = calls
-    assert (args.requests, args.server, args.ca_file) == (5, "tcp:h:1", None)
+    args = cli.build_parser().parse_args(
+        ["bench", "-m", "tiny", "--server", "tcp:h:1", "--requests", "5"]
+    )
+    assert args.func is bench.run
+    assert (args.model, args.server, args.requests) == ("tiny", "tcp:h:1", 5)
+    # Registering bench must leave the other subcommands' --server intact.
+    args = cli.build_parser().parse_args(["metadata", "tiny", "--server", "tcp:h:2"])
+    assert (args.model, args.server) == ("tiny", "tcp:h:2")
 
 
 def test_no_bench_subcommand_without_the_module(

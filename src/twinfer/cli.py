@@ -344,10 +344,10 @@ def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
         p = sub.add_parser("bench", parents=[common], help="(unavailable)")
         p.set_defaults(func=unavailable)
         return
-    # conflict_handler: bench may define its own --server/--ca-file/--timeout.
-    p = sub.add_parser(
-        "bench", parents=[common], conflict_handler="resolve", help="measure throughput and latency"
-    )
+    # bench defines its own --server/--ca-file. (Not parents=[common] with a
+    # "resolve" conflict handler: that edits the shared option objects in
+    # place and breaks --server for every other subcommand.)
+    p = sub.add_parser("bench", help="measure throughput and latency")
     bench.add_arguments(p)
     p.set_defaults(func=bench.run)
 

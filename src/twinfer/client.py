@@ -57,6 +57,7 @@ from twinfer.messages import (
     Prediction,
     Predictions,
 )
+from twinfer.netutil import set_no_delay
 
 AGENT = f"twinfer-client/{twinfer.__version__}"
 DEFAULT_SERVER = "tcp:127.0.0.1:9000"
@@ -79,6 +80,7 @@ class ClientProtocol(Protocol):
         self.handshake: Deferred[Hello] = Deferred()
 
     def connectionMade(self) -> None:
+        set_no_delay(self.transport)
         self._write(0, Hello(agent=AGENT))
 
     def dataReceived(self, data: bytes) -> None:

@@ -88,22 +88,32 @@ class _Counters:
         return dict(vars(self))
 
 
-def _execute(
-    engine: Engine,
-    inputs: list[Mapping[str, np.ndarray]],
-    rows: list[int],
-    outputs: tuple[str, ...],
-    enqueued: list[float],
-) -> list[InferResult]:
-    """Run one job or one batch on ``engine``; called in the worker's own thread."""
+#: Result slot of a job that was cancelled before the device thread reached it.
+_SKIPPED: Any = object()
+
+
+def _execute(engine: Engine, jobs: list[Job], outputs: tuple[str, ...]) -> list[Any]:
+    """Run one job or one batch on ``engine``; called in the worker's own thread.
+
+    Jobs cancelled while they waited behind the previous one are skipped
+    (their slot in the result is ``_SKIPPED``); reading ``deferred.called`` here
+    is a benign race: at worst a just-cancelled job runs and its result is
+    dropped.
+    """
+    live = [job for job in jobs if not job.deferred.called]
+    if not live:
+        return [_SKIPPED] * len(jobs)
     started = time.monotonic()
-    results = run_batch(engine, inputs, rows, outputs)
+    rows = [job.rows for job in live]
+    results = iter(run_batch(engine, [job.inputs for job in live], rows, outputs))
     done = time.monotonic()
     compute_us = int((done - started) * 1e6)
-    batch_rows = sum(rows) if len(inputs) > 1 else _leading_dim(inputs[0])
+    batch_rows = sum(rows) if len(live) > 1 else _leading_dim(live[0].inputs)
     return [
-        InferResult(out, int((started - queued) * 1e6), compute_us, batch_rows)
-        for out, queued in zip(results, enqueued)
+        InferResult(next(results), int((started - job.enqueued) * 1e6), compute_us, batch_rows)
+        if job in live
+        else _SKIPPED
+        for job in jobs
     ]
 
 
@@ -112,13 +122,22 @@ def _leading_dim(inputs: Mapping[str, np.ndarray]) -> int:
     return first.shape[0] if first is not None and first.ndim else 1
 
 
-def _execute_work(engine: Engine, work: Callable[[Engine], Any]) -> Any:
+def _execute_work(engine: Engine, job: Job) -> list[Any]:
     """Run a job's custom work (e.g. an image task) in the worker's thread."""
-    return work(engine)
+    if job.deferred.called or job.work is None:  # cancelled while waiting its turn
+        return [_SKIPPED]
+    return [job.work(engine)]
+
+
+#: Jobs (or batches) a worker hands to its one-thread pool at once: one on the
+#: device and one waiting right behind it, so the device does not sit idle
+#: while the reactor thread turns a finished job into the next one.
+PIPELINE_DEPTH = 2
 
 
 class Worker:
-    """One device replica: one thread, one job or batch at a time."""
+    """One device replica: one thread; one job or batch on the device at a time,
+    and the next one waiting behind it in the thread's queue."""
 
     def __init__(
         self,
@@ -144,13 +163,14 @@ class Worker:
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"twinfer-{name}")
         self._waits: list[Deferred[Job]] = []
         self._running = False
-        self._busy = False  # a job, a batch being collected, or a probe holds the device
+        self._launched = 0  # jobs or batches handed to the thread, not yet answered
+        self._probing = False
         self._collect_timer: IDelayedCall | None = None
         self._collecting: list[Job] = []
         self._probe_timer: IDelayedCall | None = None
         self.state = WorkerState.READY
         self.failure_reason = ""
-        #: The jobs on the device right now.
+        #: The jobs handed to the device thread (running or next), oldest first.
         self.current: list[Job] = []
         self.jobs_done = 0
         self.jobs_failed = 0
@@ -282,12 +302,19 @@ class Worker:
 
     def _take_next(self) -> None:
         # A loop, not recursion: a run of cancelled jobs must not grow the stack.
-        while self.available and not self._busy and not self._waits:
+        while (
+            self.available
+            and self._launched < PIPELINE_DEPTH
+            and not (self._collecting or self._probing or self._waits)
+        ):
             job = self._poll()
             if job is None:
-                self._waits = [wait for queue in self.queues for wait in queue.wait()]
-                for wait in self._waits:
-                    wait.addCallbacks(self._woken, _ignore_cancel)
+                if not self._launched:
+                    # Only an idle worker waits on the queues, so that a new
+                    # job goes to an idle device before a busy one.
+                    self._waits = [wait for queue in self.queues for wait in queue.wait()]
+                    for wait in self._waits:
+                        wait.addCallbacks(self._woken, _ignore_cancel)
                 return
             self._start(job)
 
@@ -307,11 +334,11 @@ class Worker:
             return
         batch = [job, *job.queue.take_compatible(job.batch_key, policy.max_batch_size - job.rows)]
         rows = sum(j.rows for j in batch)
-        if policy.launch_now(rows):
+        if policy.launch_now(rows) or self._launched:
+            # (Behind a running job the batch waits for the device anyway.)
             self._launch(batch)
             return
-        # Hold the device for up to the delay while more requests arrive.
-        self._busy = True
+        # Hold the idle device for up to the delay while more requests arrive.
         self._collecting = batch
         self._collect_timer = self._clock.callLater(
             policy.max_queue_delay, self._collected, batch, rows, policy
@@ -320,7 +347,6 @@ class Worker:
     def _collected(self, batch: list[Job], rows: int, policy: BatchPolicy) -> None:
         self._collect_timer = None
         self._collecting = []
-        self._busy = False
         queue = batch[0].queue
         if queue is not None:
             batch += queue.take_compatible(batch[0].batch_key, policy.max_batch_size - rows)
@@ -340,44 +366,35 @@ class Worker:
         for job in batch:
             job.stop_timer()
             job.running = True
-        self._busy = True
-        self.current = batch
+        self._launched += 1
+        self.current = self.current + batch
         self.batches_run += 1
         first = batch[0]
         engine = self.engines[first.model]
         if first.work is not None:
-            d = deferToThreadPool(self._reactor, self._pool, _execute_work, engine, first.work)
-            d.addCallback(lambda value: [value])
+            d = deferToThreadPool(self._reactor, self._pool, _execute_work, engine, first)
         else:
-            d = deferToThreadPool(
-                self._reactor,
-                self._pool,
-                _execute,
-                engine,
-                [job.inputs for job in batch],
-                [job.rows for job in batch],
-                first.outputs,
-                [job.enqueued for job in batch],
-            )
+            d = deferToThreadPool(self._reactor, self._pool, _execute, engine, batch, first.outputs)
         d.addCallbacks(self._succeeded, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
 
     def _succeeded(self, results: list[Any], batch: list[Job]) -> None:
-        self.jobs_done += len(batch)
-        self.consecutive_failures = 0
-        first = results[0]
-        if isinstance(first, InferResult):
-            self.busy_seconds += first.compute_us / 1e6
-        self._finish()
+        ran = [result for result in results if result is not _SKIPPED]
+        self.jobs_done += len(ran)
+        if ran:
+            self.consecutive_failures = 0
+            if isinstance(ran[0], InferResult):
+                self.busy_seconds += ran[0].compute_us / 1e6
+        self._finish(batch)
         for job, result in zip(batch, results):
             job.inputs = {}
-            if not job.deferred.called:
+            if result is not _SKIPPED and not job.deferred.called:
                 job.deferred.callback(result)
 
     def _failed(self, failure: Failure, batch: list[Job]) -> None:
         if batch[0].work is not None and failure.check(TwinferError):
             # Custom work refused its request (e.g. an undecodable image):
             # the request's fault, not the device's.
-            self._finish()
+            self._finish(batch)
             for job in batch:
                 job.stop_timer()
                 if not job.deferred.called:
@@ -389,7 +406,7 @@ class Worker:
         log.failure(
             "model {model} failed on {worker}", failure, model=batch[0].model, worker=self.name
         )
-        self._finish()
+        self._finish(batch)
         if failure.check(DeviceError) or self.consecutive_failures >= self.max_failures:
             self.set_state(WorkerState.FAILED, message)
         for job in batch:
@@ -397,9 +414,9 @@ class Worker:
             if not job.deferred.called:
                 self.on_job_failed(job, self, message)
 
-    def _finish(self) -> None:
-        self.current = []
-        self._busy = False
+    def _finish(self, batch: list[Job]) -> None:
+        self._launched -= 1
+        self.current = [job for job in self.current if job not in batch]
         # Take the next job before the replies are encoded and written, so the
         # device is busy again as soon as possible.
         self._take_next()
@@ -413,26 +430,27 @@ class Worker:
     def _probe(self) -> None:
         """Check the device while idle: a failed one comes back when it answers."""
         self._probe_timer = None
-        if not self._running or self._busy or self.state is WorkerState.DRAINED:
+        busy = self._launched or self._collecting or self._probing
+        if not self._running or busy or self.state is WorkerState.DRAINED:
             self._schedule_probe()
             return
         probe = getattr(next(iter(self.engines.values())), "probe", None)
         if probe is None:
             return
         self._stop_waiting()
-        self._busy = True
+        self._probing = True
         d = deferToThreadPool(self._reactor, self._pool, probe)
         d.addCallbacks(self._probe_passed, self._probe_failed)
 
     def _probe_passed(self, _: object) -> None:
-        self._busy = False
+        self._probing = False
         if self.state is WorkerState.FAILED:
             self.set_state(WorkerState.READY)
         self._take_next()
         self._schedule_probe()
 
     def _probe_failed(self, failure: Failure) -> None:
-        self._busy = False
+        self._probing = False
         self.set_state(WorkerState.FAILED, f"health probe: {failure.getErrorMessage()}")
         self._schedule_probe()
 

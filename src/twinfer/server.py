@@ -45,6 +45,7 @@ from twinfer.messages import (
     Prediction,
     Predictions,
 )
+from twinfer.netutil import set_no_delay
 from twinfer.tasks import predict_image
 from twinfer.tasks.config import TASKS
 
@@ -97,6 +98,7 @@ class TwinferProtocol(Protocol):
     # -- Twisted events -----------------------------------------------------
 
     def connectionMade(self) -> None:
+        set_no_delay(self.transport)
         self._decoder = codec.FrameDecoder(self.factory.config.max_frame_size)
         self.transport.registerProducer(_ReadThrottle(self), True)
         self.factory.connections.add(self)
