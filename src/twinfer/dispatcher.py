@@ -334,8 +334,10 @@ class Worker:
             return
         batch = [job, *job.queue.take_compatible(job.batch_key, policy.max_batch_size - job.rows)]
         rows = sum(j.rows for j in batch)
-        if policy.launch_now(rows) or self._launched:
-            # (Behind a running job the batch waits for the device anyway.)
+        if policy.launch_now(rows) or self._launched or job.queue.idle_workers:
+            # No waiting when it cannot pay: behind a running job the batch
+            # waits for the device anyway, and while another device idles,
+            # a newcomer would go there rather than into this batch.
             self._launch(batch)
             return
         # Hold the idle device for up to the delay while more requests arrive.

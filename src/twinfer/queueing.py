@@ -179,6 +179,11 @@ class JobQueue:
         self._depth += 1
         level.pending.insert(0, job)
 
+    @property
+    def idle_workers(self) -> int:
+        """Workers waiting on this queue for a job (each waits on every level)."""
+        return len(self._levels[0].waiting)
+
     def wait(self) -> list[Deferred[Job]]:
         """Deferreds, one per level, firing with a job put while the queue is empty.
 
