@@ -581,6 +581,7 @@ def write_markdown(results: dict[str, Any], path: Path, plot: Path | None) -> No
             "loops.",
             "",
         ]
+    lines += scheduling_sections(path.parent)
     lines += [
         "## Reproduce",
         "",
@@ -593,6 +594,35 @@ def write_markdown(results: dict[str, Any], path: Path, plot: Path | None) -> No
         "",
     ]
     path.write_text("\n".join(lines))
+
+
+def scheduling_sections(directory: Path) -> list[str]:
+    """The latest batching and failover measurements (``batching.py``,
+    ``failover.py``), quoted so that RESULTS.md keeps every figure in one place."""
+    lines: list[str] = []
+    batching = directory / "BATCHING.md"
+    if batching.exists():
+        body = batching.read_text("utf-8").splitlines()
+        lines += ["## Dynamic batching (`batching.py`)", "", *body[1:], ""]
+    failover = directory / "failover.json"
+    if failover.exists():
+        f = json.loads(failover.read_text("utf-8"))
+        lines += [
+            "## Failover (`failover.py`)",
+            "",
+            f"Two devices serve `{f['model']}` from one shared queue; device `a` is made to "
+            f"fail (every inference raises `DeviceError`) after half of the {f['requests']} "
+            f"requests, with {f['concurrency']} clients in a closed loop.",
+            "",
+            f"- answered: {f['answered']} of {f['requests']}; **lost: {f['lost']}**; "
+            f"outcomes: {f['outcomes']}",
+            f"- device a: {f['device_a']['state']} after "
+            f"{f['device_a']['jobs_done_before_fault']} jobs; device b carried "
+            f"{f['device_b']['jobs_done']} jobs",
+            f"- dispatcher: {f['dispatcher']}",
+            "",
+        ]
+    return lines
 
 
 def write_plot(results: dict[str, Any], path: Path) -> Path | None:
