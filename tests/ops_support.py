@@ -69,6 +69,7 @@ class OpsServerTestCase(ServerTestCase):
             self.config, self.dispatcher, reactor, stats=self.stats
         )
         self.factory.stats = self.stats
+        self.dispatcher.stats = self.stats
         self.factory.controller = self.controller
         self.controller.factories.append(self.factory)
         return port

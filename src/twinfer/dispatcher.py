@@ -527,6 +527,9 @@ class Dispatcher:
         self.workers = list(workers)
         self.started = False
         self.counters = _Counters()
+        #: Request statistics (:class:`twinfer.stats.Stats`) fed with every
+        #: request submitted, from any front end; ``None`` keeps none.
+        self.stats: Any = None
         #: Called (no arguments) when a saturated queue drains to its low watermark.
         self.on_relieved: list[Callable[[], None]] = []
         for worker in self.workers:
@@ -634,6 +637,57 @@ class Dispatcher:
         :class:`TwinferError` at once for an unknown model, invalid inputs,
         a full queue or no healthy device.
         """
+        started = time.monotonic()
+        try:
+            d = self._submit(model, inputs, outputs, timeout_ms, priority, work)
+        except TwinferError as e:
+            self._record(model, e.code, started)
+            raise
+        if self.stats is not None:
+            d.addBoth(self._record_outcome, model, started)
+        return d
+
+    def _record(self, model: str, code: int, started: float, result: Any = None) -> None:
+        if self.stats is None:
+            return
+        latency = time.monotonic() - started
+        name = "OK" if code == 0 else getattr(code, "name", str(code))
+        known = model in self.models or model in self.stats.models
+        if isinstance(result, InferResult):
+            self.stats.request_done(
+                model,
+                name,
+                latency,
+                result.queue_us / 1e6,
+                result.compute_us / 1e6,
+                result.batch_size,
+                known,
+            )
+        else:
+            self.stats.request_done(model, name, latency, known=known)
+
+    def _record_outcome(self, outcome: Any, model: str, started: float) -> Any:
+        if isinstance(outcome, Failure):
+            if outcome.check(CancelledError):
+                code: int = ErrorCode.CANCELLED
+            elif outcome.check(TwinferError):
+                code = outcome.value.code  # type: ignore[union-attr]
+            else:
+                code = ErrorCode.INTERNAL
+            self._record(model, code, started)
+        else:
+            self._record(model, 0, started, outcome)
+        return outcome  # the caller still sees it
+
+    def _submit(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: tuple[str, ...],
+        timeout_ms: int,
+        priority: int,
+        work: Callable[[Engine], Any] | None,
+    ) -> Deferred[Any]:
         entry = self.entry(model)
         if work is None:
             entry.signature.validate(model, inputs, outputs)

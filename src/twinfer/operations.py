@@ -112,6 +112,7 @@ def add_operations_services(
     stats = Stats()
     controller = Controller(config, dispatcher, reactor, stats=stats, config_path=options["config"])
     factory.stats = stats
+    dispatcher.stats = stats  # every front end's requests are counted where they are queued
     factory.controller = controller
     factory.allow_admin = bool(options["allow-admin"])
     controller.factories.append(factory)

@@ -226,28 +226,15 @@ class TwinferProtocol(Protocol):
         self._count(model, code, started)
         self._send_error(request_id, code, message)
 
-    def _count(
-        self, model: str, code: int, started: float, result: InferResult | None = None
-    ) -> None:
-        """Feed the request statistics, when the server keeps them."""
+    def _count(self, model: str, code: int, started: float) -> None:
+        """Count a request refused before it reached the dispatcher (which
+        counts everything submitted to it)."""
         stats = self.factory.stats
         if stats is None:
             return
-        name = "OK" if code == 0 else getattr(code, "name", str(code))
+        name = getattr(code, "name", str(code))
         known = model in self.factory.dispatcher.models or model in stats.models
-        latency = time.monotonic() - started
-        if result is None:
-            stats.request_done(model, name, latency, known=known)
-        else:
-            stats.request_done(
-                model,
-                name,
-                latency,
-                result.queue_us / 1e6,
-                result.compute_us / 1e6,
-                result.batch_size,
-                known,
-            )
+        stats.request_done(model, name, time.monotonic() - started, known=known)
 
     def _on_infer(self, request_id: int, message: InferRequest) -> None:
         self.requests += 1
@@ -262,8 +249,8 @@ class TwinferProtocol(Protocol):
                 timeout_ms=message.timeout_ms,
                 priority=message.priority,
             )
-        except TwinferError as e:
-            self._refuse(request_id, message.model, started, e.code, e.message)
+        except TwinferError as e:  # (counted by the dispatcher)
+            self._send_error(request_id, e.code, e.message)
             return
         self.inflight[request_id] = d
         if self.factory.dispatcher.saturated(message.model) and self.factory.is_busiest(self):
@@ -271,10 +258,7 @@ class TwinferProtocol(Protocol):
             # requests until the queue drains to its low watermark.
             self.pause_reading("load")
         d.addCallbacks(
-            self._reply,
-            self._reply_failed,
-            callbackArgs=(request_id, message.model, started),
-            errbackArgs=(request_id, message.model, started),
+            self._reply, self._reply_failed, callbackArgs=(request_id,), errbackArgs=(request_id,)
         )
 
     def _on_image(self, request_id: int, message: ImageRequest) -> None:
@@ -282,8 +266,10 @@ class TwinferProtocol(Protocol):
         if not self._admit(request_id, message.model, time.monotonic()):
             return
         if message.task and message.task not in TASKS:
-            self._send_error(
+            self._refuse(
                 request_id,
+                message.model,
+                time.monotonic(),
                 ErrorCode.INVALID_INPUT,
                 f"unknown task {message.task!r} (expected {' or '.join(TASKS)})",
             )
@@ -377,11 +363,8 @@ class TwinferProtocol(Protocol):
 
     # -- replies ------------------------------------------------------------
 
-    def _reply(
-        self, result: InferResult, request_id: int, model: str = "", started: float = 0.0
-    ) -> None:
+    def _reply(self, result: InferResult, request_id: int) -> None:
         del self.inflight[request_id]
-        self._count(model, 0, started, result)
         reply = InferReply(result.outputs, result.queue_us, result.compute_us)
         try:
             chunks = codec.encode_message(request_id, reply)
@@ -404,19 +387,14 @@ class TwinferProtocol(Protocol):
         )
         self._write(codec.encode_message(request_id, reply))
 
-    def _reply_failed(
-        self, failure: Failure, request_id: int, model: str = "", started: float = 0.0
-    ) -> None:
+    def _reply_failed(self, failure: Failure, request_id: int) -> None:
         self.inflight.pop(request_id, None)
         if failure.check(CancelledError):
-            self._count(model, ErrorCode.CANCELLED, started)
             self._send_error(request_id, ErrorCode.CANCELLED, f"request {request_id} was cancelled")
         elif failure.check(TwinferError):
             error: TwinferError = failure.value  # type: ignore[assignment]
-            self._count(model, error.code, started)
             self._send_error(request_id, error.code, error.message)
         else:
-            self._count(model, ErrorCode.INTERNAL, started)
             log.failure("unexpected failure for request {rid}", failure, rid=request_id)
             self._send_error(request_id, ErrorCode.INTERNAL, failure.getErrorMessage())
 
