@@ -64,6 +64,9 @@ class DType(enum.IntEnum):
     @classmethod
     def from_numpy(cls, dtype: np.dtype | type) -> DType:
         """The wire type for a numpy dtype; raises ``KeyError`` if there is none."""
+        found = _DTYPE_BY_NUMPY.get(dtype) if isinstance(dtype, np.dtype) else None  # fast path
+        if found is not None:
+            return found
         return _DTYPE_BY_NUMPY[np.dtype(dtype).newbyteorder("<")]
 
     @classmethod
