@@ -19,6 +19,7 @@ from twisted.trial import unittest
 
 from twinfer.config import Config, loads_config
 from twinfer.dispatcher import Dispatcher
+from twinfer.netutil import enable_direct_reads
 from twinfer.registry import EngineFactory, build_dispatcher, load_models, openvino_engine
 from twinfer.server import TwinferFactory
 
@@ -75,6 +76,7 @@ class ServerTestCase(unittest.TestCase):
         d = endpoint.listen(self.factory)
 
         def listening(port: Any) -> int:
+            enable_direct_reads(port)  # as twistd's listening service does
             self.addCleanup(port.stopListening)
             self.port = port.getHost().port
             return int(self.port)

@@ -304,3 +304,35 @@ def test_version_negotiation_picks_the_highest_common_version() -> None:
     with pytest.raises(CodecError) as e:
         codec.negotiate(Hello(3, 4), range(1, 3))
     assert e.value.code is ErrorCode.HANDSHAKE_FAILED and "3..4" in e.value.message
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(request_ids, messages), min_size=1, max_size=4), st.data())
+def test_receiving_in_place_matches_feeding(
+    pairs: list[tuple[int, object]], data: st.DataObject
+) -> None:
+    """A transport may fill read_buffer() itself (recv_into) for any part of a body."""
+    stream = b"".join(codec.encode_bytes(rid, m) for rid, m in pairs)  # type: ignore[arg-type]
+    decoder = codec.FrameDecoder()
+    frames: list[codec.Frame] = []
+    pos = 0
+    while pos < len(stream):
+        target = decoder.read_buffer()
+        step = data.draw(st.integers(1, 64))
+        if target is not None and data.draw(st.booleans()):
+            count = min(step, len(target), len(stream) - pos)
+            target[:count] = stream[pos : pos + count]
+            frames += decoder.buffer_filled(count)
+        else:
+            count = min(step, len(stream) - pos)
+            frames += decoder.feed(stream[pos : pos + count])
+        pos += count
+    assert decoder.error is None
+    assert [f.request_id for f in frames] == [rid for rid, _ in pairs]
+    for (_, sent), frame in zip(pairs, frames):
+        assert_same_message(sent, codec.decode_message(frame))
+
+
+def test_buffer_filled_without_a_buffer_is_a_programming_error() -> None:
+    with pytest.raises(ValueError):
+        codec.FrameDecoder().buffer_filled(1)

@@ -16,7 +16,9 @@ from twinfer.backend import Engine
 from twinfer.client import TwinferClient, connect
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.messages import Hello
+from twinfer.netutil import DirectReadServer
 from twinfer.registry import LoadedModel, openvino_engine
+from twinfer.server import TwinferProtocol
 
 PLACEMENT_CONFIG = """
 [[devices]]
@@ -243,3 +245,26 @@ class DispatcherTests(ServerTestCase):
         assert e.exception.code == ErrorCode.FRAME_TOO_LARGE and "4096" in e.exception.message
         out = await client.infer("tiny", {"x": batch(1)})  # the connection is intact
         assert out["y"].shape == (3, 3)
+
+    async def test_large_frames_are_received_in_place_and_answered_correctly(self) -> None:
+        await self.start_server()
+        client = await self.connect()
+        received_in_place: list[int] = []
+        original = TwinferProtocol.buffer_filled
+
+        def spy(protocol: TwinferProtocol, count: int) -> None:
+            received_in_place.append(count)
+            original(protocol, count)
+
+        self.patch(TwinferProtocol, "buffer_filled", spy)
+        # 40,000 x 4 f32 = 640 KB: received with recv_into straight into the frame.
+        xs = [
+            np.random.default_rng(i).standard_normal((40_000, 4)).astype(np.float32)
+            for i in range(6)
+        ]
+        results = await defer.gatherResults([client.infer("tiny", {"x": x}) for x in xs])
+        for x, out in zip(xs, results):
+            np.testing.assert_allclose(out["y"], builtin.tiny_reference(x)["y"], atol=1e-4)
+        [connection] = self.factory.connections
+        assert isinstance(connection.transport, DirectReadServer)
+        assert sum(received_in_place) > 6 * 500_000  # most of every body came in place

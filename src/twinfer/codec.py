@@ -142,6 +142,30 @@ class FrameDecoder:
                 self._body = None
         return frames
 
+    def read_buffer(self) -> memoryview | None:
+        """The unfilled rest of the frame body being reassembled, if any.
+
+        A transport may receive straight into it (``socket.recv_into``) and
+        then call :meth:`buffer_filled`: the body is then never copied by
+        twinfer at all. It never extends past the current frame.
+        """
+        if self.error is None and self._body is not None:
+            return memoryview(self._body)[self._filled :]
+        return None
+
+    def buffer_filled(self, count: int) -> list[Frame]:
+        """Account for ``count`` bytes received into :meth:`read_buffer`; returns
+        the frame they complete, if they do."""
+        body = self._body
+        if body is None or not 0 < count <= len(body) - self._filled:
+            raise ValueError(f"buffer_filled({count}) without a matching read_buffer()")
+        self._filled += count
+        if self._filled < len(body):
+            return []
+        mtype, flags, request_id = self._pending
+        self._body = None
+        return [Frame(mtype, flags, request_id, body)]
+
     def _feed(self, view: memoryview, frames: list[Frame]) -> None:
         end = len(view)
         pos = 0

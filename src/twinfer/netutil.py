@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from errno import EWOULDBLOCK
 from typing import Any
+
+from twisted.internet import main, tcp
 
 
 def set_no_delay(transport: Any) -> None:
@@ -18,3 +21,45 @@ def set_no_delay(transport: Any) -> None:
             set_option(True)
             return
         transport = getattr(transport, "transport", None)  # TLS wraps the TCP transport
+
+
+class DirectReadServer(tcp.Server):
+    """A TCP server transport that receives large frame bodies in place.
+
+    When its protocol offers a buffer (``read_buffer()``: the unfilled rest of
+    the frame being reassembled), bytes are received straight into it with
+    ``socket.recv_into`` and reported with ``buffer_filled(count)``: no
+    64 KiB ``bytes`` per read and no copy into the frame afterwards. Other
+    reads (headers, small frames) go through Twisted's usual ``doRead``.
+    """
+
+    #: Below this many missing bytes, the ordinary path is as good.
+    MIN_DIRECT = 16384
+
+    def doRead(self) -> Any:
+        read_buffer = getattr(self.protocol, "read_buffer", None)
+        target = read_buffer() if read_buffer is not None else None
+        if target is None or len(target) < self.MIN_DIRECT:
+            return super().doRead()
+        try:
+            count = self.socket.recv_into(target)
+        except OSError as e:
+            if e.args[0] == EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        if not count:
+            return main.CONNECTION_DONE
+        self.protocol.buffer_filled(count)  # type: ignore[attr-defined]
+        return None
+
+
+def enable_direct_reads(port: Any) -> bool:
+    """Make a listening TCP port create :class:`DirectReadServer` transports.
+
+    Only a plain ``tcp.Port`` is changed (TLS decrypts into new buffers
+    anyway); returns whether it was.
+    """
+    if type(port) is tcp.Port and port.transport is tcp.Server:
+        port.transport = DirectReadServer
+        return True
+    return False

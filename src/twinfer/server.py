@@ -106,12 +106,27 @@ class TwinferProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing or self._decoder is None:
             return
-        decoder = self._decoder
-        for frame in decoder.feed(data):
+        self._frames_received(self._decoder.feed(data))
+
+    def read_buffer(self) -> memoryview | None:
+        """Where the transport may receive the rest of a large frame in place
+        (see :class:`twinfer.netutil.DirectReadServer`)."""
+        if self._closing or self._decoder is None:
+            return None
+        return self._decoder.read_buffer()
+
+    def buffer_filled(self, count: int) -> None:
+        """``count`` bytes arrived in :meth:`read_buffer`."""
+        if self._decoder is not None:
+            self._frames_received(self._decoder.buffer_filled(count))
+
+    def _frames_received(self, frames: list[codec.Frame]) -> None:
+        for frame in frames:
             if self._closing:
                 return
             self._frame_received(frame)
-        if decoder.error is not None and not self._closing:
+        decoder = self._decoder
+        if decoder is not None and decoder.error is not None and not self._closing:
             self._fatal(0, decoder.error)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:

@@ -20,6 +20,7 @@ from twisted.python import usage
 import twinfer
 from twinfer.config import Config, ConfigError, default_config, load_config
 from twinfer.dispatcher import Dispatcher
+from twinfer.netutil import enable_direct_reads
 from twinfer.operations import (
     OPS_FLAGS,
     OPS_PARAMETERS,
@@ -119,6 +120,8 @@ class ListeningService(service.Service):
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
+        if isinstance(self._factory, TwinferFactory):
+            enable_direct_reads(port)
         host = port.getHost()
         kind = "ssl" if self._description.startswith("ssl:") else "tcp"
         log.info(
