@@ -24,21 +24,9 @@ from support import ServerTestCase, config_from
 from twinfer.backend import Engine
 from twinfer.http import HTTPFrontEnd
 from twinfer.registry import EngineFactory, LoadedModel, openvino_engine
+from twistd_process import TWISTD_TINY_CONFIG, with_server_table
 
-TINY_HTTP_CONFIG = """
-[server]
-http_max_body_size = 65536
-
-[[devices]]
-name = "cpu"
-target = "CPU"
-replicas = 2
-properties = { INFERENCE_PRECISION_HINT = "f32" }
-
-[[models]]
-name = "tiny"
-path = "builtin:tiny"
-"""
+TINY_HTTP_CONFIG = with_server_table(TWISTD_TINY_CONFIG, http_max_body_size=65536)
 
 
 #: Two image models (see :func:`write_image_models`) and ``tiny``.

@@ -24,27 +24,11 @@ from twisted.python.threadpool import ThreadPool
 from http_support import HTTPServerTestCase
 from twinfer import backend, http, kserve
 from twinfer.builtin import tiny_reference
+from twistd_process import SQUEEZENET_MODEL, TWISTD_TINY_CONFIG, with_server_table
 
 T = TypeVar("T")
 
-CONFIG = """
-[server]
-http_max_body_size = 4194304
-
-[[devices]]
-name = "cpu"
-target = "CPU"
-replicas = 2
-properties = { INFERENCE_PRECISION_HINT = "f32" }
-
-[[models]]
-name = "tiny"
-path = "builtin:tiny"
-
-[[models]]
-name = "squeezenet"
-path = "builtin:squeezenet"
-"""
+CONFIG = with_server_table(TWISTD_TINY_CONFIG + SQUEEZENET_MODEL, http_max_body_size=4194304)
 
 
 def squeezenet_reference(x: np.ndarray) -> np.ndarray:
@@ -64,9 +48,7 @@ class TritonClientTests(HTTPServerTestCase):
         self.client_thread = ThreadPool(minthreads=1, maxthreads=1, name="tritonclient")
         self.client_thread.start()
         self.addCleanup(self.client_thread.stop)
-        self.client = await self.call(
-            triton.InferenceServerClient, f"127.0.0.1:{self.http_port}"
-        )
+        self.client = await self.call(triton.InferenceServerClient, f"127.0.0.1:{self.http_port}")
         self.addCleanup(lambda: self.call(self.client.close))
 
     async def call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -95,7 +77,10 @@ class TritonClientTests(HTTPServerTestCase):
         x = np.random.default_rng(2).standard_normal((6, 4)).astype(np.float32)
         outputs = [triton.InferRequestedOutput(n, binary_data=False) for n in ("y", "label")]
         result = await self.call(
-            self.client.infer, "tiny", [self.tiny_input(x, False)], outputs=outputs,
+            self.client.infer,
+            "tiny",
+            [self.tiny_input(x, False)],
+            outputs=outputs,
             request_id="json-1",
         )
         expected = tiny_reference(x)
@@ -120,7 +105,10 @@ class TritonClientTests(HTTPServerTestCase):
             triton.InferRequestedOutput("y", binary_data=False),
         ]
         result = await self.call(
-            self.client.infer, "tiny", [self.tiny_input(x, True)], outputs=outputs,
+            self.client.infer,
+            "tiny",
+            [self.tiny_input(x, True)],
+            outputs=outputs,
             model_version="1",
         )
         expected = tiny_reference(x)
@@ -149,6 +137,7 @@ class TritonClientTests(HTTPServerTestCase):
             def wrapper(*args: Any, **kwargs: Any) -> T:
                 threads[kind].append(threading.current_thread().name)
                 return function(*args, **kwargs)
+
             return wrapper
 
         # Observe (not replace) the codec calls, to see which thread runs them.
@@ -171,17 +160,33 @@ class TritonClientTests(HTTPServerTestCase):
     async def test_errors_reach_the_client_with_status_and_message(self) -> None:
         x = np.ones((1, 4), np.float32)
         cases: list[tuple[dict[str, Any], str, str]] = [
-            ({"model_name": "nope", "inputs": [self.tiny_input(x, True)]}, "404",
-             "model 'nope' is not served here"),
-            ({"model_name": "tiny", "model_version": "3", "inputs": [self.tiny_input(x, False)]},
-             "404", "has no version '3'"),
-            ({"model_name": "tiny", "inputs": [self.tiny_input(np.ones((1, 5), np.float32),
-                                                               True)]},
-             "400", "takes shape [?,4], got [1,5]"),
-            ({"model_name": "tiny",
-              "inputs": [self.tiny_input(x, False)],
-              "outputs": [triton.InferRequestedOutput("nope")]},
-             "400", "has no output 'nope'"),
+            (
+                {"model_name": "nope", "inputs": [self.tiny_input(x, True)]},
+                "404",
+                "model 'nope' is not served here",
+            ),
+            (
+                {"model_name": "tiny", "model_version": "3", "inputs": [self.tiny_input(x, False)]},
+                "404",
+                "has no version '3'",
+            ),
+            (
+                {
+                    "model_name": "tiny",
+                    "inputs": [self.tiny_input(np.ones((1, 5), np.float32), True)],
+                },
+                "400",
+                "takes shape [?,4], got [1,5]",
+            ),
+            (
+                {
+                    "model_name": "tiny",
+                    "inputs": [self.tiny_input(x, False)],
+                    "outputs": [triton.InferRequestedOutput("nope")],
+                },
+                "400",
+                "has no output 'nope'",
+            ),
         ]
         wrong = triton.InferInput("x", [1, 4], "FP64")
         wrong.set_data_from_numpy(np.ones((1, 4), np.float64), binary_data=True)

@@ -15,22 +15,9 @@ from tritonclient.utils import InferenceServerException
 
 from twinfer.blocking import BlockingClient
 from twinfer.builtin import tiny_reference
-from twistd_process import ServerProcess, StartTwistd
+from twistd_process import TWISTD_TINY_CONFIG, ServerProcess, StartTwistd, with_server_table
 
-CONFIG = """
-[server]
-http_max_body_size = 1048576
-
-[[devices]]
-name = "cpu"
-target = "CPU"
-replicas = 2
-properties = { INFERENCE_PRECISION_HINT = "f32" }
-
-[[models]]
-name = "tiny"
-path = "builtin:tiny"
-"""
+CONFIG = with_server_table(TWISTD_TINY_CONFIG, http_max_body_size=1048576)
 
 _HTTP_LISTENING = re.compile(r"twinfer http listening on (\w+):(.+):(?P<port>\d+)$", re.M)
 
@@ -136,9 +123,7 @@ def test_binary_and_http_front_ends_share_the_server(server: Twistd) -> None:
     assert "twinfer http listening on tcp:127.0.0.1:" in server.log()
 
 
-def test_http_over_tls(
-    start_twistd: StartTwistd, tmp_path_factory: pytest.TempPathFactory
-) -> None:
+def test_http_over_tls(start_twistd: StartTwistd, tmp_path_factory: pytest.TempPathFactory) -> None:
     cert, key = self_signed(tmp_path_factory.mktemp("https"))
     endpoint = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
     process = start_twistd(CONFIG, args=[f"--http-port={endpoint}"])

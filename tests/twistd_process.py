@@ -29,6 +29,20 @@ name = "tiny"
 path = "builtin:tiny"
 """
 
+#: The builtin SqueezeNet, to append to a configuration.
+SQUEEZENET_MODEL = """
+[[models]]
+name = "squeezenet"
+path = "builtin:squeezenet"
+"""
+
+
+def with_server_table(config: str, **keys: int) -> str:
+    """``config`` with a ``[server]`` table of ``keys`` in front of it."""
+    lines = "".join(f"{key} = {value}\n" for key, value in keys.items())
+    return f"[server]\n{lines}\n{config}"
+
+
 LOOPBACK_PORT = "tcp:0:interface=127.0.0.1"
 _LISTENING = re.compile(r"twinfer listening on (?P<kind>\w+):(?P<host>.+):(?P<port>\d+)$", re.M)
 
@@ -111,9 +125,7 @@ def launch_twistd(
     stderr_path = directory / "twistd.stderr"
     with stderr_path.open("wb") as stderr:
         # (A file, not a pipe: nobody reads a pipe while the server runs.)
-        process = subprocess.Popen(
-            command, cwd=directory, stdout=subprocess.DEVNULL, stderr=stderr
-        )
+        process = subprocess.Popen(command, cwd=directory, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + timeout
     while True:
         text = log_path.read_text(errors="replace") if log_path.exists() else ""
