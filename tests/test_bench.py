@@ -20,7 +20,11 @@ import pytest
 from twisted.internet import reactor
 
 from support import ServerTestCase
-from twinfer import bench, codec
+from twinfer import codec
+from twinfer.bench.inputs import make_inputs
+from twinfer.bench.load import split
+from twinfer.bench.loop import ClosedLoop
+from twinfer.bench.report import Progress, Samples, format_row, merge, summarize
 from twinfer.client import connect
 from twinfer.messages import DType, InferRequest, Metadata, TensorSpec
 from twistd_process import ServerProcess
@@ -34,9 +38,9 @@ def samples(
     end: int = 1_000_000_000,
     errors: dict[str, int] | None = None,
     cpu: float = 0.0,
-) -> bench.Samples:
+) -> Samples:
     latency = np.array([int(ms * 1e6) for ms in latency_ms], dtype=np.int64)
-    return bench.Samples(
+    return Samples(
         latency_ns=latency,
         queue_us=np.full(len(latency), 100, dtype=np.int64),
         compute_us=np.full(len(latency), 200, dtype=np.int64),
@@ -53,7 +57,7 @@ def test_merged_percentiles_are_those_of_the_union() -> None:
     rng = np.random.default_rng(1)
     fast = list(rng.uniform(0.5, 1.5, 990))
     slow = list(rng.uniform(99.0, 101.0, 10))
-    merged = bench.summarize(bench.merge([samples(fast), samples(slow)]))
+    merged = summarize(merge([samples(fast), samples(slow)]))
     union = np.array(fast + slow)
     expected = np.percentile(union, [50, 90, 99])
     assert merged["latency_ms"]["p50"] == pytest.approx(expected[0], rel=1e-6)
@@ -75,11 +79,11 @@ def test_merge_adds_errors_and_cpu_and_spans_the_windows() -> None:
         errors={"OVERLOADED": 1, "CANCELLED": 4},
         cpu=0.25,
     )
-    merged = bench.merge([a, b])
+    merged = merge([a, b])
     assert merged.errors == {"OVERLOADED": 3, "CANCELLED": 4}
     assert merged.start_ns == 1_000_000_000 and merged.end_ns == 3_500_000_000
     assert merged.cpu_seconds == 0.75
-    summary = bench.summarize(merged)
+    summary = summarize(merged)
     assert summary["window_s"] == pytest.approx(2.5)
     assert summary["throughput"] == pytest.approx(40 / 2.5)
     assert summary["error_count"] == 7
@@ -87,7 +91,7 @@ def test_merge_adds_errors_and_cpu_and_spans_the_windows() -> None:
 
 
 def test_summarize_reports_the_servers_split_and_the_rest() -> None:
-    summary = bench.summarize(samples([1.0, 1.0, 1.0]))
+    summary = summarize(samples([1.0, 1.0, 1.0]))
     assert summary["queue_ms"]["p50"] == pytest.approx(0.1)
     assert summary["compute_ms"]["p50"] == pytest.approx(0.2)
     # 1 ms observed, 0.3 ms of it accounted for by the server's queue and device.
@@ -95,21 +99,21 @@ def test_summarize_reports_the_servers_split_and_the_rest() -> None:
 
 
 def test_summarize_with_no_successful_request_has_no_percentiles() -> None:
-    summary = bench.summarize(samples([], errors={"UNAVAILABLE": 5}))
+    summary = summarize(samples([], errors={"UNAVAILABLE": 5}))
     assert summary["count"] == 0
     assert summary["latency_ms"]["p50"] is None
     json.dumps(summary, allow_nan=False)  # stays valid JSON
-    assert "-" in bench.format_row({**summary, "concurrency": 1})
+    assert "-" in format_row({**summary, "concurrency": 1})
 
 
 def test_merge_of_nothing_is_an_error() -> None:
     with pytest.raises(ValueError):
-        bench.merge([])
+        merge([])
 
 
 @pytest.mark.parametrize("total,parts", [(1, 1), (7, 3), (64, 2), (2, 4)])
 def test_split_is_near_equal_and_complete(total: int, parts: int) -> None:
-    shares = bench.split(total, parts)
+    shares = split(total, parts)
     assert len(shares) == parts and sum(shares) == total
     assert max(shares) - min(shares) <= 1
 
@@ -124,26 +128,26 @@ IMAGE = Metadata(
 
 
 def test_random_inputs_match_the_metadata_and_are_sent_without_copy() -> None:
-    inputs = bench.make_inputs(IMAGE, shapes={"image": (2, 3, 8, 8)})
+    inputs = make_inputs(IMAGE, shapes={"image": (2, 3, 8, 8)})
     assert inputs["image"].shape == (2, 3, 8, 8) and inputs["image"].dtype == np.float32
     assert inputs["ids"].shape == (4,) and inputs["ids"].dtype == np.int64
     for array in inputs.values():
         # The codec hands the very bytes object to the transport.
         assert type(codec.tensor_payload(array)) is bytes
     # Dynamic dimensions default to 1.
-    assert bench.make_inputs(IMAGE)["image"].shape == (1, 3, 8, 8)
+    assert make_inputs(IMAGE)["image"].shape == (1, 3, 8, 8)
 
 
 def test_file_inputs_are_used_and_checked() -> None:
     image = np.arange(192, dtype=np.float32).reshape(1, 3, 8, 8)
-    inputs = bench.make_inputs(IMAGE, files={"image": image})
+    inputs = make_inputs(IMAGE, files={"image": image})
     np.testing.assert_array_equal(inputs["image"], image)
     with pytest.raises(ValueError, match="'image'.*float64.*f32"):
-        bench.make_inputs(IMAGE, files={"image": image.astype(np.float64)})
+        make_inputs(IMAGE, files={"image": image.astype(np.float64)})
     with pytest.raises(ValueError, match="no input 'label'"):
-        bench.make_inputs(IMAGE, files={"label": image})
+        make_inputs(IMAGE, files={"label": image})
     with pytest.raises(ValueError, match="'image'.*does not fit"):
-        bench.make_inputs(IMAGE, shapes={"image": (1, 4, 8, 8)})
+        make_inputs(IMAGE, shapes={"image": (1, 4, 8, 8)})
 
 
 # -- the closed loop against a real in-process server ---------------------------
@@ -155,7 +159,7 @@ class ClosedLoopTests(ServerTestCase):
         clients = [await connect(reactor, f"tcp:127.0.0.1:{port}") for _ in range(2)]
         self.close_clients_on_cleanup(*clients)
         message = InferRequest("tiny", {"x": np.ones((1, 4), np.float32)})
-        loop = bench.ClosedLoop(reactor, [c.protocol for c in clients], message, 4, requests=37)
+        loop = ClosedLoop(reactor, [c.protocol for c in clients], message, 4, requests=37)
         result = await loop.start()
         assert result.count == 37 and not result.errors
         # Closed loop: nothing beyond the 37 went out, over both connections.
@@ -170,7 +174,7 @@ class ClosedLoopTests(ServerTestCase):
         client = await connect(reactor, f"tcp:127.0.0.1:{port}")
         self.close_clients_on_cleanup(client)
         message = InferRequest("tiny", {"x": np.ones((1, 4), np.float32)})
-        loop = bench.ClosedLoop(reactor, [client.protocol], message, 2, duration=0.3, warmup=0.1)
+        loop = ClosedLoop(reactor, [client.protocol], message, 2, duration=0.3, warmup=0.1)
         started = time.monotonic_ns()
         result = await loop.start()
         assert result.end_ns - result.start_ns == 300_000_000
@@ -183,7 +187,7 @@ class ClosedLoopTests(ServerTestCase):
         client = await connect(reactor, f"tcp:127.0.0.1:{port}")
         self.close_clients_on_cleanup(client)
         wrong = InferRequest("tiny", {"x": np.ones((1, 5), np.float32)})  # 5 != 4 columns
-        loop = bench.ClosedLoop(reactor, [client.protocol], wrong, 3, requests=20)
+        loop = ClosedLoop(reactor, [client.protocol], wrong, 3, requests=20)
         result = await loop.start()
         assert result.count == 0
         assert result.errors == {"INVALID_SHAPE": 20}
@@ -323,11 +327,11 @@ def test_bench_command_reports_an_unreachable_server() -> None:
 
 def test_progress_line_only_when_enabled() -> None:
     stream = io.StringIO()
-    progress = bench.Progress(stream)  # a StringIO is not a terminal
+    progress = Progress(stream)  # a StringIO is not a terminal
     progress.reset()
     progress.update("concurrency 4", 100, 1.0, 10.0)
     assert stream.getvalue() == ""
-    progress = bench.Progress(stream, enabled=True)
+    progress = Progress(stream, enabled=True)
     progress.interval = 0.0
     progress.reset()
     progress.update("concurrency 4", 100, 1.5, 12.5)
