@@ -26,7 +26,6 @@ import os
 import platform
 import re
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -134,6 +133,8 @@ def python_loop(model_path: str, seconds: float) -> dict[str, Any]:
     import numpy as np
     import openvino as ov
 
+    from twinfer.bench.report import percentiles
+
     core = ov.Core()
     compiled = core.compile_model(
         core.read_model(model_path), "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"}
@@ -153,21 +154,11 @@ def python_loop(model_path: str, seconds: float) -> dict[str, Any]:
         latencies.append(time.perf_counter() - t)
     wall = time.perf_counter() - started
     cpu = time.process_time() - cpu0
-    latencies.sort()
-
-    def pct(p: float) -> float:
-        return 1e3 * latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))]
-
     return {
         "count": len(latencies),
         "throughput": len(latencies) / wall,
-        "latency_ms": {
-            "p50": pct(50),
-            "p90": pct(90),
-            "p99": pct(99),
-            "max": 1e3 * latencies[-1],
-            "mean": 1e3 * statistics.fmean(latencies),
-        },
+        # The same percentiles as twinfer bench's, so the two compare like for like.
+        "latency_ms": percentiles(np.array(latencies), 1e3),
         "cpu_percent": 100 * cpu / wall,
         "streams": int(compiled.get_property("NUM_STREAMS")),
         "inference_precision": str(compiled.get_property("INFERENCE_PRECISION_HINT")),
