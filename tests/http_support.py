@@ -122,10 +122,8 @@ class HTTPServerTestCase(ServerTestCase):
         True for the real :mod:`twinfer.tasks`, or a stand-in module.
         """
         text = config_text or self.config_text
-        await self.start_server(text, engine_factory, base_dir=base_dir)
-        self.front = HTTPFrontEnd(
-            self.dispatcher, config_from(text, base_dir), reactor, tasks=tasks
-        )
+        await self.start_server(text, engine_factory, base_dir=base_dir, tasks=tasks)
+        self.front = HTTPFrontEnd(self.dataplane, config_from(text, base_dir), reactor)
         self.front.startService()
         self.addCleanup(self.front.stopService)
         endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")

@@ -8,10 +8,9 @@ from twisted.internet import endpoints, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 
-from support import ServerTestCase, config_from
+from support import ServerTestCase
 from twinfer.console import PROMPT, ConsoleFactory, make_portal
 from twinfer.control import Controller
-from twinfer.stats import Stats
 
 _ENDINGS = (PROMPT, b"Username: ", b"Password: ")
 
@@ -63,15 +62,9 @@ class OpsServerTestCase(ServerTestCase):
 
     async def start_ops_server(self, config_text: str | None = None, **kwargs: Any) -> int:
         port = await self.start_server(config_text, **kwargs)
-        self.config = config_from(config_text or self.config_text)
-        self.stats = Stats()
-        self.controller = Controller(
-            self.config, self.dispatcher, reactor, stats=self.stats
-        )
-        self.factory.stats = self.stats
-        self.dispatcher.stats = self.stats
+        self.controller = Controller(self.config, self.dataplane, reactor)
+        self.stats = self.dataplane.stats
         self.factory.controller = self.controller
-        self.controller.factories.append(self.factory)
         return port
 
     async def start_console(self, credentials: str | None = None) -> int:

@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
 from twinfer.config import Config, loads_config
+from twinfer.dataplane import DataPlane
 from twinfer.dispatcher import Dispatcher
 from twinfer.netutil import enable_direct_reads
 from twinfer.registry import EngineFactory, build_dispatcher, load_models, openvino_engine
@@ -64,14 +65,20 @@ class ServerTestCase(unittest.TestCase):
         config_text: str | None = None,
         engine_factory: EngineFactory = openvino_engine,
         base_dir: Path = Path("."),
+        tasks: Any = True,
     ) -> Deferred[int]:
-        """Load the config's models, start workers and listen; fires with the port."""
+        """Load the config's models, start workers and listen; fires with the port.
+
+        ``tasks``: the data plane's image tasks (True: :mod:`twinfer.tasks`).
+        """
         config = config_from(config_text or self.config_text, base_dir)
+        self.config = config
         loaded = load_models(config)
         self.dispatcher: Dispatcher = build_dispatcher(config, loaded, reactor, engine_factory)
         self.dispatcher.start()
         self.addCleanup(self.dispatcher.stop)
-        self.factory = TwinferFactory(self.dispatcher, config.server)
+        self.dataplane = DataPlane(self.dispatcher, tasks=tasks)
+        self.factory = TwinferFactory(self.dataplane, config.server)
         endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
         d = endpoint.listen(self.factory)
 

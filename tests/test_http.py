@@ -213,11 +213,11 @@ class SeedTasksTests(HTTPServerTestCase):
                          "detection_box": [0, 0, 4, 1]}]
 
             @staticmethod
-            def predict_image(dispatcher, model, image):  # type: ignore[no-untyped-def]
+            def submit_image(dispatcher, model, image, task):  # type: ignore[no-untyped-def]
                 from twisted.internet.defer import Deferred
 
                 calls.append((model, bytes(image)))
-                return Deferred.fromCoroutine(Tasks._predict(dispatcher, model, image))
+                return "classify", Deferred.fromCoroutine(Tasks._predict(dispatcher, model, image))
 
             @staticmethod
             def task_info(dispatcher, model):  # type: ignore[no-untyped-def]

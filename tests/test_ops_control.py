@@ -126,15 +126,18 @@ class ControlTests(OpsServerTestCase):
         self.assertTrue((await client.health()).ready)
         self.assertIn("unloaded sq", await client.admin(AdminRequest("unload", "sq")))
 
-    async def test_requests_from_any_front_end_are_counted_where_they_are_queued(self) -> None:
+    async def test_requests_from_any_front_end_are_counted_by_the_data_plane(self) -> None:
         await self.start_ops_server()
         x = np.ones((2, 4), np.float32)
-        # As the HTTP front end and the image tasks do: straight to the dispatcher.
-        for _ in range(3):
-            await self.dispatcher.submit("tiny", {"x": x})
+        # As the HTTP front end does: a session of its own on the same data plane.
+        session = self.dataplane.open_session("http")
+        for i in range(3):
+            await self.dataplane.infer(session, i, "tiny", {"x": x})
         with self.assertRaises(TwinferError):
-            self.dispatcher.submit("tiny", {"x": x.astype(np.float64)})
+            await self.dataplane.infer(session, 9, "tiny", {"x": x.astype(np.float64)})
         model = self.stats.model("tiny")
         self.assertEqual(model.count, 4)
         self.assertEqual(model.errors, 1)
         self.assertEqual(model.compute.count, 3)
+        self.assertEqual(self.stats.requests[("tiny", "OK", "http")], 3)
+        self.assertEqual(self.stats.requests[("tiny", "INVALID_DTYPE", "http")], 1)

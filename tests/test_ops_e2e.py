@@ -166,7 +166,8 @@ class TwistdTests(unittest.TestCase):
         self.assertEqual(await get(b"/healthz"), (200, "ok\n"))
         self.assertEqual(await get(b"/readyz"), (200, "ready\n"))
         _, before = await get(b"/metrics")
-        self.assertNotIn('twinfer_requests_total{code="OK",model="tiny"}', before)
+        ok = 'twinfer_requests_total{code="OK",frontend="binary",model="tiny"}'
+        self.assertNotIn(ok, before)
         client = await connect(reactor, f"tcp:127.0.0.1:{proc.ports['protocol']}")
         for _ in range(7):
             await client.infer("tiny", {"x": np.ones((5, 4), np.float32)})
@@ -181,10 +182,9 @@ class TwistdTests(unittest.TestCase):
             assert found is not None
             return float(found.group(1))
 
-        self.assertEqual(value(after, 'twinfer_requests_total{code="OK",model="tiny"}'), 7)
-        self.assertEqual(
-            value(after, 'twinfer_requests_total{code="INVALID_SHAPE",model="tiny"}'), 1
-        )
+        self.assertEqual(value(after, ok), 7)
+        bad_shape = 'twinfer_requests_total{code="INVALID_SHAPE",frontend="binary",model="tiny"}'
+        self.assertEqual(value(after, bad_shape), 1)
         self.assertEqual(value(after, 'twinfer_request_seconds_count{model="tiny"}'), 8)
         self.assertEqual(value(after, 'twinfer_compute_seconds_count{model="tiny"}'), 7)
         self.assertEqual(value(after, 'twinfer_batch_size_bucket{le="4.0",model="tiny"}'), 0)

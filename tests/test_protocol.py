@@ -16,6 +16,7 @@ from twisted.trial import unittest
 from twinfer import builtin, codec
 from twinfer.backend import Signature
 from twinfer.config import ServerConfig
+from twinfer.dataplane import DataPlane
 from twinfer.dispatcher import Dispatcher, InferResult, Job, JobQueue, ModelEntry, WorkerState
 from twinfer.errors import ErrorCode
 from twinfer.messages import (
@@ -73,8 +74,9 @@ class ProtocolFixture(unittest.TestCase):
             clock=self.clock,
         )
         self.dispatcher.start()
+        self.dataplane = DataPlane(self.dispatcher)
         self.factory = TwinferFactory(
-            self.dispatcher, ServerConfig(max_frame_size=4096, max_inflight_per_connection=5)
+            self.dataplane, ServerConfig(max_frame_size=4096, max_inflight_per_connection=5)
         )
         self.proto, self.transport = self.connect()
 

@@ -42,7 +42,8 @@ from twinfer.config import (
     ModelConfig,
     load_config,
 )
-from twinfer.dispatcher import Dispatcher, Job, JobQueue, ModelEntry, Worker
+from twinfer.dataplane import DataPlane, Session
+from twinfer.dispatcher import Job, JobQueue, ModelEntry, Worker
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.messages import AdminRequest, Health
 from twinfer.registry import (
@@ -55,7 +56,6 @@ from twinfer.registry import (
     make_worker,
     openvino_engine,
 )
-from twinfer.stats import Stats
 
 log = Logger()
 
@@ -102,32 +102,29 @@ class _Compiled:
 class Controller:
     """Owns runtime changes to the served models, and reports on the server's state.
 
-    ``factories`` (the protocol front ends) are registered by ``tap`` so that
-    connections and requests in flight can be counted and closed.
+    Connections, requests in flight and request statistics are the data
+    plane's, over every front end.
     """
 
     def __init__(
         self,
         config: Config,
-        dispatcher: Dispatcher,
+        dataplane: DataPlane,
         reactor: Any,
         *,
-        stats: Stats | None = None,
         engine_factory: EngineFactory = openvino_engine,
         config_path: str | None = None,
     ) -> None:
         self.config = config
-        self.dispatcher = dispatcher
+        self.dataplane = dataplane
+        self.dispatcher = dispatcher = dataplane.dispatcher
         self.reactor = reactor
-        self.stats = stats or Stats()
+        self.stats = dataplane.stats
         self.engine_factory = engine_factory
         #: The file re-read on SIGHUP (None: the embedded default).
         self.config_path = config_path
         #: The models that should be served, as last loaded.
         self.models: dict[str, ModelConfig] = {m.name: m for m in config.models}
-        self.factories: list[Any] = []
-        #: Set when the server starts shutting down; readiness turns false.
-        self.closing = False
         self._lock = DeferredLock()
         self._stamps = {m.name: file_stamp(config.model_path(m)) for m in config.models}
         now = time.monotonic()
@@ -202,6 +199,15 @@ class Controller:
 
     # -- state, for the console, metrics and health -------------------------
 
+    @property
+    def closing(self) -> bool:
+        """Whether the server is shutting down (readiness is then false)."""
+        return self.dataplane.draining
+
+    def begin_drain(self) -> None:
+        """Start shutting down: every front end refuses new requests."""
+        self.dataplane.begin_drain()
+
     def health(self) -> Health:
         """Liveness (the reactor answered) and readiness (see :class:`~twinfer.messages.Health`)."""
         if self.closing:
@@ -218,13 +224,13 @@ class Controller:
                 problems.append(f"model {name!r} has no healthy device")
         return Health(True, not problems, "; ".join(problems))
 
-    def connections(self) -> list[Any]:
-        """Open protocol connections, over every front end."""
-        return [p for f in self.factories for p in f.connections]
+    def connections(self) -> list[Session]:
+        """Open client connections, over every front end."""
+        return list(self.dataplane.sessions())
 
     def inflight(self) -> int:
-        """Requests queued or running, over every connection."""
-        return sum(len(p.inflight) for p in self.connections())
+        """Requests queued or running, over every front end."""
+        return self.dataplane.inflight()
 
     def device_names(self) -> list[str]:
         """Configured device names."""

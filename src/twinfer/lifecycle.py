@@ -109,9 +109,7 @@ class ServingService(service.Service):
         """Drain and stop; fires when every connection is closed."""
         controller = self.controller
         dispatcher = controller.dispatcher
-        controller.closing = True
-        for factory in controller.factories:
-            factory.closing = True
+        controller.begin_drain()  # every front end: UNAVAILABLE for new requests
         dispatcher.started = False  # any other front end: UNAVAILABLE too
         jobs = self.pending_jobs()
         log.info(

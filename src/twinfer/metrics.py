@@ -48,18 +48,24 @@ class TwinferCollector(Collector):
 
         requests = CounterMetricFamily(
             "twinfer_requests",
-            "Inference requests answered, by model and outcome (OK or an error code name).",
-            labels=["model", "code"],
+            "Inference requests answered, by model (empty: not served here), outcome "
+            "(OK or an error code name) and front end; refusals included.",
+            labels=["model", "code", "frontend"],
         )
-        per_model: dict[str, int] = {}
-        for model, model_stats in list(stats.models.items()):
-            for code, n in list(model_stats.codes.items()):
-                requests.add_metric([model, code], n)
-                per_model[code] = per_model.get(code, 0) + n
-        for code, n in list(stats.totals.items()):
-            if n - per_model.get(code, 0):  # requests for models not served
-                requests.add_metric(["", code], n - per_model.get(code, 0))
+        for (model, code, via), n in list(stats.requests.items()):
+            requests.add_metric([model, code, via], n)
         yield requests
+        protocol_errors = CounterMetricFamily(
+            "twinfer_protocol_errors",
+            "Bytes refused before they became a request (malformed frames...), by front "
+            "end and error code.",
+            labels=["frontend", "code"],
+        )
+        frontends = list(controller.dataplane.frontends.values())
+        for front in frontends:
+            for code, n in list(front.protocol_errors.items()):
+                protocol_errors.add_metric([front.name, code], n)
+        yield protocol_errors
 
         families = {
             "queue": HistogramMetricFamily(
@@ -90,12 +96,18 @@ class TwinferCollector(Collector):
             for queue in entry.queues:
                 depth.add_metric([entry.name, queue.name], queue.depth)
         yield depth
-        yield GaugeMetricFamily(
-            "twinfer_inflight", "Inference requests queued or running.", value=controller.inflight()
+        inflight = GaugeMetricFamily(
+            "twinfer_inflight", "Inference requests queued or running.", labels=["frontend"]
         )
-        yield GaugeMetricFamily(
-            "twinfer_connections", "Open protocol connections.", value=len(controller.connections())
+        connections = GaugeMetricFamily(
+            "twinfer_connections", "Open client connections (HTTP keep-alive included).",
+            labels=["frontend"],
         )
+        for front in frontends:
+            inflight.add_metric([front.name], front.inflight)
+            connections.add_metric([front.name], len(front.sessions))
+        yield inflight
+        yield connections
 
         busy = CounterMetricFamily(
             "twinfer_device_busy_seconds", "Seconds devices spent computing.", labels=["device"]

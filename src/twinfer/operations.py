@@ -14,7 +14,7 @@ from twisted.application import service
 from twisted.python import usage
 
 from twinfer.config import Config
-from twinfer.dispatcher import Dispatcher
+from twinfer.dataplane import DataPlane
 from twinfer.server import TwinferFactory
 
 OPS_PARAMETERS: list[list[Any]] = [
@@ -99,23 +99,18 @@ def add_operations_services(
     top: service.MultiService,
     options: usage.Options,
     config: Config,
-    dispatcher: Dispatcher,
+    dataplane: DataPlane,
     factory: TwinferFactory,
     reactor: Any,
 ) -> None:
     """Add the serving (graceful drain), console and metrics services to ``top``."""
     from twinfer.control import Controller
     from twinfer.lifecycle import ServingService
-    from twinfer.stats import Stats
     from twinfer.tap import ListeningService
 
-    stats = Stats()
-    controller = Controller(config, dispatcher, reactor, stats=stats, config_path=options["config"])
-    factory.stats = stats
-    dispatcher.stats = stats  # every front end's requests are counted where they are queued
+    controller = Controller(config, dataplane, reactor, config_path=options["config"])
     factory.controller = controller
     factory.allow_admin = bool(options["allow-admin"])
-    controller.factories.append(factory)
     ServingService(
         controller, reactor, drain_timeout=options["drain-timeout"], handle_sighup=True
     ).setServiceParent(top)

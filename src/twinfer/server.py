@@ -1,18 +1,18 @@
-"""The Twisted front end: a thin ``Protocol`` adapter around the wire codec.
+"""The binary front end: a thin ``Protocol`` adapter around the wire codec.
 
 :class:`TwinferProtocol` feeds received bytes to a
-:class:`~twinfer.codec.FrameDecoder`, turns each message into a call on the
-:class:`~twinfer.dispatcher.Dispatcher`, and writes replies as they complete
-(out of order, matched by request id).  It does no inference and no heavy
+:class:`~twinfer.codec.FrameDecoder`, turns each request into a call on the
+:class:`~twinfer.dataplane.DataPlane` (which admits, validates, queues and
+counts it), and writes replies as they complete (out of order, matched by
+request id).  It does no inference and no heavy
 copying: the reactor thread only parses, queues and writes.
 """
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IAddress, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -22,7 +22,8 @@ from zope.interface import implementer
 import twinfer
 from twinfer import codec
 from twinfer.config import ServerConfig
-from twinfer.dispatcher import Dispatcher, InferResult
+from twinfer.dataplane import DataPlane, ImagePredictions, Session
+from twinfer.dispatcher import InferResult
 from twinfer.errors import CodecError, ErrorCode, TwinferError
 from twinfer.messages import (
     PROTOCOL_VERSION,
@@ -46,16 +47,15 @@ from twinfer.messages import (
     Predictions,
 )
 from twinfer.netutil import set_no_delay
-from twinfer.tasks import predict_image
-from twinfer.tasks.config import TASKS
 
 if TYPE_CHECKING:
     from twinfer.control import Controller
-    from twinfer.stats import Stats
 
 log = Logger()
 
 AGENT = f"twinfer/{twinfer.__version__}"
+#: This front end's name in the data plane's counts and the metrics' labels.
+FRONTEND = "binary"
 SUPPORTED_VERSIONS = range(1, PROTOCOL_VERSION + 1)
 
 
@@ -88,12 +88,21 @@ class TwinferProtocol(Protocol):
         self._decoder: codec.FrameDecoder | None = None
         self._version = 0
         self._closing = False
-        #: Pending requests: request id -> the job's Deferred.
-        self.inflight: dict[int, Deferred[Any]] = {}
-        self.requests = 0
+        #: This connection as the data plane sees it (set when connected).
+        self.session: Session | None = None
         #: Why reading from this client is paused: "writes" (its replies are
         #: not being read) and/or "load" (it fills a saturated queue).
         self.paused_for: set[str] = set()
+
+    @property
+    def inflight(self) -> dict[Any, Any]:
+        """Requests queued or running for this connection, by request id."""
+        return self.session.inflight if self.session is not None else {}
+
+    @property
+    def requests(self) -> int:
+        """Inference and image requests this connection made."""
+        return self.session.requests if self.session is not None else 0
 
     # -- Twisted events -----------------------------------------------------
 
@@ -101,6 +110,9 @@ class TwinferProtocol(Protocol):
         set_no_delay(self.transport)
         self._decoder = codec.FrameDecoder(self.factory.config.max_frame_size)
         self.transport.registerProducer(_ReadThrottle(self), True)
+        self.session = self.factory.dataplane.open_session(
+            FRONTEND, self.transport, self.factory.config.max_inflight_per_connection
+        )
         self.factory.connections.add(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -133,9 +145,8 @@ class TwinferProtocol(Protocol):
         self._closing = True
         self.factory.connections.discard(self)
         self.factory.paused_for_load.discard(self)
-        inflight, self.inflight = self.inflight, {}
-        for d in inflight.values():
-            d.cancel()  # queued jobs never run; running ones' results are dropped
+        if self.session is not None:
+            self.session.close()  # queued jobs never run; running ones' results are dropped
 
     # -- messages -----------------------------------------------------------
 
@@ -144,6 +155,7 @@ class TwinferProtocol(Protocol):
             message = codec.decode_message(frame)
         except CodecError as e:
             if isinstance(e.code, ErrorCode) and not e.code.closes_connection and self._version:
+                self.factory.dataplane.protocol_error(FRONTEND, e.code)
                 self._send_error(frame.request_id, e.code, e.message)
             else:
                 self._fatal(frame.request_id, e)
@@ -153,6 +165,7 @@ class TwinferProtocol(Protocol):
             return
         handler = self._HANDLERS.get(type(message))
         if handler is None:
+            self.factory.dataplane.protocol_error(FRONTEND, ErrorCode.UNSUPPORTED_MESSAGE)
             self._send_error(
                 frame.request_id,
                 ErrorCode.UNSUPPORTED_MESSAGE,
@@ -201,74 +214,22 @@ class TwinferProtocol(Protocol):
             return
         self._write(codec.encode_message(request_id, metadata))
 
-    def _admit(self, request_id: int, model: str, started: float) -> bool:
-        """Whether a new request may start: its id is free, the in-flight limit
-        is not reached and the server is not shutting down."""
-        if request_id in self.inflight:
-            self._refuse(
-                request_id,
-                model,
-                started,
-                ErrorCode.DUPLICATE_REQUEST_ID,
-                f"request id {request_id} is already in flight on this connection",
-            )
-            return False
-        limit = self.factory.config.max_inflight_per_connection
-        if len(self.inflight) >= limit:
-            self._refuse(
-                request_id,
-                model,
-                started,
-                ErrorCode.OVERLOADED,
-                f"this connection already has {limit} requests in flight (the limit)",
-            )
-            return False
-        if self.factory.closing:
-            self._refuse(
-                request_id,
-                model,
-                started,
-                ErrorCode.UNAVAILABLE,
-                "the server is shutting down and accepts no new requests",
-            )
-            return False
-        return True
-
-    def _refuse(
-        self, request_id: int, model: str, started: float, code: int, message: str
-    ) -> None:
-        """Answer a request that was not queued with an error (and count it)."""
-        self._count(model, code, started)
-        self._send_error(request_id, code, message)
-
-    def _count(self, model: str, code: int, started: float) -> None:
-        """Count a request refused before it reached the dispatcher (which
-        counts everything submitted to it)."""
-        stats = self.factory.stats
-        if stats is None:
-            return
-        name = getattr(code, "name", str(code))
-        known = model in self.factory.dispatcher.models or model in stats.models
-        stats.request_done(model, name, time.monotonic() - started, known=known)
-
     def _on_infer(self, request_id: int, message: InferRequest) -> None:
-        self.requests += 1
-        started = time.monotonic()
-        if not self._admit(request_id, message.model, started):
-            return
-        try:
-            d = self.factory.dispatcher.submit(
-                message.model,
-                message.inputs,
-                message.outputs,
-                timeout_ms=message.timeout_ms,
-                priority=message.priority,
-            )
-        except TwinferError as e:  # (counted by the dispatcher)
-            self._send_error(request_id, e.code, e.message)
-            return
-        self.inflight[request_id] = d
-        if self.factory.dispatcher.saturated(message.model) and self.factory.is_busiest(self):
+        assert self.session is not None
+        d = self.factory.dataplane.infer(
+            self.session,
+            request_id,
+            message.model,
+            message.inputs,
+            message.outputs,
+            timeout_ms=message.timeout_ms,
+            priority=message.priority,
+        )
+        if (
+            not d.called
+            and self.factory.dispatcher.saturated(message.model)
+            and self.factory.is_busiest(self)
+        ):
             # Back-pressure instead of buffering: stop reading this client's
             # requests until the queue drains to its low watermark.
             self.pause_reading("load")
@@ -277,27 +238,15 @@ class TwinferProtocol(Protocol):
         )
 
     def _on_image(self, request_id: int, message: ImageRequest) -> None:
-        self.requests += 1
-        if not self._admit(request_id, message.model, time.monotonic()):
-            return
-        if message.task and message.task not in TASKS:
-            self._refuse(
-                request_id,
-                message.model,
-                time.monotonic(),
-                ErrorCode.INVALID_INPUT,
-                f"unknown task {message.task!r} (expected {' or '.join(TASKS)})",
-            )
-            return
+        assert self.session is not None
         # Decoding, inference and post-processing all run in the device thread.
-        d = predict_image(
-            self.factory.dispatcher, message.model, message.image, message.task or None
+        d = self.factory.dataplane.predict_image(
+            self.session, request_id, message.model, message.image, message.task or None
         )
-        self.inflight[request_id] = d
         d.addCallbacks(
             self._reply_predictions,
             self._reply_failed,
-            callbackArgs=(request_id, message.model),
+            callbackArgs=(request_id,),
             errbackArgs=(request_id,),
         )
 
@@ -306,7 +255,7 @@ class TwinferProtocol(Protocol):
         if controller is not None:
             health = controller.health()
         else:
-            started = self.factory.dispatcher.started and not self.factory.closing
+            started = self.factory.dispatcher.started and not self.factory.dataplane.draining
             health = Health(True, started, "" if started else "the server is not running")
         self._write(codec.encode_message(request_id, health))
 
@@ -342,9 +291,8 @@ class TwinferProtocol(Protocol):
 
     def _on_cancel(self, request_id: int, message: Cancel) -> None:
         # Unknown ids are ignored: the reply may already be on its way.
-        d = self.inflight.get(request_id)
-        if d is not None:
-            d.cancel()
+        if self.session is not None:
+            self.session.cancel(request_id)
 
     _HANDLERS: dict[type, Any] = {
         Hello: _on_hello,
@@ -379,7 +327,6 @@ class TwinferProtocol(Protocol):
     # -- replies ------------------------------------------------------------
 
     def _reply(self, result: InferResult, request_id: int) -> None:
-        del self.inflight[request_id]
         reply = InferReply(result.outputs, result.queue_us, result.compute_us)
         try:
             chunks = codec.encode_message(request_id, reply)
@@ -388,36 +335,27 @@ class TwinferProtocol(Protocol):
             return
         self._write(chunks)
 
-    def _reply_predictions(
-        self, predictions: list[dict[str, Any]], request_id: int, model: str
-    ) -> None:
-        self.inflight.pop(request_id, None)
-        task = self.factory.dispatcher.entry(model).task.kind
+    def _reply_predictions(self, result: ImagePredictions, request_id: int) -> None:
         reply = Predictions(
-            task,
+            result.task,
             tuple(
                 Prediction(p["label_id"], p["label"], p["confidences"], tuple(p["detection_box"]))
-                for p in predictions
+                for p in result.predictions
             ),
         )
         self._write(codec.encode_message(request_id, reply))
 
     def _reply_failed(self, failure: Failure, request_id: int) -> None:
-        self.inflight.pop(request_id, None)
-        if failure.check(CancelledError):
-            self._send_error(request_id, ErrorCode.CANCELLED, f"request {request_id} was cancelled")
-        elif failure.check(TwinferError):
-            error: TwinferError = failure.value  # type: ignore[assignment]
-            self._send_error(request_id, error.code, error.message)
-        else:
-            log.failure("unexpected failure for request {rid}", failure, rid=request_id)
-            self._send_error(request_id, ErrorCode.INTERNAL, failure.getErrorMessage())
+        # The data plane fails requests only with TwinferError.
+        error: TwinferError = failure.value  # type: ignore[assignment]
+        self._send_error(request_id, error.code, error.message)
 
     def _send_error(self, request_id: int, code: int, message: str) -> None:
         self._write(codec.encode_message(request_id, Error(code, message)))
 
     def _fatal(self, request_id: int, error: TwinferError) -> None:
         """Report a connection-level error, then close the connection."""
+        self.factory.dataplane.protocol_error(FRONTEND, error.code)
         peer: IAddress = self.transport.getPeer()
         log.info("closing connection from {peer}: {error}", peer=peer, error=str(error))
         self._send_error(request_id, error.code, error.message)
@@ -434,28 +372,26 @@ class TwinferProtocol(Protocol):
 
 
 class TwinferFactory(Factory):
-    """Creates a :class:`TwinferProtocol` per connection, sharing one dispatcher."""
+    """Creates a :class:`TwinferProtocol` per connection, over one data plane."""
 
     protocol = TwinferProtocol  # type: ignore[assignment]
 
     # Set by twinfer.tap for the operations features (class defaults keep the
     # factory usable on its own, as the tests' in-process servers use it).
-    #: Request statistics to feed, if any (:class:`twinfer.stats.Stats`).
-    stats: Stats | None = None
     #: Runtime control and health (:class:`twinfer.control.Controller`), if any.
     controller: Controller | None = None
     #: Whether ADMIN_REQUEST messages are obeyed (``--allow-admin``).
     allow_admin = False
-    #: Set at the start of a graceful shutdown: new requests get UNAVAILABLE.
-    closing = False
 
-    def __init__(self, dispatcher: Dispatcher, config: ServerConfig | None = None) -> None:
-        self.dispatcher = dispatcher
+    def __init__(self, dataplane: DataPlane, config: ServerConfig | None = None) -> None:
+        self.dataplane = dataplane
+        self.dispatcher = dataplane.dispatcher
         self.config = config or ServerConfig()
+        dataplane.frontend(FRONTEND)  # its gauges exist before the first client
         self.connections: set[TwinferProtocol] = set()
         #: Connections not being read because a queue is saturated.
         self.paused_for_load: set[TwinferProtocol] = set()
-        dispatcher.on_relieved.append(self._relieved)
+        self.dispatcher.on_relieved.append(self._relieved)
 
     def is_busiest(self, connection: TwinferProtocol) -> bool:
         """Whether ``connection`` has at least its fair share of the requests in flight."""

@@ -1,8 +1,9 @@
 """Request statistics: counters and latency histograms, cheap on the hot path.
 
-The protocol calls :meth:`Stats.request_done` once per inference request, on
-the reactor thread.  That costs a dictionary lookup, a few integer increments
-and three ``bisect`` calls; there are no locks, because only the reactor thread
+The data plane (:mod:`twinfer.dataplane`) calls :meth:`Stats.request_done`
+once per inference request, whatever its front end, on the reactor thread.
+That costs two dictionary lookups, a few integer increments and three
+``bisect`` calls; there are no locks, because only the reactor thread
 writes.  Readers (the debug console on the reactor thread, the Prometheus
 collector in a web thread) take snapshots: copying a list of ints is atomic
 under the GIL, so a scrape may be a request behind but is never torn within a
@@ -101,6 +102,9 @@ class Stats:
         self.models: dict[str, ModelStats] = {}
         #: Answers by outcome over all models (unknown models included).
         self.totals: dict[str, int] = {}
+        #: Answers by ``(model, outcome, front end)``; ``model`` is ``""`` for
+        #: the models that are not served (so clients cannot grow the table).
+        self.requests: dict[tuple[str, str, str], int] = {}
 
     def model(self, name: str) -> ModelStats:
         """The statistics of ``name`` (created on first use)."""
@@ -118,15 +122,19 @@ class Stats:
         compute: float | None = None,
         batch: int | None = None,
         known: bool = True,
+        frontend: str = "",
     ) -> None:
         """Count one answered inference request (called on the reactor thread).
 
         ``code`` is ``"OK"`` or the ErrorCode's name; times are in seconds;
         ``queue``/``compute``/``batch`` are given for requests that ran.
         Requests for models that are not served (``known=False``) only count
-        in :attr:`totals`, so a client cannot grow the per-model tables.
+        in :attr:`totals` and under model ``""``, so a client cannot grow the
+        per-model tables.  ``frontend`` names the front end that answered.
         """
         self.totals[code] = self.totals.get(code, 0) + 1
+        key = (model if known else "", code, frontend)
+        self.requests[key] = self.requests.get(key, 0) + 1
         if not known:
             return
         stats = self.model(model)

@@ -19,6 +19,7 @@ from twisted.python import usage
 
 import twinfer
 from twinfer.config import Config, ConfigError, default_config, load_config
+from twinfer.dataplane import DataPlane
 from twinfer.dispatcher import Dispatcher
 from twinfer.netutil import enable_direct_reads
 from twinfer.operations import (
@@ -161,16 +162,18 @@ def makeService(options: Options) -> service.MultiService:
         devices=", ".join(f"{d.name}={d.target}x{counts[d.name]}" for d in config.devices),
     )
     top = service.MultiService()
-    factory = TwinferFactory(dispatcher, config.server)
+    # Every front end's requests go through this one data plane.
+    dataplane = DataPlane(dispatcher)
+    factory = TwinferFactory(dataplane, config.server)
     # The operations services (graceful drain in place of ModelService,
     # console, metrics) go in first so that the front ends stop after them.
-    add_operations_services(top, options, config, dispatcher, factory, reactor)
+    add_operations_services(top, options, config, dataplane, factory, reactor)
     ListeningService(reactor, options["port"], factory).setServiceParent(top)
     if options["http-port"]:
         # Imported only when asked for: twisted.web is not needed otherwise.
         from twinfer.http import HTTPFrontEnd
 
-        front = HTTPFrontEnd(dispatcher, config, reactor)
+        front = HTTPFrontEnd(dataplane, config, reactor)
         front.setServiceParent(top)
         ListeningService(reactor, options["http-port"], front.site, "http").setServiceParent(top)
     return top

@@ -1,7 +1,8 @@
 """twinfer's HTTP front end: the KServe v2 REST API and the seed's REST API.
 
-Both APIs share one :class:`~twinfer.dispatcher.Dispatcher` with the binary
-protocol (same queues, same limits, no second inference path).
+Both APIs share one :class:`~twinfer.dataplane.DataPlane` with the binary
+protocol (same admission, queues, limits and counting; no second inference
+path).
 :class:`HTTPFrontEnd` builds the ``twisted.web`` site and owns the small
 thread pool that encodes and decodes large JSON tensors off the reactor
 thread; ``twistd twinfer --http-port ENDPOINT`` listens with it.
@@ -13,15 +14,14 @@ the tensor mapping itself is the sans-I/O :mod:`twinfer.kserve`.
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any
 
 from twisted.application import service
 from twisted.python.threadpool import ThreadPool
 
 from twinfer.config import Config
-from twinfer.dispatcher import Dispatcher
-from twinfer.http.rest import SeedAPI, load_tasks
+from twinfer.dataplane import DataPlane
+from twinfer.http.rest import SeedAPI
 from twinfer.http.site import STATUS_BY_CODE, Router, TwinferSite, status_for
 from twinfer.http.v2 import KServeAPI
 
@@ -32,7 +32,7 @@ CODEC_THREADS = 2
 
 
 class HTTPFrontEnd(service.Service):
-    """The HTTP site over a dispatcher; as a service, it runs the codec thread pool.
+    """The HTTP site over a data plane; as a service, it runs the codec thread pool.
 
     Start it (``startService``, or as a child of the ``twistd`` service tree)
     before serving :attr:`site`, and stop it after the port is closed.
@@ -40,21 +40,20 @@ class HTTPFrontEnd(service.Service):
 
     def __init__(
         self,
-        dispatcher: Dispatcher,
+        dataplane: DataPlane,
         config: Config,
         reactor: Any,
-        tasks: ModuleType | None | bool = True,
     ) -> None:
-        """``tasks``: the image-task module, None for none, True to import :mod:`twinfer.tasks`."""
         self.pool = ThreadPool(minthreads=0, maxthreads=CODEC_THREADS, name="twinfer-http-codec")
         router = Router()
-        KServeAPI(dispatcher, reactor, self.pool).install(router)
-        module = load_tasks() if tasks is True else tasks
-        self.seed = SeedAPI(dispatcher, config, module or None)  # type: ignore[arg-type]
+        KServeAPI(dataplane, reactor, self.pool).install(router)
+        # The image API needs the data plane's image tasks (none: 501).
+        self.seed = SeedAPI(dataplane, config, dataplane.tasks)
         self.seed.install(router)
         #: The ``twisted.web`` site to listen with.
         self.site = TwinferSite(
             router,
+            dataplane,
             max_body_size=config.server.http_max_body_size,
             body_timeout=config.server.http_timeout,
             reactor=reactor,

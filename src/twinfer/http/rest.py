@@ -5,24 +5,24 @@ predictions in the image's own pixel coordinates.  The image work
 (decoding, preprocessing, classification and detection decoders) belongs to
 :mod:`twinfer.tasks`; this module calls exactly two functions of it:
 
-* ``predict_image(dispatcher, model_name, image_bytes)``: a Deferred firing
-  with a list of dicts with keys ``label_id``, ``label``, ``confidences``
-  and ``detection_box`` (``[x1, y1, x2, y2]``), or failing with
-  :class:`~twinfer.errors.TwinferError` (``INVALID_INPUT`` for bytes that are
-  not an image, ``WRONG_TASK`` for a model without an image task, and the
-  dispatcher's own errors); it submits through the dispatcher, like every
-  other inference, and the image is decoded in the device thread.
+* ``submit_image(dispatcher, model_name, image_bytes, task)``, through
+  :meth:`twinfer.dataplane.DataPlane.predict_image` like every image request
+  (admitted, queued and counted there): predictions as a list of dicts with
+  keys ``label_id``, ``label``, ``confidences`` and ``detection_box``
+  (``[x1, y1, x2, y2]``), or :class:`~twinfer.errors.TwinferError`
+  (``INVALID_INPUT`` for bytes that are not an image, ``WRONG_TASK`` for a
+  model without an image task, and the dispatcher's own errors); the image
+  is decoded in the device thread.
 * ``task_info(dispatcher, model_name)``: a dict describing the model's
   image task (e.g. ``{"task": "classify", "labels": [...]}``) merged into
   its ``/services`` entry, or None if it has none.
 
-Without :mod:`twinfer.tasks` (``HTTPFrontEnd(..., tasks=None)``, or a build
+Without :mod:`twinfer.tasks` (``DataPlane(..., tasks=None)``, or a build
 without it), ``POST /inference`` answers 501.
 """
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 from typing import Any
 
@@ -30,8 +30,9 @@ from twisted.web import http
 
 import twinfer
 from twinfer.config import Config
-from twinfer.dispatcher import Dispatcher
-from twinfer.http.site import HTTPError, LimitedRequest, Response, Router
+from twinfer.dataplane import DataPlane
+from twinfer.errors import ErrorCode, TwinferError
+from twinfer.http.site import HTTPError, LimitedRequest, Response, Router, session_of
 
 #: Content types ``POST /inference`` accepts.
 IMAGE_TYPES = ("image/jpeg", "image/png")
@@ -50,27 +51,14 @@ APIS = (
 )
 
 
-def load_tasks() -> ModuleType | None:
-    """:mod:`twinfer.tasks` if it is installed, else None.
-
-    Only the absence of that very module counts: an ImportError raised from
-    inside it is a bug and propagates.
-    """
-    try:
-        return importlib.import_module("twinfer.tasks")
-    except ModuleNotFoundError as e:
-        if e.name == "twinfer.tasks":
-            return None
-        raise
-
-
 class SeedAPI:
-    """The seed's routes over one dispatcher and configuration."""
+    """The seed's routes over one data plane and configuration."""
 
     def __init__(
-        self, dispatcher: Dispatcher, config: Config, tasks: ModuleType | None = None
+        self, dataplane: DataPlane, config: Config, tasks: ModuleType | None = None
     ) -> None:
-        self._dispatcher = dispatcher
+        self._plane = dataplane
+        self._dispatcher = dataplane.dispatcher
         self._config = config
         self._tasks = tasks
         self.default_model = config.server.http_default_model or self._first_image_model()
@@ -127,22 +115,35 @@ class SeedAPI:
         args: dict[bytes, list[bytes]] = request.args or {}
         if b"model" in args:
             name = args[b"model"][0].decode("utf-8", "replace")
-        self._dispatcher.entry(name)  # UNKNOWN_MODEL -> 404
+        session = session_of(request)
+        try:
+            self._dispatcher.entry(name)  # UNKNOWN_MODEL -> 404
+        except TwinferError as e:
+            self._plane.refuse(session, name, e)
+            raise
         content_type = (request.getHeader("Content-Type") or "").split(";")[0].strip().lower()
+        image = request.content.data  # no copy: the tasks decode it in the device thread
         if content_type not in IMAGE_TYPES:
-            raise HTTPError(
+            code, refusal = ErrorCode.INVALID_INPUT, HTTPError(
                 http.UNSUPPORTED_MEDIA_TYPE,
                 f"POST /inference takes Content-Type {' or '.join(IMAGE_TYPES)}, "
                 f"got {content_type or 'none'!r}",
             )
-        image = request.content.data  # no copy: the tasks decode it in the device thread
-        if not image:
-            raise HTTPError(http.BAD_REQUEST, "the request body is empty: send the image")
-        if self._tasks is None:
-            raise HTTPError(
+        elif not image:
+            code, refusal = ErrorCode.INVALID_INPUT, HTTPError(
+                http.BAD_REQUEST, "the request body is empty: send the image"
+            )
+        elif self._tasks is None:
+            code, refusal = ErrorCode.WRONG_TASK, HTTPError(
                 http.NOT_IMPLEMENTED,
                 "image inference is not available: this twinfer has no image tasks "
                 "(twinfer.tasks); use POST /v2/models/{name}/infer with tensors",
             )
-        predictions = await self._tasks.predict_image(self._dispatcher, name, image)
-        return Response.json({"status": "ok", "model": name, "predictions": predictions})
+        else:
+            result = await self._plane.predict_image(session, request, name, image)
+            return Response.json(
+                {"status": "ok", "model": name, "predictions": result.predictions}
+            )
+        # Refused before it became a job: counted like every other refusal.
+        self._plane.refuse(session, name, TwinferError(code, refusal.message))
+        raise refusal

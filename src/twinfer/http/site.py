@@ -23,32 +23,25 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
+from twinfer.dataplane import DataPlane, Session
 from twinfer.errors import ErrorCode, TwinferError
+from twinfer.outcomes import outcome
 
 log = Logger()
 
-#: HTTP status for each error code: the one table both REST APIs use.
+#: This front end's name in the data plane's counts and the metrics' labels.
+FRONTEND = "http"
+
+#: HTTP status for each per-request error code, from :mod:`twinfer.outcomes`
+#: (the one table every front end uses).
 STATUS_BY_CODE: dict[ErrorCode, int] = {
-    ErrorCode.UNKNOWN_MODEL: http.NOT_FOUND,
-    ErrorCode.INVALID_INPUT: http.BAD_REQUEST,
-    ErrorCode.INVALID_DTYPE: http.BAD_REQUEST,
-    ErrorCode.INVALID_SHAPE: http.BAD_REQUEST,
-    ErrorCode.UNKNOWN_OUTPUT: http.BAD_REQUEST,
-    ErrorCode.WRONG_TASK: http.BAD_REQUEST,  # an image sent to a model without an image task
-    ErrorCode.OVERLOADED: 429,  # Too Many Requests (twisted.web has no constant for it)
-    ErrorCode.UNAVAILABLE: http.SERVICE_UNAVAILABLE,
-    ErrorCode.DEADLINE_EXCEEDED: http.GATEWAY_TIMEOUT,
-    ErrorCode.CANCELLED: 499,  # nginx's "client closed request": never seen by the client
-    ErrorCode.INFERENCE_FAILED: http.INTERNAL_SERVER_ERROR,
-    ErrorCode.INTERNAL: http.INTERNAL_SERVER_ERROR,
+    code: outcome(code).http_status for code in ErrorCode if not code.closes_connection
 }
 
 
 def status_for(code: ErrorCode | int) -> int:
     """The HTTP status for a :class:`TwinferError` code (500 for anything unexpected)."""
-    if isinstance(code, ErrorCode):
-        return STATUS_BY_CODE.get(code, http.INTERNAL_SERVER_ERROR)
-    return http.INTERNAL_SERVER_ERROR
+    return outcome(code).http_status
 
 
 #: Reason phrases twisted.web does not know (it would send "Unknown Status").
@@ -238,6 +231,14 @@ class LimitedRequest(server.Request):
         channel.loseConnection()
 
 
+def session_of(request: server.Request) -> Session:
+    """The data-plane session of the connection ``request`` came on."""
+    session = getattr(request.channel, "session", None)
+    if session is None:  # the connection is already gone
+        raise TwinferError(ErrorCode.CANCELLED, "the client closed the connection")
+    return session  # type: ignore[no-any-return]
+
+
 #: A route handler: an ``async def`` called with the request and the path's
 #: variable parts, returning a :class:`Response`.
 Handler = Callable[..., Coroutine[Any, Any, Response]]
@@ -311,10 +312,10 @@ def _to_response(failure: Failure) -> Response:
         return Response.error(e.status, e.message, e.headers)
     if failure.check(TwinferError):
         error: TwinferError = failure.value  # type: ignore[assignment]
-        status = status_for(error.code)
+        result = outcome(error.code)
         # Overload and unavailability are temporary: say when to come back.
-        retry = {"Retry-After": "1"} if status in (429, http.SERVICE_UNAVAILABLE) else None
-        return Response.error(status, error.message, retry)
+        retry = {"Retry-After": "1"} if result.retryable else None
+        return Response.error(result.http_status, error.message, retry)
     if failure.check(CancelledError):
         return Response.error(499, "the request was cancelled")
     log.failure("unexpected failure in an HTTP handler", failure)
@@ -345,7 +346,24 @@ def _write_failed(failure: Failure, request: server.Request) -> None:
 
 class _Channel(http.HTTPChannel):
     """An HTTP/1.1 channel whose idle timeout, in the middle of a request
-    body (a stalled upload), answers 408 instead of closing silently."""
+    body (a stalled upload), answers 408 instead of closing silently.
+
+    Each connection is a :class:`~twinfer.dataplane.Session` of the data
+    plane, so keep-alive connections and their requests in flight are
+    counted, drained and closed like the binary protocol's.
+    """
+
+    site: TwinferSite
+    session: Session | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.session = self.site.dataplane.open_session(FRONTEND, self.transport)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        if self.session is not None:
+            self.session.close()
+        super().connectionLost(reason)
 
     def timeoutConnection(self) -> None:
         request = self.requests[-1] if self.requests else None
@@ -369,6 +387,7 @@ class TwinferSite(server.Site):
     def __init__(
         self,
         router: Router,
+        dataplane: DataPlane,
         max_body_size: int,
         body_timeout: float,
         reactor: Any = None,
@@ -376,6 +395,8 @@ class TwinferSite(server.Site):
         super().__init__(
             router, timeout=body_timeout, reactor=reactor, parsePOSTFormSubmission=False
         )
+        self.dataplane = dataplane
+        dataplane.frontend(FRONTEND)  # its gauges exist before the first client
         self.max_body_size = max_body_size
         self.body_timeout = body_timeout
         self.noisy = False

@@ -1,7 +1,7 @@
 """The KServe v2 / Open Inference Protocol REST endpoints.
 
-Every inference goes through :meth:`twinfer.dispatcher.Dispatcher.submit`,
-the same queues and limits as the binary protocol.  The body <-> tensor
+Every inference goes through :meth:`twinfer.dataplane.DataPlane.infer`: the
+same admission, queues, limits and counting as the binary protocol.  The body <-> tensor
 mapping is :mod:`twinfer.kserve`; this module only routes and schedules it:
 
 * JSON documents above :data:`THREAD_THRESHOLD` bytes are parsed, and JSON
@@ -28,9 +28,10 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web import http
 
 from twinfer import kserve
-from twinfer.dispatcher import Dispatcher, InferResult
+from twinfer.dataplane import DataPlane
+from twinfer.dispatcher import InferResult
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.http.site import HTTPError, LimitedRequest, Response, Router
+from twinfer.http.site import HTTPError, LimitedRequest, Response, Router, session_of
 
 #: JSON headers larger than this many bytes are parsed in the codec pool.
 THREAD_THRESHOLD = 64 * 1024
@@ -39,10 +40,11 @@ THREAD_ELEMENTS = 16 * 1024
 
 
 class KServeAPI:
-    """The ``/v2`` routes over one dispatcher."""
+    """The ``/v2`` routes over one data plane."""
 
-    def __init__(self, dispatcher: Dispatcher, reactor: Any, codec_pool: ThreadPool) -> None:
-        self._dispatcher = dispatcher
+    def __init__(self, dataplane: DataPlane, reactor: Any, codec_pool: ThreadPool) -> None:
+        self._plane = dataplane
+        self._dispatcher = dataplane.dispatcher
         self._reactor = reactor  # IReactorTime and IReactorFromThreads
         self._pool = codec_pool
 
@@ -101,31 +103,28 @@ class KServeAPI:
         self, request: LimitedRequest, name: str, version: str | None = None
     ) -> Response:
         """``POST /v2/models/{name}/infer``: decode, queue, encode."""
-        self._check_model(name, version)
+        session = session_of(request)
         encoding = request.getHeader("Content-Encoding")
         if encoding not in (None, "identity"):
-            raise HTTPError(
-                http.UNSUPPORTED_MEDIA_TYPE,
-                f"Content-Encoding {encoding!r} is not supported; send the body uncompressed",
-            )
-        body: bytearray = request.content.data
-        header_length = request.getHeader(kserve.HEADER_LENGTH)
-        json_size = len(body) if header_length is None else _leading_int(header_length)
-        if json_size > THREAD_THRESHOLD:
-            decoded = await deferToThreadPool(
-                self._reactor, self._pool, kserve.decode_infer_request, body, header_length
-            )
-        else:
-            decoded = kserve.decode_infer_request(body, header_length)
-
-        job = self._dispatcher.submit(
+            message = f"Content-Encoding {encoding!r} is not supported; send the body uncompressed"
+            self._plane.refuse(session, name, TwinferError(ErrorCode.INVALID_INPUT, message))
+            raise HTTPError(http.UNSUPPORTED_MEDIA_TYPE, message)
+        try:
+            self._check_model(name, version)
+            decoded = await self._decode(request)
+            priority = self._level(name, decoded.priority)
+        except TwinferError as e:  # refused before it became a job: count it too
+            self._plane.refuse(session, name, e)
+            raise
+        result: InferResult = await self._plane.infer(
+            session,
+            request,
             name,
             decoded.inputs,
             decoded.output_names,
             timeout_ms=math.ceil(decoded.timeout_us / 1000) if decoded.timeout_us else 0,
-            priority=self._level(name, decoded.priority),
+            priority=priority,
         )
-        result: InferResult = await job
 
         if _json_elements(decoded, result) > THREAD_ELEMENTS:
             chunks, header = await deferToThreadPool(
@@ -142,6 +141,17 @@ class KServeAPI:
             {"Content-Type": "application/octet-stream", kserve.HEADER_LENGTH: str(header)},
         )
 
+
+    async def _decode(self, request: LimitedRequest) -> kserve.InferRequest:
+        """The request body as tensors; large JSON is parsed in the codec pool."""
+        body: bytearray = request.content.data
+        header_length = request.getHeader(kserve.HEADER_LENGTH)
+        json_size = len(body) if header_length is None else _leading_int(header_length)
+        if json_size > THREAD_THRESHOLD:
+            return await deferToThreadPool(  # type: ignore[no-any-return]
+                self._reactor, self._pool, kserve.decode_infer_request, body, header_length
+            )
+        return kserve.decode_infer_request(body, header_length)
 
     def _level(self, name: str, priority: int) -> int:
         """twinfer's priority level (1 lowest) for Triton's ``priority`` (1 highest)."""

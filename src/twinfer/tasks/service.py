@@ -23,7 +23,7 @@ from twinfer.dispatcher import Dispatcher
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.tasks import decoders
 from twinfer.tasks.anchors import ssd_anchors
-from twinfer.tasks.config import CLASSIFY, DETECT, TaskConfig
+from twinfer.tasks.config import CLASSIFY, DETECT, TASKS, TaskConfig
 from twinfer.tasks.labels import label_name
 from twinfer.tasks.preprocess import ModelInput, build_model, decode_image
 
@@ -227,35 +227,50 @@ def _task(dispatcher: Dispatcher, model: str, task: str | None) -> ImageTask:
     return image_task
 
 
+def submit_image(
+    dispatcher: Dispatcher,
+    model: str,
+    image: bytes | bytearray | memoryview,
+    task: str | None = None,
+) -> tuple[str, Deferred[list[PredictionDict]]]:
+    """Queue the image model ``model`` on encoded image bytes; returns the
+    model's task kind and the job's Deferred.
+
+    The Deferred fires with a list of predictions, best first, each
+    ``{"label_id": int, "label": str, "confidences": float,
+    "detection_box": [x1, y1, x2, y2]}`` in original-image pixels (the whole
+    image for classification), or fails with :class:`TwinferError`
+    (``INVALID_INPUT`` for bytes that are not an image; the dispatcher's
+    errors).  Cancelling it withdraws the job.  Raises
+    :class:`TwinferError` at once: ``UNKNOWN_MODEL``; ``INVALID_INPUT`` for an
+    unknown ``task``; ``WRONG_TASK`` when the model has no image task (or not
+    ``task``); ``OVERLOADED``/``UNAVAILABLE`` like any job.  Call on the
+    reactor thread: it only queues the job, whose decoding, inference and
+    post-processing run in the device thread.
+    """
+    if task and task not in TASKS:
+        raise TwinferError(
+            ErrorCode.INVALID_INPUT, f"unknown task {task!r} (expected {' or '.join(TASKS)})"
+        )
+    image_task = _task(dispatcher, model, task or None)
+    if not len(image):
+        raise TwinferError(ErrorCode.INVALID_INPUT, "the image is empty")
+
+    def work(engine: Engine) -> list[PredictionDict]:
+        return image_task.run(engine, image)
+
+    return image_task.kind, dispatcher.submit_call(model, work)
+
+
 def predict_image(
     dispatcher: Dispatcher,
     model: str,
     image: bytes | bytearray | memoryview,
     task: str | None = None,
 ) -> Deferred[list[PredictionDict]]:
-    """Classify or detect on encoded image bytes with the image model ``model``.
-
-    Returns a Deferred that fires with a list of predictions, best first,
-    each ``{"label_id": int, "label": str, "confidences": float,
-    "detection_box": [x1, y1, x2, y2]}`` in original-image pixels (the whole
-    image for classification).  It fails with :class:`TwinferError`:
-    ``UNKNOWN_MODEL``; ``WRONG_TASK`` when the model has no image task (or
-    not ``task``, if given); ``INVALID_INPUT`` for bytes that are not an image;
-    ``OVERLOADED``/``UNAVAILABLE`` like any job.  Cancelling the Deferred
-    withdraws the job.  Call on the reactor thread: it only queues the job.
-    """
+    """:func:`submit_image`'s Deferred, with its immediate errors as a failed Deferred."""
     try:
-        image_task = _task(dispatcher, model, task)
-    except TwinferError as e:
-        return defer.fail(e)
-    if not len(image):
-        return defer.fail(TwinferError(ErrorCode.INVALID_INPUT, "the image is empty"))
-
-    def work(engine: Engine) -> list[PredictionDict]:
-        return image_task.run(engine, image)
-
-    try:
-        return dispatcher.submit_call(model, work)
+        return submit_image(dispatcher, model, image, task)[1]
     except TwinferError as e:
         return defer.fail(e)
 
