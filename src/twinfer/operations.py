@@ -14,7 +14,7 @@ from twisted.application import service
 from twisted.python import usage
 
 from twinfer.config import Config
-from twinfer.dispatcher import Dispatcher
+from twinfer.scheduling import Dispatcher
 from twinfer.server import TwinferFactory
 
 OPS_PARAMETERS: list[list[Any]] = [

@@ -22,7 +22,6 @@ from zope.interface import implementer
 import twinfer
 from twinfer import codec
 from twinfer.config import ServerConfig
-from twinfer.dispatcher import Dispatcher, InferResult
 from twinfer.errors import CodecError, ErrorCode, TwinferError
 from twinfer.messages import (
     PROTOCOL_VERSION,
@@ -46,6 +45,7 @@ from twinfer.messages import (
     Predictions,
 )
 from twinfer.netutil import set_no_delay
+from twinfer.scheduling import Dispatcher, InferResult
 from twinfer.tasks import predict_image
 from twinfer.tasks.config import TASKS
 

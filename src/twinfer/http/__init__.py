@@ -20,10 +20,10 @@ from twisted.application import service
 from twisted.python.threadpool import ThreadPool
 
 from twinfer.config import Config
-from twinfer.dispatcher import Dispatcher
 from twinfer.http.rest import SeedAPI, load_tasks
 from twinfer.http.site import STATUS_BY_CODE, Router, TwinferSite, status_for
 from twinfer.http.v2 import KServeAPI
+from twinfer.scheduling import Dispatcher
 
 __all__ = ["HTTPFrontEnd", "STATUS_BY_CODE", "status_for"]
 

@@ -30,8 +30,8 @@ from twisted.web import http
 
 import twinfer
 from twinfer.config import Config
-from twinfer.dispatcher import Dispatcher
 from twinfer.http.site import HTTPError, LimitedRequest, Response, Router
+from twinfer.scheduling import Dispatcher
 
 #: Content types ``POST /inference`` accepts.
 IMAGE_TYPES = ("image/jpeg", "image/png")

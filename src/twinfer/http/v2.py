@@ -28,9 +28,9 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web import http
 
 from twinfer import kserve
-from twinfer.dispatcher import Dispatcher, InferResult
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.http.site import HTTPError, LimitedRequest, Response, Router
+from twinfer.scheduling import Dispatcher, InferResult
 
 #: JSON headers larger than this many bytes are parsed in the codec pool.
 THREAD_THRESHOLD = 64 * 1024
