@@ -170,6 +170,18 @@ class HealthTests(unittest.TestCase):
         assert isinstance(answer[0], InferResult) and answer[0].batch_size == 3
         self.flushLoggedErrors(DeviceError)
 
+    def test_a_probe_that_comes_due_while_the_device_is_busy_waits_for_an_idle_one(self) -> None:
+        self.queue.put(tiny_job(rows(1)))
+        worker = self.worker(probe_interval=1.0)
+        assert self.runner.handed == 1
+        self.clock.advance(1.0)
+        assert self.runner.handed == 1  # no probe behind a job: the job is the probe
+        self.runner.run_next()
+        self.clock.advance(1.0)
+        assert self.runner.handed == 1  # idle now: probed
+        self.runner.run_next()
+        assert worker.state is WorkerState.READY and self.states == []
+
     def test_max_failures_in_a_row_fail_the_worker_and_a_success_resets_the_count(self) -> None:
         worker = self.worker(max_failures=2)
         for i in range(4):

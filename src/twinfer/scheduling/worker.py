@@ -387,9 +387,10 @@ class Worker:
         log.failure(
             "model {model} failed on {worker}", failure, model=batch[0].model, worker=self.name
         )
-        self._finish(batch)
+        # Out of rotation before taking the next job: a failed device takes none.
         if failure.check(DeviceError) or self.consecutive_failures >= self.max_failures:
             self.set_state(WorkerState.FAILED, message)
+        self._finish(batch)
         for job in batch:
             job.running = False
             if not job.deferred.called:
