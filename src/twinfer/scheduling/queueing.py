@@ -65,7 +65,7 @@ class Job:
     enqueued: float
     #: Priority level index, 0 = lowest.
     level: int = 0
-    #: ``time.monotonic()`` after which it must not start; ``None`` = no deadline.
+    #: Time on the dispatcher's clock after which it must not start; ``None`` = no deadline.
     deadline: float | None = None
     #: Rows along the batch axis (dimension 0 of every input) when batching.
     rows: int = 1
