@@ -276,4 +276,3 @@ class JobQueue:
             for callback in list(self.on_relieved):
                 callback()
         return jobs
-

@@ -82,9 +82,7 @@ class ModelEntry:
 
     def ready_queues(self) -> list[JobQueue]:
         """Queues that at least one available worker takes from."""
-        return [
-            q for q in self.queues if any(w.available for w in self.workers_of.get(q.name, ()))
-        ]
+        return [q for q in self.queues if any(w.available for w in self.workers_of.get(q.name, ()))]
 
     def choose_queue(self) -> JobQueue:
         """The shared queue, or the shortest per-device queue with a healthy device;
@@ -464,4 +462,3 @@ class Dispatcher:
         """One model's metadata, or ``UNKNOWN_MODEL``."""
         entry = self.entry(model)
         return entry.signature.metadata(entry.name, entry.devices)
-

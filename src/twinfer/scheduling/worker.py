@@ -162,8 +162,9 @@ class Worker:
         pool = ThreadPool(minthreads=1, maxthreads=1, name=f"twinfer-{name}")
         runner = functools.partial(deferToThreadPool, reactor, pool)
         clock: Any = reactor  # the reactor provides IReactorTime too
-        return cls(name, device, engines, queues, clock=clock, runner=runner, thread=pool,
-                   **options)
+        return cls(
+            name, device, engines, queues, clock=clock, runner=runner, thread=pool, **options
+        )
 
     def __repr__(self) -> str:
         return f"<Worker {self.name} {self.state.value} queues={[q.name for q in self.queues]}>"
