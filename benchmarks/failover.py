@@ -27,9 +27,9 @@ from twisted.internet import defer, endpoints, task
 from twinfer.backend import Engine
 from twinfer.client import connect
 from twinfer.config import loads_config
-from twinfer.dispatcher import DeviceError
 from twinfer.errors import TwinferError
 from twinfer.registry import LoadedModel, build_dispatcher, load_models, openvino_engine
+from twinfer.scheduling import DeviceError
 from twinfer.server import TwinferFactory
 
 CONFIG = """

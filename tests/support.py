@@ -19,9 +19,9 @@ from twisted.trial import unittest
 
 from twinfer.config import Config, loads_config
 from twinfer.dataplane import DataPlane
-from twinfer.dispatcher import Dispatcher
 from twinfer.netutil import enable_direct_reads
 from twinfer.registry import EngineFactory, build_dispatcher, load_models, openvino_engine
+from twinfer.scheduling import Dispatcher
 from twinfer.server import TwinferFactory
 
 TINY_CONFIG = """

@@ -34,10 +34,10 @@ from twinfer.backend import Signature
 from twinfer.client import connect
 from twinfer.control import Controller
 from twinfer.dataplane import DataPlane
-from twinfer.dispatcher import Dispatcher, InferResult, JobQueue, ModelEntry
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.metrics import make_registry
 from twinfer.outcomes import OK, outcome
+from twinfer.scheduling import Dispatcher, InferResult, JobQueue, ModelEntry
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
 

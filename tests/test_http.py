@@ -154,7 +154,7 @@ class RoutingTests(HTTPServerTestCase):
     async def test_not_ready_when_the_dispatcher_is_not_running(self) -> None:
         # What Dispatcher.stop() does first; the workers themselves are left
         # for the test's cleanup to stop (a thread pool cannot be stopped twice).
-        self.dispatcher.started = False
+        self.dispatcher.stop_accepting()
         ready = await self.request("GET", "/v2/health/ready")
         assert ready.status == 503 and ready.json() == {"ready": False}
         result = await self.request(

@@ -17,7 +17,6 @@ from twinfer import builtin, codec
 from twinfer.backend import Signature
 from twinfer.config import ServerConfig
 from twinfer.dataplane import DataPlane
-from twinfer.dispatcher import Dispatcher, InferResult, Job, JobQueue, ModelEntry, WorkerState
 from twinfer.errors import ErrorCode
 from twinfer.messages import (
     Cancel,
@@ -33,6 +32,7 @@ from twinfer.messages import (
     Ping,
     Pong,
 )
+from twinfer.scheduling import Dispatcher, InferResult, Job, JobQueue, ModelEntry, WorkerState
 from twinfer.server import TwinferFactory, TwinferProtocol
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.queueing import Job, JobQueue, batch_key
+from twinfer.scheduling.batcher import batch_key
+from twinfer.scheduling.queueing import Job, JobQueue
 
 
 class FakeClock:

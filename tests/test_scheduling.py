@@ -14,9 +14,9 @@ from support import ServerTestCase
 from twinfer import builtin
 from twinfer.backend import Engine, OpenVINOEngine, Signature
 from twinfer.client import TwinferClient, connect
-from twinfer.dispatcher import DeviceError, WorkerState
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.registry import LoadedModel, openvino_engine
+from twinfer.scheduling import DeviceError, WorkerState
 
 
 def conv_net_ir(path: str) -> None:

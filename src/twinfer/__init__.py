@@ -6,8 +6,8 @@ The package is layered so that each module has one reason to change:
   wire protocol, sans-I/O (no Twisted import);
 - :mod:`twinfer.config` — the TOML configuration, parsed into attrs classes;
 - :mod:`twinfer.backend` — OpenVINO: reading, compiling, validating, running;
-- :mod:`twinfer.dispatcher` — bounded job queues and one single-thread pool
-  per device replica;
+- :mod:`twinfer.scheduling` — routing, bounded job queues, dynamic batching
+  and one single-thread worker per device replica;
 - :mod:`twinfer.server` — the Twisted ``Protocol``/``Factory`` adapter;
 - :mod:`twinfer.tap` — ``twistd`` options and service construction;
 - :mod:`twinfer.client`, :mod:`twinfer.blocking`, :mod:`twinfer.cli` — clients.

@@ -50,8 +50,8 @@ from zope.interface import Interface, implementer
 
 import twinfer
 from twinfer.control import Controller
-from twinfer.dispatcher import WorkerState
 from twinfer.errors import ErrorCode, TwinferError
+from twinfer.scheduling import WorkerState
 
 log = Logger()
 
@@ -390,7 +390,7 @@ def cmd_status(session: ConsoleProtocol, args: list[str]) -> str:
         ("requests", stats.answered),
         ("ok", stats.totals.get("OK", 0)),
         ("errors", errors),
-        ("models", len(c.dispatcher.models)),
+        ("models", len(c.dispatcher.model_names())),
         ("workers", len(c.dispatcher.workers)),
         ("control", c.busy_with or "idle"),
     ]
@@ -401,7 +401,8 @@ def cmd_models(session: ConsoleProtocol, args: list[str]) -> str:
     _nargs(args, 0)
     c = session.factory.controller
     rows = []
-    for name, entry in c.dispatcher.models.items():
+    for entry in c.dispatcher.entries():
+        name = entry.name
         config = c.models.get(name)
         model_stats = c.stats.models.get(name)
         inputs = ",".join(f"{p.name}:{p.dtype.short_name}{p.describe_shape()}"
@@ -427,12 +428,12 @@ def cmd_devices(session: ConsoleProtocol, args: list[str]) -> str:
         if not worker.alive:
             state = "stopped"
         elif worker.paused:
-            state = "draining" if worker.current else "drained"
+            state = "draining" if worker.busy else "drained"
         elif worker.state is WorkerState.FAILED:
             state = "failed"
         else:
-            state = "busy" if worker.current else "idle"
-        jobs = worker.current
+            state = "busy" if worker.busy else "idle"
+        jobs = worker.jobs()
         current = "-"
         if jobs:
             batch = f" x{len(jobs)}" if len(jobs) > 1 else ""
@@ -449,7 +450,7 @@ def cmd_queues(session: ConsoleProtocol, args: list[str]) -> str:
     c = session.factory.controller
     now = time.monotonic()
     rows = []
-    for entry in c.dispatcher.models.values():
+    for entry in c.dispatcher.entries():
         for queue in entry.queues:
             waiting = queue.waiting()
             devices = queue.name.split("@", 1)[1] if "@" in queue.name else ",".join(entry.devices)
@@ -464,8 +465,8 @@ def cmd_stats(session: ConsoleProtocol, args: list[str]) -> str:
     name = args[0]
     model_stats = c.stats.models.get(name)
     if model_stats is None:
-        if name not in c.dispatcher.models:
-            known = ", ".join(c.dispatcher.models)
+        if c.dispatcher.model(name) is None:
+            known = ", ".join(c.dispatcher.model_names())
             raise TwinferError(ErrorCode.UNKNOWN_MODEL, f"no model {name!r} (models: {known})")
         return f"{name}: no requests yet"
     lines = [f"{name}: {model_stats.count} requests, {model_stats.errors} errors"]

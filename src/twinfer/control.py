@@ -6,7 +6,7 @@ the same discipline:
 
 - reading and compiling a model (and creating its infer requests) happens in
   a reactor pool thread (``deferToThread``), never on the reactor;
-- the new :class:`~twinfer.dispatcher.ModelEntry` (with fresh queues) replaces
+- the new :class:`~twinfer.scheduling.ModelEntry` (with fresh queues) replaces
   the old one in ``Dispatcher.models`` in one assignment on the reactor thread,
   so each request is validated and queued against exactly one version;
 - jobs already queued for the old version stay in the old queues and run on
@@ -43,7 +43,6 @@ from twinfer.config import (
     load_config,
 )
 from twinfer.dataplane import DataPlane, Session
-from twinfer.dispatcher import Job, JobQueue, ModelEntry, Worker
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.messages import AdminRequest, Health
 from twinfer.registry import (
@@ -56,6 +55,7 @@ from twinfer.registry import (
     make_worker,
     openvino_engine,
 )
+from twinfer.scheduling import Job, JobQueue, ModelEntry, Worker
 
 log = Logger()
 
@@ -217,7 +217,7 @@ class Controller:
         serving = {w.device for w in self.dispatcher.workers if w.alive and w.available}
         problems = []
         for name in self.models:
-            entry = self.dispatcher.models.get(name)
+            entry = self.dispatcher.model(name)
             if entry is None:
                 problems.append(f"model {name!r} is not loaded")
             elif not serving.intersection(entry.devices):
@@ -238,12 +238,12 @@ class Controller:
 
     def busy_seconds(self, device: str) -> float:
         """Seconds ``device``'s workers spent computing, stopped workers included."""
-        live = sum(w.busy_seconds for w in self.dispatcher.workers if w.device == device)
+        live = sum(w.busy_seconds for w in self.dispatcher.workers_on(device))
         return self.retired_busy.get(device, 0.0) + live
 
     def jobs_done(self, device: str) -> int:
         """Jobs ``device``'s workers completed, stopped workers included."""
-        live = sum(w.jobs_done for w in self.dispatcher.workers if w.device == device)
+        live = sum(w.jobs_done for w in self.dispatcher.workers_on(device))
         return self.retired_jobs.get(device, 0) + live
 
     # -- implementation -------------------------------------------------------
@@ -264,7 +264,7 @@ class Controller:
                 ErrorCode.INVALID_INPUT,
                 f"no device {device!r} (devices: {', '.join(self.device_names())})",
             )
-        return [w for w in self.dispatcher.workers if w.device == device and w.alive]
+        return [w for w in self.dispatcher.workers_on(device) if w.alive]
 
     def _check_devices(self, devices: Sequence[str]) -> None:
         known = self.device_names()
@@ -282,7 +282,7 @@ class Controller:
             raise TwinferError(
                 ErrorCode.INVALID_INPUT, f"model name {name!r} must be 1-200 characters, no spaces"
             )
-        if name in self.dispatcher.models or name in self.models:
+        if self.dispatcher.model(name) is not None or name in self.models:
             raise TwinferError(
                 ErrorCode.INVALID_INPUT, f"model {name!r} is already loaded (use reload)"
             )
@@ -303,7 +303,7 @@ class Controller:
 
     async def _reload(self, name: str, path: str, config: ModelConfig | None) -> str:
         current = self.models.get(name)
-        old = self.dispatcher.models.get(name)
+        old = self.dispatcher.model(name)
         if current is None or old is None:
             raise TwinferError(ErrorCode.UNKNOWN_MODEL, f"model {name!r} is not loaded")
         if config is None:
@@ -315,7 +315,7 @@ class Controller:
         return await self._install(config, old, "reloaded")
 
     async def _unload(self, name: str) -> str:
-        entry = self.dispatcher.models.pop(name, None)
+        entry = self.dispatcher.uninstall(name)
         if entry is None:
             raise TwinferError(ErrorCode.UNKNOWN_MODEL, f"model {name!r} is not loaded")
         self.models.pop(name, None)
@@ -341,7 +341,7 @@ class Controller:
         full = attrs.evolve(self.config, models=(config,))
         path = full.model_path(config)
         existing = {
-            device: [w for w in self.dispatcher.workers if w.device == device and w.alive]
+            device: [w for w in self.dispatcher.workers_on(device) if w.alive]
             for device in config.devices
         }
         counts = {device: len(ws) for device, ws in existing.items() if ws}
@@ -419,10 +419,7 @@ class Controller:
 
     def _settled(self, queues: Sequence[JobQueue]) -> Deferred[Any]:
         """Fires once every job now waiting in or running from ``queues`` is answered."""
-        jobs = [job for queue in queues for job in queue.waiting()]
-        jobs += [
-            job for w in self.dispatcher.workers for job in w.current if job.queue in queues
-        ]
+        jobs = self.dispatcher.pending_jobs(queues)
         return gatherResults([job_settled(job) for job in jobs])
 
     def _detach(

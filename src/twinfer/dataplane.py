@@ -42,9 +42,9 @@ from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twinfer.dispatcher import Dispatcher, InferResult
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.outcomes import outcome
+from twinfer.scheduling import Dispatcher, InferResult
 from twinfer.stats import Stats
 
 __all__ = ["DataPlane", "FrontendState", "ImagePredictions", "Session", "load_tasks"]
@@ -234,6 +234,7 @@ class DataPlane:
         started = self._now()
         try:
             self._admit(session, key)
+            self.dispatcher.entry(model).signature.validate(model, inputs, outputs)
             d = self.dispatcher.submit(
                 model, inputs, outputs, timeout_ms=timeout_ms, priority=priority
             )
@@ -351,7 +352,7 @@ class DataPlane:
     def _count(self, frontend: str, model: str, code: ErrorCode | int, latency: float) -> None:
         # Requests for models not served count only in the totals, so that a
         # client cannot grow the per-model tables.
-        known = model in self.dispatcher.models or model in self.stats.models
+        known = self.dispatcher.model(model) is not None or model in self.stats.models
         self.stats.request_done(
             model, outcome(code).name, latency, known=known, frontend=frontend
         )

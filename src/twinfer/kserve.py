@@ -107,7 +107,7 @@ class InferRequest:
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        """The names for :meth:`twinfer.dispatcher.Dispatcher.submit`."""
+        """The names for :meth:`twinfer.dataplane.DataPlane.infer`."""
         return tuple(o.name for o in self.outputs)
 
 

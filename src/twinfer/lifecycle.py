@@ -29,8 +29,8 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from twinfer.control import Controller, job_settled
-from twinfer.dispatcher import Job
 from twinfer.errors import ErrorCode, TwinferError
+from twinfer.scheduling import Job
 
 log = Logger()
 
@@ -100,17 +100,14 @@ class ServingService(service.Service):
 
     def pending_jobs(self) -> list[Job]:
         """Every job queued or running now."""
-        dispatcher = self.controller.dispatcher
-        jobs = [job for e in dispatcher.models.values() for q in e.queues for job in q.waiting()]
-        jobs += [job for w in dispatcher.workers for job in w.current]
-        return [job for job in jobs if not job.deferred.called]
+        return self.controller.dispatcher.pending_jobs()
 
     async def shutdown(self) -> None:
         """Drain and stop; fires when every connection is closed."""
         controller = self.controller
         dispatcher = controller.dispatcher
         controller.begin_drain()  # every front end: UNAVAILABLE for new requests
-        dispatcher.started = False  # any other front end: UNAVAILABLE too
+        dispatcher.stop_accepting()  # anything else that submits: UNAVAILABLE too
         jobs = self.pending_jobs()
         log.info(
             "twinfer shutting down: draining {count} queued and running jobs "

@@ -92,9 +92,8 @@ class TwinferCollector(Collector):
         depth = GaugeMetricFamily(
             "twinfer_queue_depth", "Jobs waiting, per queue.", labels=["model", "queue"]
         )
-        for entry in list(dispatcher.models.values()):
-            for queue in entry.queues:
-                depth.add_metric([entry.name, queue.name], queue.depth)
+        for model, queue in dispatcher.model_queues():
+            depth.add_metric([model, queue.name], queue.depth)
         yield depth
         inflight = GaugeMetricFamily(
             "twinfer_inflight", "Inference requests queued or running.", labels=["frontend"]
@@ -122,8 +121,8 @@ class TwinferCollector(Collector):
             busy.add_metric([device], controller.busy_seconds(device))
             jobs.add_metric([device], controller.jobs_done(device))
             states = {"serving": 0, "drained": 0}
-            for worker in list(dispatcher.workers):
-                if worker.device == device and worker.alive:
+            for worker in dispatcher.workers_on(device):
+                if worker.alive:
                     states["drained" if worker.paused else "serving"] += 1
             for state, n in states.items():
                 workers.add_metric([device, state], n)

@@ -17,9 +17,8 @@ from twisted.internet.interfaces import IReactorFromThreads
 
 from twinfer import backend
 from twinfer.backend import Engine, OpenVINOEngine, Signature
-from twinfer.batching import BatchPolicy
 from twinfer.config import AUTO, QUEUE_SHARED, Config, DeviceConfig, ModelConfig
-from twinfer.dispatcher import Dispatcher, JobQueue, ModelEntry, Worker
+from twinfer.scheduling import BatchPolicy, Dispatcher, JobQueue, ModelEntry, Worker
 from twinfer.tasks import prepare
 
 
@@ -183,7 +182,7 @@ def make_worker(
     models: Sequence[ModelConfig],
 ) -> Worker:
     """Replica ``replica`` of ``device``, serving ``models`` from ``queues``."""
-    return Worker(
+    return Worker.on_own_thread(
         f"{device.name}#{replica}",
         device.name,
         reactor,

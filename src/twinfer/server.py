@@ -23,7 +23,6 @@ import twinfer
 from twinfer import codec
 from twinfer.config import ServerConfig
 from twinfer.dataplane import DataPlane, ImagePredictions, Session
-from twinfer.dispatcher import InferResult
 from twinfer.errors import CodecError, ErrorCode, TwinferError
 from twinfer.messages import (
     PROTOCOL_VERSION,
@@ -47,6 +46,7 @@ from twinfer.messages import (
     Predictions,
 )
 from twinfer.netutil import set_no_delay
+from twinfer.scheduling import InferResult
 
 if TYPE_CHECKING:
     from twinfer.control import Controller

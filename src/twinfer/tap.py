@@ -20,7 +20,6 @@ from twisted.python import usage
 import twinfer
 from twinfer.config import Config, ConfigError, default_config, load_config
 from twinfer.dataplane import DataPlane
-from twinfer.dispatcher import Dispatcher
 from twinfer.netutil import enable_direct_reads
 from twinfer.operations import (
     OPS_FLAGS,
@@ -29,6 +28,7 @@ from twinfer.operations import (
     check_operations_options,
 )
 from twinfer.registry import build_dispatcher, load_models, replica_counts
+from twinfer.scheduling import Dispatcher
 from twinfer.server import TwinferFactory
 
 log = Logger()

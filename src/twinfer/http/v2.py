@@ -29,9 +29,9 @@ from twisted.web import http
 
 from twinfer import kserve
 from twinfer.dataplane import DataPlane
-from twinfer.dispatcher import InferResult
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.http.site import HTTPError, LimitedRequest, Response, Router, session_of
+from twinfer.scheduling import InferResult
 
 #: JSON headers larger than this many bytes are parsed in the codec pool.
 THREAD_THRESHOLD = 64 * 1024

@@ -19,8 +19,8 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
 from twinfer.backend import Engine
-from twinfer.dispatcher import Dispatcher
 from twinfer.errors import ErrorCode, TwinferError
+from twinfer.scheduling import Dispatcher
 from twinfer.tasks import decoders
 from twinfer.tasks.anchors import ssd_anchors
 from twinfer.tasks.config import CLASSIFY, DETECT, TASKS, TaskConfig

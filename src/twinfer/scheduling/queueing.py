@@ -13,6 +13,8 @@ scheduling policy (documented in ``docs/architecture.md``):
   itself saturated, and it calls its ``on_relieved`` callbacks when the depth
   falls back to 1/4, so the front ends can pause and resume reading.
 
+Batches are taken from a queue by :class:`~twinfer.scheduling.batcher.Batcher`
+(:meth:`JobQueue.take_compatible`), which decides what may share one.
 Nothing here runs on a thread other than the reactor's.
 """
 
@@ -32,7 +34,9 @@ from twinfer.errors import ErrorCode, TwinferError
 
 @attrs.frozen(eq=False)
 class InferResult:
-    """What a job's Deferred fires with."""
+    """What an inference job's Deferred fires with: everything a front end
+    needs to reply and to count, so nothing is looked up after the job ran
+    (the model may have been unloaded or reloaded meanwhile)."""
 
     outputs: dict[str, np.ndarray]
     #: Microseconds between queueing and the device thread starting the job.
@@ -42,6 +46,12 @@ class InferResult:
     #: Rows (dimension 0 of the inputs) in the inference that produced it:
     #: the whole dynamic batch when several requests ran together.
     batch_size: int = 1
+    #: The model that ran it.
+    model: str = ""
+    #: The device (configured name) it ran on.
+    device: str = ""
+    #: Requests in the inference that produced it (1 when it ran alone).
+    batch_requests: int = 1
 
 
 @attrs.define(eq=False)
@@ -55,7 +65,7 @@ class Job:
     enqueued: float
     #: Priority level index, 0 = lowest.
     level: int = 0
-    #: ``time.monotonic()`` after which it must not start; ``None`` = no deadline.
+    #: Time on the dispatcher's clock after which it must not start; ``None`` = no deadline.
     deadline: float | None = None
     #: Rows along the batch axis (dimension 0 of every input) when batching.
     rows: int = 1
@@ -266,12 +276,3 @@ class JobQueue:
             for callback in list(self.on_relieved):
                 callback()
         return jobs
-
-
-def batch_key(inputs: Mapping[str, np.ndarray], outputs: tuple[str, ...]) -> tuple[Any, ...]:
-    """What must match for two requests to share a batch: every input's
-    dtype and non-batch dimensions, and the outputs asked for."""
-    return (
-        tuple(sorted((name, array.dtype.str, array.shape[1:]) for name, array in inputs.items())),
-        outputs,
-    )
