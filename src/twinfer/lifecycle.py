@@ -24,13 +24,16 @@ import signal
 from typing import Any
 
 from twisted.application import service
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from twinfer.compat import exit_normally
 from twinfer.control import Controller, job_settled
 from twinfer.dispatcher import Job
 from twinfer.errors import ErrorCode, TwinferError
+from twinfer.listening import ConnectionTracker
 
 log = Logger()
 
@@ -62,8 +65,11 @@ class ServingService(service.Service):
         close_timeout: float = 5.0,
         handle_sighup: bool = False,
         linger: float = 0.5,
+        connections: ConnectionTracker | None = None,
     ) -> None:
         self.controller = controller
+        #: The front ends' connections, closed at the end of the drain.
+        self.connections = connections or ConnectionTracker()
         self.clock = clock
         self.drain_timeout = drain_timeout
         self.close_timeout = close_timeout
@@ -136,14 +142,13 @@ class ServingService(service.Service):
         if not drained:
             log.warn("drain timeout: {count} jobs answered UNAVAILABLE", count=len(left))
         dispatcher.stop()
-        if self.linger and controller.connections():
+        if self.linger and self.connections.connections():
             await deferLater(self.clock, self.linger, lambda: None)
         await self._close_connections()
         # twistd re-raises the signal that stopped the reactor once it has
         # shut down (so the exit status says "killed by SIGTERM").  A finished
-        # graceful drain is a normal exit: clear it so the process exits 0.
-        if getattr(self.clock, "_exitSignal", None) is not None:
-            self.clock._exitSignal = None
+        # graceful drain is a normal exit: the process exits 0.
+        exit_normally(self.clock)
         stats = controller.stats
         outcomes = ", ".join(f"{code}={n}" for code, n in sorted(stats.totals.items()))
         log.info(
@@ -153,21 +158,31 @@ class ServingService(service.Service):
         )
 
     async def _close_connections(self) -> None:
-        connections = self.controller.connections()
-        for protocol in connections:
-            protocol.transport.loseConnection()  # after the queued replies are sent
-        if not connections:
-            return
+        await close_connections(self.connections, self.clock, self.close_timeout)
 
-        def all_closed() -> None:
-            if not self.controller.connections():
-                poll.stop()
 
-        poll = LoopingCall(all_closed)
-        poll.clock = self.clock
-        closed = await _settle_within(poll.start(0.02, now=False), self.close_timeout, self.clock)
-        if not closed:
-            poll.stop()
-            for protocol in self.controller.connections():
-                log.warn("aborting connection from {peer}", peer=protocol.transport.getPeer())
-                protocol.transport.abortConnection()
+async def close_connections(
+    connections: ConnectionTracker, clock: Any, close_timeout: float
+) -> None:
+    """Close every open connection once its queued replies are sent.
+
+    Waits on each connection's ``connectionLost`` (never polls); those still
+    open after ``close_timeout`` seconds of ``clock`` (a client that does not
+    read its replies) are aborted.  Returns once every one of them is closed.
+    """
+    protocols = connections.connections()
+    if not protocols:
+        return
+    closed = gatherResults([connections.when_lost(p) for p in protocols])
+    for protocol in protocols:
+        protocol.transport.loseConnection()  # after the queued replies are sent
+    closed.addTimeout(close_timeout, clock)
+    try:
+        await closed
+    except defer.TimeoutError:
+        left = [p for p in protocols if p in connections.connections()]
+        aborted = gatherResults([connections.when_lost(p) for p in left])
+        for protocol in left:
+            log.warn("aborting connection from {peer}", peer=protocol.transport.getPeer())
+            protocol.transport.abortConnection()
+        await aborted

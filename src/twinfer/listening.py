@@ -1,0 +1,226 @@
+"""Listening ports as Twisted services, and the connections they accept.
+
+:class:`ListeningService` is ``twisted.application.internet.StreamServerEndpointService``
+(what ``strports.service`` builds): it binds in ``privilegedStartService``,
+so ``twistd`` can bind a privileged port before it sheds root, and a port
+that cannot be bound fails start-up with :class:`CannotListen` (``cannot
+listen on tcp:9000: address already in use``) instead of a running server
+without it.  Each service keeps the port it got, so the bound address of a
+``tcp:0`` port is asked of the service rather than parsed from the log.
+
+:class:`ConnectionTracker` knows the open connections of the front ends, and
+gives the graceful drain a Deferred fired from each one's ``connectionLost``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twinfer.netutil import enable_direct_reads
+
+log = Logger()
+
+
+class CannotListen(Exception):
+    """A port could not be bound; the message says which and why."""
+
+
+def _reason(error: BaseException) -> str:
+    """``address already in use`` for a ``CannotListenError``, else the error itself."""
+    if isinstance(error, CannotListenError) and isinstance(error.socketError, OSError):
+        return (error.socketError.strerror or str(error.socketError)).lower()
+    return str(error) or type(error).__name__
+
+
+class ListeningService(StreamServerEndpointService):
+    """Listens on one endpoint description while it runs.
+
+    ``name`` (the service's name and the key in the port file) says which
+    port it is: ``binary``, ``http``, ``console`` or ``metrics``.  Once
+    listening it logs ``twinfer {label}listening on {kind}:{host}:{port}``
+    (``label`` is empty for the binary protocol, whose line scripts parse).
+    ``direct_reads``: receive into the protocol's frame buffers
+    (:func:`twinfer.netutil.enable_direct_reads`).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        name: str,
+        description: str,
+        factory: IProtocolFactory,
+        *,
+        label: str = "",
+        direct_reads: bool = False,
+    ) -> None:
+        super().__init__(_ReportingEndpoint(reactor, description, self), factory)
+        self.setName(name)
+        self.description = description
+        self.label = label
+        self.direct_reads = direct_reads
+        #: The listening port, once bound.
+        self.port: IListeningPort | None = None
+        self._error: CannotListen | None = None
+        self._waiting: list[Deferred[IListeningPort]] = []
+
+    def privilegedStartService(self) -> None:
+        """Bind the port; raises :class:`CannotListen` if that failed at once."""
+        super().privilegedStartService()
+        if self._error is not None:
+            raise self._error
+
+    def address(self) -> IAddress | None:
+        """The address the port is bound to (None before it is)."""
+        return self.port.getHost() if self.port is not None else None
+
+    def when_listening(self) -> Deferred[IListeningPort]:
+        """Fires with the listening port once bound, or fails with :class:`CannotListen`."""
+        if self.port is not None:
+            return succeed(self.port)
+        if self._error is not None:
+            return fail(self._error)
+        d: Deferred[IListeningPort] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        if self.direct_reads:
+            enable_direct_reads(port)
+        host = port.getHost()
+        log.info(
+            "twinfer {label}listening on {kind}:{host}:{port}",
+            label=f"{self.label} " if self.label else "",
+            kind="ssl" if self.description.startswith("ssl:") else "tcp",
+            host=getattr(host, "host", host),
+            port=getattr(host, "port", ""),
+        )
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(port)
+        return port
+
+    def _failed(self, failure: Failure) -> None:
+        message = f"cannot listen on {self.description}: {_reason(failure.value)}"
+        self._error = CannotListen(message)
+        if self.running:  # an endpoint that failed later: start-up is over
+            log.critical("twinfer: {message}", message=message)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(CannotListen(message))
+
+
+@implementer(IStreamServerEndpoint)
+class _ReportingEndpoint:
+    """Wraps the endpoint of a description so that its service hears the outcome.
+
+    A failure is handed to the service (and the Deferred fires with None),
+    so ``StreamServerEndpointService`` does not log it as an unhandled error.
+    """
+
+    def __init__(self, reactor: Any, description: str, service: ListeningService) -> None:
+        self._endpoint = endpoints.serverFromString(reactor, description)
+        self._service = service
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[Any]:
+        d: Deferred[Any] = self._endpoint.listen(factory)
+        return d.addCallbacks(self._service._listening, self._service._failed)
+
+
+class ConnectionTracker:
+    """The open connections of the front ends, each with a Deferred for its end.
+
+    :meth:`track` makes a factory's protocols report ``connectionMade`` and
+    ``connectionLost`` here (through a subclass of the factory's protocol
+    class: nothing is wrapped around the transport, so the data path is
+    untouched); :meth:`when_lost` gives a Deferred fired from a connection's
+    ``connectionLost``.
+    """
+
+    def __init__(self) -> None:
+        #: Each open connection's protocol and the front end it belongs to.
+        self._open: dict[Any, str] = {}
+        self._waiters: dict[Any, list[Deferred[None]]] = {}
+        self._classes: dict[tuple[type, str], type] = {}
+
+    def track(self, factory: Any, frontend: str) -> None:
+        """Track the connections ``factory`` builds from now on, as ``frontend``'s.
+
+        ``factory.protocol`` must be a class (``Factory.buildProtocol`` and
+        ``twisted.web``'s ``Site`` instantiate it).
+        """
+        cls = factory.protocol
+        if not isinstance(cls, type):
+            raise TypeError(f"cannot track {factory!r}: its protocol is not a class")
+        key = (cls, frontend)
+        if key not in self._classes:
+            self._classes[key] = _tracked_class(cls, self, frontend)
+        factory.protocol = self._classes[key]
+
+    def opened(self, protocol: Any, frontend: str) -> None:
+        """``protocol``'s connection was made."""
+        self._open[protocol] = frontend
+
+    def lost(self, protocol: Any) -> None:
+        """``protocol``'s connection was lost: fire what waits for it."""
+        self._open.pop(protocol, None)
+        for d in self._waiters.pop(protocol, []):
+            d.callback(None)
+
+    def connections(self, frontend: str | None = None) -> list[Any]:
+        """The protocols of the open connections (of ``frontend`` only, if given)."""
+        return [p for p, f in self._open.items() if frontend is None or f == frontend]
+
+    def when_lost(self, protocol: Any) -> Deferred[None]:
+        """Fires with None once ``protocol``'s connection is lost (at once if it is).
+
+        Cancelling it only stops the waiting.
+        """
+        if protocol not in self._open:
+            return succeed(None)
+        waiters = self._waiters.setdefault(protocol, [])
+
+        def forget(d: Deferred[None]) -> None:
+            if d in waiters:
+                waiters.remove(d)
+
+        d: Deferred[None] = Deferred(forget)
+        waiters.append(d)
+        return d
+
+
+def _tracked_class(cls: type, tracker: ConnectionTracker, frontend: str) -> type:
+    """A subclass of the protocol class ``cls`` that reports to ``tracker``."""
+
+    class Tracked(cls):  # type: ignore[valid-type,misc]
+        __doc__ = cls.__doc__
+
+        def connectionMade(self) -> None:
+            tracker.opened(self, frontend)
+            super().connectionMade()
+
+        def connectionLost(self, reason: Failure = connectionDone) -> None:
+            try:
+                super().connectionLost(reason)
+            finally:
+                tracker.lost(self)
+
+    Tracked.__name__ = cls.__name__
+    Tracked.__qualname__ = cls.__qualname__
+    Tracked.__module__ = cls.__module__
+    return Tracked
