@@ -169,10 +169,9 @@ class LogLevels:
 
     def set(self, level: LogLevel, namespace: str = "") -> None:
         """Log events at ``level`` and above (for ``namespace`` and below, if given)."""
-        if namespace:
-            self.predicate.setLogLevelForNamespace(namespace, level)
-        else:
-            self.predicate.defaultLogLevel = level
+        # The empty namespace is the default level (``predicate.defaultLogLevel``
+        # is only read when the predicate is created or cleared).
+        self.predicate.setLogLevelForNamespace(namespace, level)
 
 
 # -- formatting ----------------------------------------------------------------

@@ -252,8 +252,9 @@ class TwinferService(service.MultiService):
         try:
             super().privilegedStartService()
         except CannotListen as e:
+            # twistd logs from here on (stderr included): one line, no traceback.
             log.critical("twinfer: {message}", message=str(e))
-            raise SystemExit(f"twinfer: {e}") from None
+            raise SystemExit(1) from None
 
     def startService(self) -> None:
         super().startService()
