@@ -173,7 +173,9 @@ async def close_connections(
     protocols = connections.connections()
     if not protocols:
         return
-    closed = gatherResults([connections.when_lost(p) for p in protocols])
+    # A Deferred of its own, so that timing it out leaves the waits alone.
+    closed: Deferred[Any] = Deferred()
+    gatherResults([connections.when_lost(p) for p in protocols]).chainDeferred(closed)
     for protocol in protocols:
         protocol.transport.loseConnection()  # after the queued replies are sent
     closed.addTimeout(close_timeout, clock)
