@@ -3,17 +3,23 @@ file, a bind failure, and the log filter handed to twistd (real loopback sockets
 
 from __future__ import annotations
 
+import errno
 import json
 import signal
 from pathlib import Path
+from typing import Any
 
 from twisted.application import service
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import ILogObserver, Logger, LogLevel
+from twisted.logger import ILogObserver, Logger, LogLevel, capturedLogs, formatEvent
 from twisted.scripts import twistd
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from twinfer import tap
 from twinfer.listening import CannotListen, ListeningService
@@ -77,6 +83,45 @@ class TwinferServiceTests(unittest.TestCase):
             top.privilegedStartService()
         self.assertEqual(exit.exception.code, 1)
         await top.stopService()
+
+    async def test_a_port_failing_after_start_up_stops_the_reactor(self) -> None:
+        pending: Deferred[Any] = Deferred()
+        endpoint = _PendingEndpoint(pending)
+        stopped: list[bool] = []
+        top = tap.TwinferService(reactor=_Stoppable(stopped))
+        ListeningService(
+            reactor, "http", "onion:80", echo_factory(), endpoint=endpoint
+        ).setServiceParent(top)
+        top.privilegedStartService()  # nothing known yet
+        top.startService()
+        self.assertEqual(stopped, [])
+        with capturedLogs() as events:
+            pending.errback(CannotListenError("any", 80, OSError(errno.EADDRINUSE, "in use")))
+        self.assertEqual(stopped, [True])
+        self.assertIn(
+            "twinfer: cannot listen on onion:80: in use; stopping",
+            [formatEvent(e) for e in events if e["log_level"] is LogLevel.critical],
+        )
+        await top.stopService()
+
+
+@implementer(IStreamServerEndpoint)
+class _PendingEndpoint:
+    """An endpoint whose listening outcome the test decides."""
+
+    def __init__(self, result: Deferred[Any]) -> None:
+        self.result = result
+
+    def listen(self, factory: Any) -> Deferred[Any]:
+        return self.result
+
+
+class _Stoppable:
+    def __init__(self, stopped: list[bool]) -> None:
+        self.stopped = stopped
+
+    def stop(self) -> None:
+        self.stopped.append(True)
 
 
 class MakeServiceTests(unittest.TestCase):

@@ -55,7 +55,9 @@ class ListeningService(StreamServerEndpointService):
     listening it logs ``twinfer {label}listening on {kind}:{host}:{port}``
     (``label`` is empty for the binary protocol, whose line scripts parse).
     ``direct_reads``: receive into the protocol's frame buffers
-    (:func:`twinfer.netutil.enable_direct_reads`).
+    (:func:`twinfer.netutil.enable_direct_reads`).  ``endpoint``: listen on
+    this endpoint rather than one parsed from ``description`` (which then
+    only names it).
     """
 
     def __init__(
@@ -67,8 +69,11 @@ class ListeningService(StreamServerEndpointService):
         *,
         label: str = "",
         direct_reads: bool = False,
+        endpoint: IStreamServerEndpoint | None = None,
     ) -> None:
-        super().__init__(_ReportingEndpoint(reactor, description, self), factory)
+        if endpoint is None:
+            endpoint = endpoints.serverFromString(reactor, description)
+        super().__init__(_ReportingEndpoint(endpoint, self), factory)
         self.setName(name)
         self.description = description
         self.label = label
@@ -118,8 +123,6 @@ class ListeningService(StreamServerEndpointService):
     def _failed(self, failure: Failure) -> None:
         message = f"cannot listen on {self.description}: {_reason(failure.value)}"
         self._error = CannotListen(message)
-        if self.running:  # an endpoint that failed later: start-up is over
-            log.critical("twinfer: {message}", message=message)
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.errback(CannotListen(message))
@@ -133,8 +136,8 @@ class _ReportingEndpoint:
     so ``StreamServerEndpointService`` does not log it as an unhandled error.
     """
 
-    def __init__(self, reactor: Any, description: str, service: ListeningService) -> None:
-        self._endpoint = endpoints.serverFromString(reactor, description)
+    def __init__(self, endpoint: IStreamServerEndpoint, service: ListeningService) -> None:
+        self._endpoint = endpoint
         self._service = service
 
     def listen(self, factory: IProtocolFactory) -> Deferred[Any]:

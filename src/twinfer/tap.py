@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.interfaces import IAddress
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
@@ -211,9 +211,13 @@ class TwinferService(service.MultiService):
     before ``twistd`` starts logging.
     """
 
-    def __init__(self, port_file: str | None = None, log_observer: Any = None) -> None:
+    def __init__(
+        self, port_file: str | None = None, log_observer: Any = None, reactor: Any = None
+    ) -> None:
         super().__init__()
         self.port_file = port_file
+        #: Stopped if a port fails after start-up (an endpoint that binds asynchronously).
+        self.reactor = reactor
         self.log_observer = log_observer
         #: twistd's ServerOptions, when run by twistd (the plugin options' parent).
         self.twistd_options: Any = None
@@ -253,21 +257,23 @@ class TwinferService(service.MultiService):
             super().privilegedStartService()
         except CannotListen as e:
             # twistd logs from here on (stderr included): one line, no traceback.
-            log.critical("twinfer: {message}", message=str(e))
+            log.critical("twinfer: {reason}", reason=str(e))
             raise SystemExit(1) from None
 
     def startService(self) -> None:
         super().startService()
-        if self.port_file:
-            self.when_listening().addCallbacks(self._write_port_file, self._not_listening)
+        self.when_listening().addCallbacks(self._listening, self._not_listening)
 
-    def _write_port_file(self, ports: dict[str, int | str]) -> None:
-        assert self.port_file is not None
-        write_port_file(self.port_file, ports)
-        self._wrote_port_file = True
+    def _listening(self, ports: dict[str, int | str]) -> None:
+        if self.port_file:
+            write_port_file(self.port_file, ports)
+            self._wrote_port_file = True
 
     def _not_listening(self, failure: Any) -> None:
-        log.failure("twinfer: no port file written", failure)
+        error = failure.value.subFailure.value if failure.check(FirstError) else failure.value
+        log.critical("twinfer: {reason}; stopping", reason=str(error))
+        if self.reactor is not None and self.running:
+            self.reactor.stop()
 
     def stopService(self) -> Deferred[Any]:
         d: Deferred[Any] = super().stopService()
@@ -294,7 +300,7 @@ def makeService(options: Options) -> TwinferService:
         models=", ".join(f"{m.name} on {'+'.join(m.devices)}" for m in config.models),
         devices=", ".join(f"{d.name}={d.target}x{counts[d.name]}" for d in config.devices),
     )
-    top = TwinferService(port_file=options["port-file"])
+    top = TwinferService(port_file=options["port-file"], reactor=reactor)
     top.twistd_options = getattr(options, "parent", None)
     factory = TwinferFactory(dispatcher, config.server)
     connections = ConnectionTracker()
