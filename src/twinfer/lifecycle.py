@@ -11,8 +11,13 @@ return.  :class:`ServingService` uses that to drain:
    to finish and be answered;
 3. whatever is left is answered with ``UNAVAILABLE`` and the workers stop;
 4. after ``linger`` seconds more (new requests still get ``UNAVAILABLE``),
-   connections are closed once their replies are flushed (a client that does
-   not read is cut off after ``close_timeout``).
+   every front-end connection (binary protocol and HTTP, idle keep-alive ones
+   included) is closed once its replies are flushed; the drain waits on a
+   Deferred fired from each one's ``connectionLost`` (a client that does not
+   read is cut off after ``close_timeout``).
+
+Time is the ``clock`` given to :class:`ServingService` (``callLater`` and
+Deferred timeouts only, no polling), so tests drive it with a ``Clock``.
 
 Every request a client sent before it saw the connection close is answered,
 and the process exits with status 0.

@@ -270,9 +270,11 @@ class TwinferService(service.MultiService):
             self._wrote_port_file = True
 
     def _not_listening(self, failure: Any) -> None:
+        if not self.running:  # stopped before a port was bound: nothing to report
+            return
         error = failure.value.subFailure.value if failure.check(FirstError) else failure.value
         log.critical("twinfer: {reason}; stopping", reason=str(error))
-        if self.reactor is not None and self.running:
+        if self.reactor is not None:
             self.reactor.stop()
 
     def stopService(self) -> Deferred[Any]:
