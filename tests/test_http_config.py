@@ -78,5 +78,5 @@ def test_make_service_adds_the_http_front_end_only_when_asked(tmp_path: Path) ->
     [front] = [s for s in services if isinstance(s, HTTPFrontEnd)]
     listening = [s for s in services if isinstance(s, tap.ListeningService)]
     assert len(listening) == 2
-    assert listening[1]._factory is front.site
+    assert listening[1].factory is front.site
     assert front.site.max_body_size == DEFAULT_MAX_FRAME_SIZE

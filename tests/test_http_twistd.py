@@ -3,8 +3,6 @@ driven over HTTP by ``tritonclient.http`` and over the binary protocol."""
 
 from __future__ import annotations
 
-import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,23 +17,15 @@ from twistd_process import TWISTD_TINY_CONFIG, ServerProcess, StartTwistd, with_
 
 CONFIG = with_server_table(TWISTD_TINY_CONFIG, http_max_body_size=1048576)
 
-_HTTP_LISTENING = re.compile(r"twinfer http listening on (\w+):(.+):(?P<port>\d+)$", re.M)
-
 
 class Twistd:
     """A running server (the shared ``start_twistd`` fixture's) and its HTTP port."""
 
-    def __init__(self, process: ServerProcess, timeout: float = 30.0) -> None:
+    def __init__(self, process: ServerProcess) -> None:
         self.process = process
         self.binary_port = process.port
-        # The binary port's line is what start_twistd waits for; the HTTP
-        # port starts listening in the same reactor turn, but check anyway.
-        deadline = time.monotonic() + timeout
-        while not (match := _HTTP_LISTENING.search(process.log())):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no HTTP port in the log:\n{process.log()}")
-            time.sleep(0.05)
-        self.http_port = int(match["port"])
+        # From the server's port file: written once every port listens.
+        self.http_port = process.ports["http"]
 
     def log(self) -> str:
         return self.process.log()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 from twisted.internet import reactor
-from twisted.logger import LogLevel
+from twisted.logger import Logger, LogLevel
 
 from ops_support import OpsServerTestCase
 from twinfer.client import connect
-from twinfer.console import hash_password, table, verify_password
+from twinfer.console import LogLevels, hash_password, table, verify_password
 from twinfer.errors import TwinferError
 
 
@@ -24,6 +24,22 @@ def test_password_hash_round_trip() -> None:
 def test_table_aligns_columns() -> None:
     text = table(("A", "LONGER"), [("xxxx", 1), ("y", 22)])
     assert text.splitlines() == ["A     LONGER", "xxxx  1", "y     22"]
+
+
+def test_log_levels_filter_what_reaches_the_observer() -> None:
+    seen: list[str] = []
+    levels = LogLevels()
+    log = Logger(namespace="twinfer.dispatcher", observer=levels.filtering(
+        lambda event: seen.append(event["log_format"])
+    ))
+    log.debug("hidden by default")
+    log.info("shown by default")
+    levels.set(LogLevel.warn)
+    log.info("hidden at warn")
+    log.warn("shown at warn")
+    levels.set(LogLevel.debug, "twinfer.dispatcher")
+    log.debug("shown for the namespace")
+    assert seen == ["shown by default", "shown at warn", "shown for the namespace"]
 
 
 class ConsoleTests(OpsServerTestCase):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -9,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from twisted.internet import protocol, reactor
+from twisted.internet import endpoints, protocol, reactor
 from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 
+from ops_support import ConsoleClient
 from twinfer.client import connect
 from twinfer.errors import ErrorCode, TwinferError
 
@@ -37,25 +39,43 @@ path = "builtin:squeezenet"
 queue_size = 1024
 """
 
-LISTENING = re.compile(r"twinfer (?:(debug console|metrics) )?listening on tcp:127\.0\.0\.1:(\d+)")
-
+#: The child's file descriptor that ``--port-file=/dev/fd/3`` writes to.
+PORT_FILE_FD = 3
 
 class _Twistd(protocol.ProcessProtocol):
+    """A ``twistd twinfer`` child: its output, its port file (a pipe on fd 3), its end."""
+
     def __init__(self) -> None:
         self.output = ""
+        #: Each port by name (``binary``, ``http``, ``metrics``, ``console``), once ready.
         self.ports: dict[str, int] = {}
         self.ready: Deferred[None] = Deferred()
         self.ended: Deferred[int] = Deferred()
-        self.expected = 1
+        self._port_file = b""
+        self._waiting: list[tuple[str, Deferred[None]]] = []
 
-    def outReceived(self, data: bytes) -> None:
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == PORT_FILE_FD:
+            self._port_file += data
+            if b"\n" in self._port_file and not self.ready.called:
+                self.ports = json.loads(self._port_file.split(b"\n", 1)[0])
+                self.ready.callback(None)
+            return
         self.output += data.decode("utf-8", "replace")
-        for match in LISTENING.finditer(self.output):
-            self.ports[match.group(1) or "protocol"] = int(match.group(2))
-        if len(self.ports) >= self.expected and not self.ready.called:
-            self.ready.callback(None)
+        waiting, self._waiting = self._waiting, []
+        for text, d in waiting:
+            found = self.output.find(text)
+            if found >= 0 and "\n" in self.output[found:]:
+                d.callback(None)
+            else:
+                self._waiting.append((text, d))
 
-    errReceived = outReceived
+    def wait_for(self, text: str) -> Deferred[None]:
+        """Fires once the server's output has a whole line containing ``text``."""
+        d: Deferred[None] = Deferred()
+        self._waiting.append((text, d))
+        self.childDataReceived(1, b"")
+        return d
 
     def processEnded(self, reason: Any) -> None:
         if not self.ready.called:
@@ -63,20 +83,48 @@ class _Twistd(protocol.ProcessProtocol):
         self.ended.callback(reason.value.exitCode)
 
 
+class _RawHTTP(protocol.Protocol):
+    """An HTTP/1.1 client that keeps its connection open between requests."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.reply: Deferred[bytes] | None = None
+        self.closed: Deferred[None] = Deferred()
+
+    def get(self, path: str) -> Deferred[bytes]:
+        """Fires with the whole response (headers and a Content-Length body)."""
+        self.reply = Deferred()
+        self.transport.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        return self.reply
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        head, separator, body = self.received.partition(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length: *(\d+)", head)
+        if separator and length and len(body) >= int(length[1]) and self.reply is not None:
+            reply, self.reply, self.received = self.reply, None, b""
+            reply.callback(head + separator + body)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed.callback(None)
+
+
 class TwistdTests(unittest.TestCase):
     timeout = 120
 
-    async def start(self, *args: str, queue_size: int = 256) -> _Twistd:
+    def spawn(self, *args: str, queue_size: int = 256) -> _Twistd:
+        """Start ``twistd twinfer`` with ``args`` (killed at cleanup if still running)."""
         directory = Path(self.mktemp()).resolve()
         directory.mkdir()
         self.config_path = directory / "twinfer.toml"
         self.config_path.write_text(CONFIG.format(queue_size=queue_size))
         proc = _Twistd()
-        proc.expected = 1 + sum(a in ("--metrics-port", "--debug-port") for a in args)
         argv = [TWISTD, "-n", "--pidfile=", "twinfer", "--config", str(self.config_path),
-                "--port", "tcp:0:interface=127.0.0.1", *args]
+                "--port", "tcp:0:interface=127.0.0.1",
+                f"--port-file=/dev/fd/{PORT_FILE_FD}", *args]
         self.transport = reactor.spawnProcess(
-            proc, TWISTD, argv, env=dict(os.environ), path=str(directory)
+            proc, TWISTD, argv, env=dict(os.environ), path=str(directory),
+            childFDs={0: "w", 1: "r", 2: "r", PORT_FILE_FD: "r"},
         )
 
         def kill() -> Deferred[int] | None:
@@ -86,12 +134,17 @@ class TwistdTests(unittest.TestCase):
             return proc.ended
 
         self.addCleanup(kill)
+        return proc
+
+    async def start(self, *args: str, queue_size: int = 256) -> _Twistd:
+        """Start ``twistd twinfer`` with ``args``; returns once every port listens."""
+        proc = self.spawn(*args, queue_size=queue_size)
         await proc.ready
         return proc
 
     async def test_sigterm_answers_every_request(self) -> None:
         proc = await self.start("--drain-timeout", "20")
-        url = f"tcp:127.0.0.1:{proc.ports['protocol']}"
+        url = f"tcp:127.0.0.1:{proc.ports['binary']}"
         clients = [await connect(reactor, url) for _ in range(3)]
         image = np.zeros((1, 3, 224, 224), np.float32)
         counts = {"sent": 0, "ok": 0, "unavailable": 0, "lost": 0, "other": 0}
@@ -168,7 +221,7 @@ class TwistdTests(unittest.TestCase):
         _, before = await get(b"/metrics")
         ok = 'twinfer_requests_total{code="OK",frontend="binary",model="tiny"}'
         self.assertNotIn(ok, before)
-        client = await connect(reactor, f"tcp:127.0.0.1:{proc.ports['protocol']}")
+        client = await connect(reactor, f"tcp:127.0.0.1:{proc.ports['binary']}")
         for _ in range(7):
             await client.infer("tiny", {"x": np.ones((5, 4), np.float32)})
         with self.assertRaises(TwinferError):
@@ -199,13 +252,12 @@ class TwistdTests(unittest.TestCase):
 
     async def test_sighup_reloads_changed_models(self) -> None:
         proc = await self.start(queue_size=256)
-        client = await connect(reactor, f"tcp:127.0.0.1:{proc.ports['protocol']}")
+        client = await connect(reactor, f"tcp:127.0.0.1:{proc.ports['binary']}")
         self.config_path.write_text(CONFIG.format(queue_size=64).replace(
             '[[models]]\nname = "squeezenet"', '[[models]]\nname = "squeezenet2"'
         ))
         self.transport.signalProcess("HUP")
-        while "configuration re-read" not in proc.output:
-            await client.ping()
+        await proc.wait_for("configuration re-read")
         summary = proc.output.split("SIGHUP: configuration re-read: ")[1]
         self.assertIn("unloaded squeezenet (0 queued", summary)
         self.assertIn("reloaded tiny from builtin:tiny", summary)  # queue_size changed
@@ -217,3 +269,53 @@ class TwistdTests(unittest.TestCase):
         client.close()
         self.transport.signalProcess("TERM")
         self.assertEqual(await proc.ended, 0)
+
+    async def test_sigterm_with_an_idle_http_keep_alive_client_exits_within_the_drain_timeout(
+        self,
+    ) -> None:
+        drain_timeout = 10.0
+        proc = await self.start(
+            "--http-port", "tcp:0:interface=127.0.0.1", "--drain-timeout", str(drain_timeout)
+        )
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", proc.ports["http"])
+        client = await endpoint.connect(protocol.Factory.forProtocol(_RawHTTP))
+        for _ in range(2):  # the second request proves the connection is kept alive
+            reply = await client.get("/v2/health/ready")
+            self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+            self.assertNotIn(b"connection: close", reply.lower())
+        started = reactor.seconds()
+        self.transport.signalProcess("TERM")
+        self.assertEqual(await proc.ended, 0, proc.output)
+        self.assertLess(reactor.seconds() - started, drain_timeout)
+        await client.closed  # the server closed the idle connection
+        self.assertIn("twinfer stopped", proc.output)
+
+    async def test_a_port_that_cannot_be_bound_fails_start_up(self) -> None:
+        taken = reactor.listenTCP(0, protocol.Factory.forProtocol(protocol.Protocol),
+                                  interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        description = f"tcp:{taken.getHost().port}:interface=127.0.0.1"
+        proc = self.spawn("--http-port", description)
+        exit_code = await proc.ended
+        self.assertNotEqual(exit_code, 0, proc.output)
+        self.assertIn(
+            f"twinfer: cannot listen on {description}: address already in use", proc.output
+        )
+        self.assertFalse(proc.ready.called and proc.ports, proc.ports)
+        proc.ready.addErrback(lambda _: None)  # "twistd exited early": expected here
+
+    async def test_the_console_sets_the_level_of_twistds_log(self) -> None:
+        proc = await self.start("--debug-port", "tcp:0:interface=127.0.0.1")
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", proc.ports["console"])
+        console = await endpoint.connect(protocol.Factory.forProtocol(ConsoleClient))
+        await console.read()
+        self.assertIn("set to warn", await console.send("loglevel warn"))
+        self.assertIn("drained", await console.send("drain cpu"))
+        self.assertIn("set to info", await console.send("loglevel info"))
+        self.assertIn("undrained", await console.send("undrain cpu"))
+        await proc.wait_for("console: (loopback) undrains cpu")
+        self.assertNotIn("drains cpu", proc.output.replace("undrains cpu", ""))
+        console.transport.loseConnection()
+        await console.closed
+        self.transport.signalProcess("TERM")
+        self.assertEqual(await proc.ended, 0, proc.output)

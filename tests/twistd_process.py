@@ -6,7 +6,10 @@ and the config from here (``from twistd_process import ServerProcess``).
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -44,20 +47,21 @@ def with_server_table(config: str, **keys: int) -> str:
 
 
 LOOPBACK_PORT = "tcp:0:interface=127.0.0.1"
-_LISTENING = re.compile(r"twinfer listening on (?P<kind>\w+):(?P<host>.+):(?P<port>\d+)$", re.M)
 
 
 @attrs.define
 class ServerProcess:
     """A running ``twistd -n twinfer`` and where it listens."""
 
-    #: ``"tcp"`` or ``"ssl"``, as the server logged it.
+    #: ``"tcp"`` or ``"ssl"``, from the binary port's endpoint description.
     kind: str
     host: str
     port: int
     #: The server's log file (``twistd --logfile``).
     log_path: Path
     process: subprocess.Popen[bytes]
+    #: Every port the server listens on, by name (``binary``, ``http``...), from its port file.
+    ports: dict[str, int] = attrs.field(factory=dict)
 
     @property
     def endpoint(self) -> str:
@@ -83,6 +87,25 @@ class ServerProcess:
         return self.process.returncode
 
 
+def read_port_line(fd: int, timeout: float) -> bytes:
+    """The first line written to the pipe ``fd``, waiting up to ``timeout`` seconds for it.
+
+    Returns what came before the end of the pipe (possibly nothing) if the
+    writer closed it first, and ``b""`` on timeout.
+    """
+    data = b""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            return b""
+        chunk = os.read(fd, 4096)
+        if not chunk:  # the server exited without writing its ports
+            return data
+        data += chunk
+    return data.split(b"\n", 1)[0]
+
+
 def twistd_command() -> list[str]:
     """How to run this environment's ``twistd``."""
     twistd = Path(sys.executable).with_name("twistd")
@@ -100,11 +123,13 @@ def launch_twistd(
     timeout: float = 60.0,
 ) -> ServerProcess:
     """Write ``config_text`` (``None``: use the embedded default) to ``directory``,
-    start ``twistd -n twinfer`` there and
-    wait until it logs the address it listens on.
+    start ``twistd -n twinfer`` there and wait until it listens.
 
-    Raises ``RuntimeError`` with the server's log if it exits or does not
-    listen within ``timeout`` seconds.
+    The server's ``--port-file`` is a pipe to this process: its JSON line
+    ``{"binary": PORT, ...}`` arrives when every port listens, and the end
+    of the pipe says at once that the server exited instead.  Raises
+    ``RuntimeError`` with the server's log if it exits or does not listen
+    within ``timeout`` seconds.
     """
     config_args = []
     if config_text is not None:  # None: the embedded default configuration
@@ -112,6 +137,7 @@ def launch_twistd(
         config.write_text(config_text)
         config_args = [f"--config={config}"]
     log_path = directory / "twistd.log"
+    port_read, port_write = os.pipe()
     command = [
         *twistd_command(),
         "--nodaemon",
@@ -119,30 +145,46 @@ def launch_twistd(
         f"--logfile={log_path}",
         "twinfer",
         f"--port={port}",
+        f"--port-file=/dev/fd/{port_write}",
         *config_args,
         *args,
     ]
     stderr_path = directory / "twistd.stderr"
-    with stderr_path.open("wb") as stderr:
-        # (A file, not a pipe: nobody reads a pipe while the server runs.)
-        process = subprocess.Popen(command, cwd=directory, stdout=subprocess.DEVNULL, stderr=stderr)
-    deadline = time.monotonic() + timeout
-    while True:
+    try:
+        with stderr_path.open("wb") as stderr:
+            # (A file, not a pipe: nobody reads a pipe while the server runs.)
+            process = subprocess.Popen(
+                command,
+                cwd=directory,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                pass_fds=(port_write,),
+            )
+    finally:
+        os.close(port_write)  # the server holds the only write end now
+    try:
+        line = read_port_line(port_read, timeout)
+    finally:
+        os.close(port_read)
+    if not line:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
         text = log_path.read_text(errors="replace") if log_path.exists() else ""
-        match = _LISTENING.search(text)
-        if match:
-            return ServerProcess(
-                match["kind"], match["host"], int(match["port"]), log_path, process
-            )
-        if process.poll() is not None or time.monotonic() > deadline:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-            raise RuntimeError(
-                f"twistd did not start listening (exit status {process.returncode}):\n"
-                f"{stderr_path.read_text(errors='replace')}\n{text}"
-            )
-        time.sleep(0.05)
+        raise RuntimeError(
+            f"twistd did not start listening (exit status {process.returncode}):\n"
+            f"{stderr_path.read_text(errors='replace')}\n{text}"
+        )
+    ports = json.loads(line)
+    interface = re.search(r"interface=([^:]+)", port)
+    return ServerProcess(
+        "ssl" if port.startswith("ssl:") else "tcp",
+        interface[1] if interface else "127.0.0.1",
+        ports["binary"],
+        log_path,
+        process,
+        ports,
+    )
 
 
 StartTwistd = Callable[..., ServerProcess]

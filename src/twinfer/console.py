@@ -30,7 +30,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from twisted.application.service import Service
 from twisted.cred import credentials, error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import IRealm, Portal
@@ -39,10 +38,10 @@ from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
 from twisted.logger import (
     FilteringLogObserver,
+    ILogObserver,
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
-    globalLogPublisher,
 )
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
@@ -152,54 +151,27 @@ class ConsoleRealm:
 
 
 class LogLevels:
-    """A level filter in front of the log observers that ``twistd`` installed.
+    """The level filter in front of ``twistd``'s log observer.
 
-    ``install`` wraps each observer registered with the global publisher in a
-    ``FilteringLogObserver`` sharing one ``LogLevelFilterPredicate``, which
-    the console's ``loglevel`` command then adjusts.
+    One ``LogLevelFilterPredicate`` shared by the observers :meth:`filtering`
+    makes; ``twistd twinfer`` logs through such an observer from start-up on
+    (see :class:`twinfer.tap.TwinferService`), and the console's
+    ``loglevel`` command adjusts the predicate with :meth:`set`.
     """
 
     def __init__(self) -> None:
         self.predicate: Any = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
-        self._wrapped: list[tuple[Any, Any]] = []
 
-    def install(self) -> None:
-        """Put the filter in front of the current global observers."""
-        # LogPublisher has no public way to list its observers.
-        for observer in list(getattr(globalLogPublisher, "_observers", [])):
-            filtered: Any = FilteringLogObserver(observer, [self.predicate])
-            globalLogPublisher.removeObserver(observer)
-            globalLogPublisher.addObserver(filtered)
-            self._wrapped.append((observer, filtered))
-
-    def uninstall(self) -> None:
-        """Restore the observers as they were."""
-        for observer, filtered in self._wrapped:
-            globalLogPublisher.removeObserver(filtered)
-            globalLogPublisher.addObserver(observer)
-        self._wrapped = []
+    def filtering(self, observer: ILogObserver) -> ILogObserver:
+        """``observer`` behind this filter."""
+        filtered: ILogObserver = FilteringLogObserver(observer, [self.predicate])
+        return filtered
 
     def set(self, level: LogLevel, namespace: str = "") -> None:
         """Log events at ``level`` and above (for ``namespace`` and below, if given)."""
-        if namespace:
-            self.predicate.setLogLevelForNamespace(namespace, level)
-        else:
-            self.predicate.defaultLogLevel = level
-
-
-class LogLevelService(Service):
-    """Installs :class:`LogLevels` once ``twistd`` has started logging."""
-
-    def __init__(self, levels: LogLevels) -> None:
-        self.levels = levels
-
-    def startService(self) -> None:
-        super().startService()
-        self.levels.install()
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.levels.uninstall()
+        # The empty namespace is the default level (``predicate.defaultLogLevel``
+        # is only read when the predicate is created or cleared).
+        self.predicate.setLogLevelForNamespace(namespace, level)
 
 
 # -- formatting ----------------------------------------------------------------

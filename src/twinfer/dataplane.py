@@ -38,7 +38,7 @@ from typing import Any
 
 import attrs
 import numpy as np
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -115,12 +115,17 @@ class Session:
             waiter.callback(None)
 
     def when_closed(self) -> Deferred[None]:
-        """A Deferred that fires (with None) when the session is closed."""
-        d: Deferred[None] = Deferred()
+        """A Deferred that fires (with None) when the session is closed (its
+        protocol's ``connectionLost``); cancelling it only stops the waiting."""
         if self.closed:
-            d.callback(None)
-        else:
-            self._closed_waiters.append(d)
+            return succeed(None)
+
+        def forget(d: Deferred[None]) -> None:
+            if d in self._closed_waiters:
+                self._closed_waiters.remove(d)
+
+        d: Deferred[None] = Deferred(forget)
+        self._closed_waiters.append(d)
         return d
 
 

@@ -11,8 +11,13 @@ return.  :class:`ServingService` uses that to drain:
    to finish and be answered;
 3. whatever is left is answered with ``UNAVAILABLE`` and the workers stop;
 4. after ``linger`` seconds more (new requests still get ``UNAVAILABLE``),
-   connections are closed once their replies are flushed (a client that does
-   not read is cut off after ``close_timeout``).
+   every front-end connection (binary protocol and HTTP, idle keep-alive ones
+   included) is closed once its replies are flushed; the drain waits on a
+   Deferred fired from each one's ``connectionLost`` (a client that does not
+   read is cut off after ``close_timeout``).
+
+Time is the ``clock`` given to :class:`ServingService` (``callLater`` and
+Deferred timeouts only, no polling), so tests drive it with a ``Clock``.
 
 Every request a client sent before it saw the connection close is answered,
 and the process exits with status 0.
@@ -24,11 +29,14 @@ import signal
 from typing import Any
 
 from twisted.application import service
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from twinfer.compat import exit_normally
 from twinfer.control import Controller, job_settled
+from twinfer.dataplane import DataPlane
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.scheduling import Job
 
@@ -133,12 +141,11 @@ class ServingService(service.Service):
         dispatcher.stop()
         if self.linger and controller.connections():
             await deferLater(self.clock, self.linger, lambda: None)
-        await self._close_connections()
+        await close_connections(controller.dataplane, self.clock, self.close_timeout)
         # twistd re-raises the signal that stopped the reactor once it has
         # shut down (so the exit status says "killed by SIGTERM").  A finished
-        # graceful drain is a normal exit: clear it so the process exits 0.
-        if getattr(self.clock, "_exitSignal", None) is not None:
-            self.clock._exitSignal = None
+        # graceful drain is a normal exit: the process exits 0.
+        exit_normally(self.clock)
         stats = controller.stats
         outcomes = ", ".join(f"{code}={n}" for code, n in sorted(stats.totals.items()))
         log.info(
@@ -147,22 +154,32 @@ class ServingService(service.Service):
             outcomes=outcomes or "none",
         )
 
-    async def _close_connections(self) -> None:
-        connections = self.controller.connections()
-        for protocol in connections:
-            protocol.transport.loseConnection()  # after the queued replies are sent
-        if not connections:
-            return
 
-        def all_closed() -> None:
-            if not self.controller.connections():
-                poll.stop()
 
-        poll = LoopingCall(all_closed)
-        poll.clock = self.clock
-        closed = await _settle_within(poll.start(0.02, now=False), self.close_timeout, self.clock)
-        if not closed:
-            poll.stop()
-            for protocol in self.controller.connections():
-                log.warn("aborting connection from {peer}", peer=protocol.transport.getPeer())
-                protocol.transport.abortConnection()
+async def close_connections(dataplane: DataPlane, clock: Any, close_timeout: float) -> None:
+    """Close every front end's open connection once its queued replies are sent.
+
+    The connections are the data plane's sessions (binary and HTTP, idle
+    keep-alive ones included); the wait is on each session's close, which
+    its protocol's ``connectionLost`` does (never a poll).  Those still open
+    after ``close_timeout`` seconds of ``clock`` (a client that does not read
+    its replies) are aborted.  Returns once every one of them is closed.
+    """
+    sessions = [s for s in dataplane.sessions() if s.transport is not None]
+    if not sessions:
+        return
+    # A Deferred of its own, so that timing it out leaves the waits alone.
+    closed: Deferred[Any] = Deferred()
+    gatherResults([s.when_closed() for s in sessions]).chainDeferred(closed)
+    for session in sessions:
+        session.transport.loseConnection()  # after the queued replies are sent
+    closed.addTimeout(close_timeout, clock)
+    try:
+        await closed
+    except defer.TimeoutError:
+        left = [s for s in sessions if not s.closed]
+        aborted = gatherResults([s.when_closed() for s in left])
+        for session in left:
+            log.warn("aborting connection from {peer}", peer=session.transport.getPeer())
+            session.transport.abortConnection()
+        await aborted

@@ -3,40 +3,60 @@
 Modelled on ``twisted.web.tap``: :class:`Options` parses and validates the
 command line and the configuration (a bad config stops ``twistd`` with one
 message naming the key); :func:`makeService` loads the models and returns a
-``MultiService`` of the model server and its listening port.
+:class:`TwinferService`: the serving service (workers, graceful drain), the
+HTTP front end's codec pool, and one :class:`~twinfer.listening.ListeningService`
+per port (binary protocol, HTTP, debug console, metrics), bound in
+``privilegedStartService``.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import stat
+from pathlib import Path
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import endpoints
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
-from twisted.logger import Logger
+from twisted.internet.defer import Deferred, FirstError, gatherResults
+from twisted.internet.interfaces import IAddress
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 import twinfer
 from twinfer.config import Config, ConfigError, default_config, load_config
 from twinfer.dataplane import DataPlane
-from twinfer.netutil import enable_direct_reads
-from twinfer.operations import (
-    OPS_FLAGS,
-    OPS_PARAMETERS,
-    add_operations_services,
-    check_operations_options,
-)
+from twinfer.lifecycle import ServingService
+from twinfer.listening import CannotListen, ListeningService
 from twinfer.registry import build_dispatcher, load_models, replica_counts
-from twinfer.scheduling import Dispatcher
 from twinfer.server import TwinferFactory
 
 log = Logger()
+
+_LOOPBACK = ("127.", "::1", "localhost", "\\:\\:1")
+_TCP_KINDS = ("tcp", "tcp6", "ssl")
 
 
 def endpoint_description(port: str) -> str:
     """Accept a bare port number (``9000``) as shorthand for ``tcp:9000``."""
     return f"tcp:{port}" if port.isdigit() else port
+
+
+def local_endpoint(description: str) -> tuple[str, bool]:
+    """Bind a TCP endpoint without ``interface=`` to loopback.
+
+    Returns the endpoint description and whether it listens on loopback only
+    (non-TCP endpoints such as ``unix:`` count as local).
+    """
+    description = endpoint_description(description)
+    parts = description.split(":")
+    if parts[0] not in _TCP_KINDS:
+        return description, True
+    interfaces = [p.split("=", 1)[1] for p in parts[1:] if p.startswith("interface=")]
+    if not interfaces:
+        loopback = "\\:\\:1" if parts[0] == "tcp6" else "127.0.0.1"
+        return f"{description}:interface={loopback}", True
+    return description, interfaces[0].startswith(_LOOPBACK)
 
 
 class Options(usage.Options):
@@ -64,9 +84,48 @@ class Options(usage.Options):
             "e.g. tcp:8080:interface=127.0.0.1 or ssl:8443:privateKey=key.pem:certKey=cert.pem.",
         ],
         ["config", "c", None, "TOML configuration file (see etc/twinfer.toml)."],
-        *OPS_PARAMETERS,
+        [
+            "debug-port",
+            None,
+            None,
+            "Endpoint of the debug console (off unless given); a bare port or an endpoint "
+            "without interface= binds to 127.0.0.1 only.",
+        ],
+        [
+            "debug-credentials",
+            None,
+            None,
+            "Credentials file (user:pbkdf2 hash lines) for console logins; required for a "
+            "debug port on a non-loopback interface.",
+        ],
+        [
+            "metrics-port",
+            None,
+            None,
+            "Endpoint for Prometheus /metrics and /healthz, /readyz over HTTP (off unless given).",
+        ],
+        [
+            "drain-timeout",
+            None,
+            30.0,
+            "Seconds to finish queued and running jobs on shutdown before answering UNAVAILABLE.",
+            float,
+        ],
+        [
+            "port-file",
+            None,
+            None,
+            "Once every port listens, write their port numbers there as JSON, e.g. "
+            '{"binary": 9000, "http": 8080} (useful with tcp:0); removed on shutdown.',
+        ],
     ]
-    optFlags = [*OPS_FLAGS]
+    optFlags = [
+        [
+            "allow-admin",
+            None,
+            "Obey ADMIN_REQUEST messages (load/unload/reload/drain) from clients.",
+        ],
+    ]
 
     config: Config
 
@@ -78,73 +137,155 @@ class Options(usage.Options):
             self.config = load_config(self["config"]) if self["config"] else default_config()
         except ConfigError as e:
             raise usage.UsageError(f"bad configuration: {e}") from e
-        check_operations_options(self)
+        self._check_operations()
+
+    def _check_operations(self) -> None:
+        """Validate and normalize the operations options."""
+        if self["drain-timeout"] < 0:
+            raise usage.UsageError("--drain-timeout must be 0 or more seconds")
+        if self["debug-credentials"]:
+            from twinfer.console import read_credentials
+
+            try:
+                read_credentials(self["debug-credentials"])
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(f"bad --debug-credentials: {e}") from e
+        if self["debug-port"]:
+            description, local = local_endpoint(self["debug-port"])
+            if not local and not self["debug-credentials"]:
+                raise usage.UsageError(
+                    "refusing a debug console on a non-loopback interface without "
+                    "--debug-credentials"
+                )
+            self["debug-port"] = description
+        if self["metrics-port"]:
+            self["metrics-port"] = endpoint_description(self["metrics-port"])
+        if self["port-file"]:
+            # Relative to where the command was typed, not twistd's --rundir.
+            self["port-file"] = os.path.abspath(self["port-file"])
 
 
-class ModelService(service.Service):
-    """Starts the device workers with the reactor and stops them with it."""
-
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self.dispatcher = dispatcher
-
-    def startService(self) -> None:
-        super().startService()
-        self.dispatcher.start()
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.dispatcher.stop()
+def port_number(address: IAddress) -> int | str:
+    """A bound address as the port file gives it: the TCP port, or the UNIX socket's path."""
+    port = getattr(address, "port", None)
+    if isinstance(port, int):
+        return port
+    name = getattr(address, "name", None)
+    return os.fsdecode(name) if name is not None else str(address)
 
 
-class ListeningService(service.Service):
-    """Listens on an endpoint and logs the address it got (``tcp:0`` included).
+def write_port_file(path: str, ports: dict[str, int | str]) -> None:
+    """Write ``ports`` as one JSON line to ``path``.
 
-    ``front`` names the front end in the log line: ``twinfer http listening
-    on tcp:127.0.0.1:8080``; the binary protocol's line stays ``twinfer
-    listening on tcp:127.0.0.1:9000`` (scripts and tests parse it).
+    A regular file (or a new one) is replaced atomically, so a reader never
+    sees half of it; a pipe or ``/dev/fd/N`` is written straight, so a parent
+    process can wait for the line instead of polling for a file.
+    """
+    text = json.dumps(ports, sort_keys=True) + "\n"
+    target = Path(path)
+    try:
+        regular = stat.S_ISREG(target.stat().st_mode)
+    except FileNotFoundError:
+        regular = True
+    if not regular:
+        with target.open("w") as stream:
+            stream.write(text)
+        return
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, target)
+
+
+class TwinferService(service.MultiService):
+    """Everything ``twistd twinfer`` runs, and what the outside may ask of it.
+
+    Listening services are bound in ``privilegedStartService``; one that
+    cannot be bound stops ``twistd`` with ``twinfer: cannot listen on
+    ENDPOINT: REASON`` and exit status 1.  :meth:`bound_addresses` gives the
+    address each port got; with ``port_file``, the port numbers are written
+    there once every port listens (:func:`write_port_file`).
+
+    ``log_observer`` (a callable taking ``twistd``'s own options and
+    returning the observer to log to) is given to ``twistd`` as the
+    application's ``ILogObserver`` when the service joins it, which is
+    before ``twistd`` starts logging.
     """
 
     def __init__(
-        self, reactor: Any, description: str, factory: IProtocolFactory, front: str = ""
+        self, port_file: str | None = None, log_observer: Any = None, reactor: Any = None
     ) -> None:
-        self._endpoint = endpoints.serverFromString(reactor, description)
-        self._description = description
-        self._factory = factory
-        self._front = front
-        self._reactor = reactor
-        self.port: IListeningPort | None = None
+        super().__init__()
+        self.port_file = port_file
+        #: Stopped if a port fails after start-up (an endpoint that binds asynchronously).
+        self.reactor = reactor
+        self.log_observer = log_observer
+        #: twistd's ServerOptions, when run by twistd (the plugin options' parent).
+        self.twistd_options: Any = None
+        self._wrote_port_file = False
+
+    def listening_services(self) -> list[ListeningService]:
+        """The services of the listening ports, in the order they were added."""
+        return [s for s in self if isinstance(s, ListeningService)]
+
+    def bound_addresses(self) -> dict[str, IAddress]:
+        """The address each listening port is bound to, by port name (``binary``, ``http``...)."""
+        found = {str(s.name): s.address() for s in self.listening_services()}
+        return {name: address for name, address in found.items() if address is not None}
+
+    def when_listening(self) -> Deferred[dict[str, int | str]]:
+        """Fires with ``{name: port}`` once every port listens (fails if one cannot)."""
+        services = self.listening_services()
+        d = gatherResults([s.when_listening() for s in services], consumeErrors=True)
+        return d.addCallback(
+            lambda ports: {str(s.name): port_number(p.getHost()) for s, p in zip(services, ports)}
+        )
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        set_component = getattr(parent, "setComponent", None)
+        if (
+            self.log_observer is not None
+            and self.twistd_options is not None
+            and set_component is not None
+        ):
+            # The plugin-world form of a .tac file's
+            # application.setComponent(ILogObserver, observer).
+            set_component(ILogObserver, self.log_observer(self.twistd_options))
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListen as e:
+            # twistd logs from here on (stderr included): one line, no traceback.
+            log.critical("twinfer: {reason}", reason=str(e))
+            raise SystemExit(1) from None
 
     def startService(self) -> None:
         super().startService()
-        d = self._endpoint.listen(self._factory)
-        d.addCallbacks(self._listening, self._failed)
+        self.when_listening().addCallbacks(self._listening, self._not_listening)
 
-    def _listening(self, port: IListeningPort) -> None:
-        self.port = port
-        if isinstance(self._factory, TwinferFactory):
-            enable_direct_reads(port)
-        host = port.getHost()
-        kind = "ssl" if self._description.startswith("ssl:") else "tcp"
-        log.info(
-            "twinfer {front}listening on {kind}:{host}:{port}",
-            front=f"{self._front} " if self._front else "",
-            kind=kind,
-            host=getattr(host, "host", host),
-            port=getattr(host, "port", ""),
-        )
+    def _listening(self, ports: dict[str, int | str]) -> None:
+        if self.port_file:
+            write_port_file(self.port_file, ports)
+            self._wrote_port_file = True
 
-    def _failed(self, failure: Any) -> None:
-        log.failure("cannot listen on {description}", failure, description=self._description)
-        self._reactor.stop()
+    def _not_listening(self, failure: Any) -> None:
+        if not self.running:  # stopped before a port was bound: nothing to report
+            return
+        error = failure.value.subFailure.value if failure.check(FirstError) else failure.value
+        log.critical("twinfer: {reason}; stopping", reason=str(error))
+        if self.reactor is not None:
+            self.reactor.stop()
 
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        if self.port is not None:
-            return self.port.stopListening()  # type: ignore[no-any-return]
-        return None
+    def stopService(self) -> Deferred[Any]:
+        d: Deferred[Any] = super().stopService()
+        path = Path(self.port_file) if self.port_file and self._wrote_port_file else None
+        if path is not None and path.is_file():
+            path.unlink(missing_ok=True)
+        return d
 
 
-def makeService(options: Options) -> service.MultiService:
+def makeService(options: Options) -> TwinferService:
     """Load the configured models and build the services ``twistd`` runs."""
     from twisted.internet import reactor
 
@@ -161,19 +302,71 @@ def makeService(options: Options) -> service.MultiService:
         models=", ".join(f"{m.name} on {'+'.join(m.devices)}" for m in config.models),
         devices=", ".join(f"{d.name}={d.target}x{counts[d.name]}" for d in config.devices),
     )
-    top = service.MultiService()
+    top = TwinferService(port_file=options["port-file"], reactor=reactor)
+    top.twistd_options = getattr(options, "parent", None)
     # Every front end's requests go through this one data plane.
     dataplane = DataPlane(dispatcher)
     factory = TwinferFactory(dataplane, config.server)
-    # The operations services (graceful drain in place of ModelService,
-    # console, metrics) go in first so that the front ends stop after them.
-    add_operations_services(top, options, config, dataplane, factory, reactor)
-    ListeningService(reactor, options["port"], factory).setServiceParent(top)
+    # The operations services (graceful drain, console, metrics) go in first
+    # so that the front ends stop after them.
+    _add_operations_services(top, options, config, dataplane, factory, reactor)
+    _listen(top, reactor, "binary", options["port"], factory, direct_reads=True)
     if options["http-port"]:
         # Imported only when asked for: twisted.web is not needed otherwise.
         from twinfer.http import HTTPFrontEnd
 
         front = HTTPFrontEnd(dataplane, config, reactor)
         front.setServiceParent(top)
-        ListeningService(reactor, options["http-port"], front.site, "http").setServiceParent(top)
+        _listen(top, reactor, "http", options["http-port"], front.site, label="http")
     return top
+
+
+def _listen(
+    top: TwinferService,
+    reactor: Any,
+    name: str,
+    description: str,
+    factory: Any,
+    **kwargs: Any,
+) -> None:
+    try:
+        listening = ListeningService(reactor, name, description, factory, **kwargs)
+    except (ValueError, KeyError, OSError) as e:  # serverFromString: a bad description
+        raise SystemExit(f"twinfer: bad endpoint {description!r}: {e}") from e
+    listening.setServiceParent(top)
+
+
+def _add_operations_services(
+    top: TwinferService,
+    options: Options,
+    config: Config,
+    dataplane: DataPlane,
+    factory: TwinferFactory,
+    reactor: Any,
+) -> None:
+    """Add the serving (graceful drain), console and metrics services to ``top``."""
+    from twinfer.control import Controller
+
+    controller = Controller(config, dataplane, reactor, config_path=options["config"])
+    factory.controller = controller
+    factory.allow_admin = bool(options["allow-admin"])
+    ServingService(
+        controller, reactor, drain_timeout=options["drain-timeout"], handle_sighup=True
+    ).setServiceParent(top)
+    if options["debug-port"]:
+        from twinfer.compat import twistd_log_observer
+        from twinfer.console import ConsoleFactory, LogLevels, make_portal
+
+        portal = make_portal(options["debug-credentials"]) if options["debug-credentials"] else None
+        levels = LogLevels()
+        # twistd logs through the console's level filter from its first line on.
+        top.log_observer = lambda twistd_options: levels.filtering(
+            twistd_log_observer(twistd_options)
+        )
+        console = ConsoleFactory(controller, portal, levels)
+        _listen(top, reactor, "console", options["debug-port"], console, label="debug console")
+    if options["metrics-port"]:
+        from twinfer.metrics import make_site
+
+        site: Any = make_site(controller)
+        _listen(top, reactor, "metrics", options["metrics-port"], site, label="metrics")

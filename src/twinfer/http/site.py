@@ -297,8 +297,8 @@ class Router(Resource):
         # The client hung up: stop working for it (and free the queue slot).
         finished.addErrback(lambda _: d.cancel())
         d.addErrback(_to_response)
-        d.addCallback(_write, request)
-        d.addErrback(_write_failed, request)
+        d.addCallback(_write, request, finished)
+        d.addErrback(_write_failed, request, finished)
         return server.NOT_DONE_YET
 
     async def _call(self, request: server.Request) -> Response:
@@ -324,8 +324,10 @@ def _to_response(failure: Failure) -> Response:
     )
 
 
-def _write(response: Response, request: server.Request) -> None:
-    if request._disconnected or request.finished:  # the client is gone
+def _write(response: Response, request: server.Request, finished: Deferred[None]) -> None:
+    """Send ``response`` unless the request is over (``finished``, from
+    ``request.notifyFinish()``, has fired: finished, or the client is gone)."""
+    if finished.called:
         return
     request.setResponseCode(response.status, reason(response.status))
     for name, value in response.headers.items():
@@ -338,9 +340,9 @@ def _write(response: Response, request: server.Request) -> None:
     request.finish()
 
 
-def _write_failed(failure: Failure, request: server.Request) -> None:
+def _write_failed(failure: Failure, request: server.Request, finished: Deferred[None]) -> None:
     log.failure("cannot write an HTTP response", failure)
-    if not (request._disconnected or request.finished):
+    if not finished.called:
         request.loseConnection()
 
 
