@@ -20,9 +20,10 @@ import pytest
 from twisted.internet import reactor
 
 from support import ServerTestCase
-from twinfer import bench, codec
+from twinfer import bench
 from twinfer.client import connect
-from twinfer.messages import DType, InferRequest, Metadata, TensorSpec
+from twinfer.wire.encode import tensor_payload
+from twinfer.wire.messages import DType, InferRequest, Metadata, TensorSpec
 from twistd_process import ServerProcess
 
 # -- statistics ----------------------------------------------------------------
@@ -129,7 +130,7 @@ def test_random_inputs_match_the_metadata_and_are_sent_without_copy() -> None:
     assert inputs["ids"].shape == (4,) and inputs["ids"].dtype == np.int64
     for array in inputs.values():
         # The codec hands the very bytes object to the transport.
-        assert type(codec.tensor_payload(array)) is bytes
+        assert type(tensor_payload(array)) is bytes
     # Dynamic dimensions default to 1.
     assert bench.make_inputs(IMAGE)["image"].shape == (1, 3, 8, 8)
 

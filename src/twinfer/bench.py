@@ -47,7 +47,7 @@ from twisted.python.failure import Failure
 import twinfer
 from twinfer.client import DEFAULT_SERVER, ClientProtocol, TwinferClient, connect
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.messages import DType, InferReply, InferRequest, Metadata
+from twinfer.wire.messages import DType, InferReply, InferRequest, Metadata
 
 # -- statistics (pure) -------------------------------------------------------
 

@@ -42,8 +42,8 @@ from twisted.python.threadpool import ThreadPool
 from twinfer.backend import Engine, Signature
 from twinfer.batching import BatchPolicy, run_batch
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.messages import Metadata, ModelInfo
 from twinfer.queueing import InferResult, Job, JobQueue, batch_key
+from twinfer.wire.messages import Metadata, ModelInfo
 
 __all__ = [
     "DeviceError",
