@@ -6,19 +6,16 @@ import numpy as np
 import pytest
 
 from twinfer.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from twinfer.wire.connection import (
-    Connection,
+from twinfer.wire.connection import Connection, Role, State, negotiate
+from twinfer.wire.decode import decode_message
+from twinfer.wire.encode import encode_bytes
+from twinfer.wire.events import (
     Event,
     HandshakeComplete,
     MessageReceived,
     ProtocolViolation,
-    Role,
     ServerClosing,
-    State,
-    negotiate,
 )
-from twinfer.wire.decode import decode_message
-from twinfer.wire.encode import encode_bytes
 from twinfer.wire.frames import HEADER, HEADER_SIZE, MAGIC, FrameDecoder
 from twinfer.wire.messages import (
     Cancel,

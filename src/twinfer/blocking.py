@@ -44,14 +44,8 @@ import numpy as np
 
 import twinfer
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.wire.connection import (
-    Connection,
-    HandshakeComplete,
-    MessageReceived,
-    ProtocolViolation,
-    Role,
-    ServerClosing,
-)
+from twinfer.wire.connection import Connection, Role
+from twinfer.wire.events import HandshakeComplete, MessageReceived, ProtocolViolation, ServerClosing
 from twinfer.wire.messages import (
     Error,
     GetMetadata,

@@ -39,14 +39,8 @@ from twisted.python.failure import Failure
 import twinfer
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.netutil import set_no_delay
-from twinfer.wire.connection import (
-    Connection,
-    HandshakeComplete,
-    MessageReceived,
-    ProtocolViolation,
-    Role,
-    ServerClosing,
-)
+from twinfer.wire.connection import Connection, Role
+from twinfer.wire.events import HandshakeComplete, MessageReceived, ProtocolViolation, ServerClosing
 from twinfer.wire.messages import (
     AdminReply,
     AdminRequest,

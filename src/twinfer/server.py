@@ -28,7 +28,8 @@ from twinfer.errors import CodecError, ErrorCode, TwinferError
 from twinfer.netutil import set_no_delay
 from twinfer.tasks import predict_image
 from twinfer.tasks.config import TASKS
-from twinfer.wire.connection import Connection, MessageReceived, ProtocolViolation, Role
+from twinfer.wire.connection import Connection, Role
+from twinfer.wire.events import MessageReceived, ProtocolViolation
 from twinfer.wire.messages import (
     AdminReply,
     AdminRequest,

@@ -2,8 +2,9 @@
 
 A :class:`Connection` is fed the bytes received from the peer
 (:meth:`~Connection.receive_data`) and hands back *events*
-(:meth:`~Connection.next_event`): the peer's messages with their request id,
-the completed handshake, or the peer's violations of the protocol.  Messages
+(:meth:`~Connection.next_event`; see :mod:`twinfer.wire.events`): the peer's
+messages with their request id, the completed handshake, or the peer's
+violations of the protocol.  Messages
 to send go in through ``send_*`` methods and come out as chunks of bytes
 (:meth:`~Connection.data_to_send`).  It does no I/O: the Twisted server
 (:mod:`twinfer.server`), the Twisted client (:mod:`twinfer.client`) and the
@@ -42,8 +43,6 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-import attrs
-
 from twinfer.errors import (
     CodecError,
     ErrorCode,
@@ -53,6 +52,13 @@ from twinfer.errors import (
 )
 from twinfer.wire.decode import decode_message
 from twinfer.wire.encode import encode_message
+from twinfer.wire.events import (
+    Event,
+    HandshakeComplete,
+    MessageReceived,
+    ProtocolViolation,
+    ServerClosing,
+)
 from twinfer.wire.frames import (
     DEFAULT_MAX_FRAME_SIZE,
     HEADER_SIZE,
@@ -119,60 +125,6 @@ class State(enum.Enum):
     OPEN = "open"
     #: Broken or closed: nothing more is received or sent.
     CLOSED = "closed"
-
-
-@attrs.frozen
-class HandshakeComplete:
-    """The handshake succeeded; ``hello`` is the peer's HELLO.
-
-    (A server connection has already queued its own HELLO in answer.)
-    """
-
-    request_id: int
-    hello: Hello
-
-
-@attrs.frozen
-class MessageReceived:
-    """A message from the peer: a request (server) or the reply to one of
-    our requests (client; ``handle`` is what was given to
-    :meth:`Connection.send_request`)."""
-
-    request_id: int
-    message: Message
-    handle: Any = None
-
-
-@attrs.frozen(eq=False)
-class ProtocolViolation:
-    """The peer broke the protocol.
-
-    A server connection has queued the ``ERROR`` frame that answers it.  When
-    ``error.closes_connection``, the connection is now closed: send what
-    :meth:`Connection.data_to_send` holds and drop the transport.  Otherwise
-    only this request failed.  ``message`` is the decoded message when the
-    frame was valid but not allowed (a duplicate request id).
-    """
-
-    request_id: int
-    error: RemoteProtocolError
-    message: Message | None = None
-
-
-@attrs.frozen
-class ServerClosing:
-    """(Client only.) The server sent an ``ERROR`` that ends the connection:
-    a connection-level code, or any error in answer to the HELLO.
-
-    If ``request_id`` was a request in flight, a :class:`MessageReceived`
-    with the same ``ERROR`` came just before.  The connection is now closed.
-    """
-
-    request_id: int
-    error: TwinferError
-
-
-Event = HandshakeComplete | MessageReceived | ProtocolViolation | ServerClosing
 
 
 def closes_connection(code: int) -> bool:
