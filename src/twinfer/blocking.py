@@ -384,11 +384,14 @@ class BlockingClient:
         """Cancel requests whose replies nobody waits for any more."""
         if self._lost is not None or self._sock is None:
             return
-        request_ids = [i for i in request_ids if self._replies.pop(i, None) is None]
-        if not request_ids:
+        cancelled = [
+            request_id
+            for request_id in request_ids
+            # (A reply not taken yet is dropped; a late one will be by the connection.)
+            if self._replies.pop(request_id, None) is None and self._connection.cancel(request_id)
+        ]
+        if not cancelled:
             return
-        for request_id in request_ids:
-            self._connection.cancel(request_id)  # its reply, if one comes, is dropped
         self._take_output()
         # Send the cancels now if the socket takes them; never block for it.
         # (A lost connection is reported by the next call, not from here.)

@@ -147,7 +147,7 @@ class ClientProtocol(Protocol):
         request_id = 0
 
         def cancel(d: Deferred[Message]) -> None:
-            if self._connection.cancel(request_id) is not None:
+            if self._connection.cancel(request_id):
                 self._flush()
 
         d: Deferred[Message] = Deferred(cancel)

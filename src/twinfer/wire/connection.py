@@ -92,6 +92,7 @@ from twinfer.wire.messages import (
 
 #: The protocol versions this implementation speaks.
 SUPPORTED_VERSIONS = range(1, PROTOCOL_VERSION + 1)
+_ABSENT = object()
 #: The request id of the client's HELLO (requests are numbered from 1).
 HELLO_REQUEST_ID = 0
 
@@ -279,17 +280,16 @@ class Connection:
         self._outbox += chunks
         return request_id
 
-    def cancel(self, request_id: int) -> Any:
+    def cancel(self, request_id: int) -> bool:
         """(Client.) Give up on a request in flight: queue CANCEL for it and
-        drop its reply if one still comes.  Returns its handle, or ``None``
-        when it was not in flight (already answered, say)."""
+        drop its reply if one still comes.  Returns whether it was in flight
+        (``False``: already answered, say, and nothing is queued)."""
         self._require(Role.CLIENT, "cancel requests")
-        if request_id not in self.in_flight:
-            return None
-        handle = self.in_flight.pop(request_id)
+        if self.in_flight.pop(request_id, _ABSENT) is _ABSENT:
+            return False
         if self.state is not State.CLOSED:
             self._outbox += encode_message(request_id, Cancel())
-        return handle
+        return True
 
     def send_reply(self, request_id: int, message: Message) -> None:
         """(Server.) Queue the answer to request ``request_id``.
