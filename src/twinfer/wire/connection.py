@@ -92,9 +92,10 @@ from twinfer.wire.messages import (
 
 #: The protocol versions this implementation speaks.
 SUPPORTED_VERSIONS = range(1, PROTOCOL_VERSION + 1)
-_ABSENT = object()
 #: The request id of the client's HELLO (requests are numbered from 1).
 HELLO_REQUEST_ID = 0
+# "Not in flight", as opposed to in flight with the handle None.
+_ABSENT = object()
 
 #: Messages a client sends (besides HELLO, which both sides send).
 CLIENT_MESSAGES: frozenset[type] = frozenset(
