@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from twinfer.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from twinfer.wire.connection import Connection, Role, State, negotiate
@@ -439,3 +441,19 @@ def test_version_negotiation_picks_the_highest_common_version() -> None:
         negotiate(Hello(3, 4), range(1, 3))
     assert e.value.code is ErrorCode.HANDSHAKE_FAILED and "3..4" in e.value.message
     assert e.value.closes_connection
+
+
+@given(st.booleans(), st.sampled_from(list(Role)), st.binary(max_size=200), st.binary(max_size=200))
+def test_arbitrary_bytes_give_only_events(
+    handshake: bool, role: Role, first: bytes, second: bytes
+) -> None:
+    """Whatever the peer sends, receiving never raises, and nothing follows a closing error."""
+    connection = server() if role is Role.SERVER else client()
+    if role is Role.SERVER and not handshake:
+        connection = server(handshake=False)
+    events = receive(connection, first) + receive(connection, second)
+    for i, event in enumerate(events):
+        if isinstance(event, ProtocolViolation) and event.error.closes_connection:
+            assert i == len(events) - 1 and connection.closed
+    for _, message in sent(connection):  # a server answers every violation
+        assert role is Role.SERVER and isinstance(message, Error | Hello)
