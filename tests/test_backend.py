@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from support import save_identity_model
 from twinfer import backend, builtin
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.messages import DType, TensorSpec
+from twinfer.wire.messages import DType, TensorSpec
 
 
 @pytest.fixture(scope="module")

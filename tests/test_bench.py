@@ -20,13 +20,13 @@ import pytest
 from twisted.internet import reactor
 
 from support import ServerTestCase
-from twinfer import codec
 from twinfer.bench.inputs import make_inputs
 from twinfer.bench.load import split
 from twinfer.bench.loop import ClosedLoop
 from twinfer.bench.report import Progress, Samples, format_row, merge, summarize
 from twinfer.client import connect
-from twinfer.messages import DType, InferRequest, Metadata, TensorSpec
+from twinfer.wire.encode import tensor_payload
+from twinfer.wire.messages import DType, InferRequest, Metadata, TensorSpec
 from twistd_process import ServerProcess
 
 # -- statistics ----------------------------------------------------------------
@@ -133,7 +133,7 @@ def test_random_inputs_match_the_metadata_and_are_sent_without_copy() -> None:
     assert inputs["ids"].shape == (4,) and inputs["ids"].dtype == np.int64
     for array in inputs.values():
         # The codec hands the very bytes object to the transport.
-        assert type(codec.tensor_payload(array)) is bytes
+        assert type(tensor_payload(array)) is bytes
     # Dynamic dimensions default to 1.
     assert make_inputs(IMAGE)["image"].shape == (1, 3, 8, 8)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 from collections.abc import Iterator
@@ -19,8 +20,11 @@ from twinfer.blocking import (
     parse_endpoint,
 )
 from twinfer.builtin import tiny_reference
-from twinfer.errors import ErrorCode, TwinferError
-from twinfer.messages import DType
+from twinfer.errors import ErrorCode, LocalProtocolError, TwinferError
+from twinfer.wire.decode import decode_message
+from twinfer.wire.encode import encode_bytes
+from twinfer.wire.frames import FrameDecoder
+from twinfer.wire.messages import DType, Error, Hello, ListModels
 from twistd_process import TWISTD_TINY_CONFIG, ServerProcess, StartTwistd
 
 
@@ -271,15 +275,66 @@ def test_tls_rejects_untrusted_ca(
     assert isinstance(info.value.__cause__, ssl.SSLCertVerificationError)
 
 
-def test_connection_level_error_closes_the_client(twistd_server: ServerProcess) -> None:
-    # A client that skips the HELLO: the server answers HANDSHAKE_FAILED to
-    # that request and closes the connection.
+def test_a_request_before_hello_is_refused_locally(twistd_server: ServerProcess) -> None:
     sock = socket.create_connection((twistd_server.host, twistd_server.port), timeout=10)
-    client = BlockingClient(sock, endpoint=twistd_server.endpoint, timeout=10)
-    with pytest.raises(TwinferError) as info:
-        client.models()
-    assert info.value.code is ErrorCode.HANDSHAKE_FAILED
-    assert "first frame must be HELLO" in info.value.message
-    assert client.closed
-    with pytest.raises(ConnectionLost, match="HANDSHAKE_FAILED"):
-        client.ping()
+    with BlockingClient(sock, endpoint=twistd_server.endpoint, timeout=10) as client:
+        with pytest.raises(LocalProtocolError) as info:
+            client.models()
+        assert info.value.code is ErrorCode.HANDSHAKE_FAILED
+        # Nothing was sent, so the connection is still good for a handshake.
+        assert client.handshake().max_version == 1
+        assert client.ping() > 0
+
+
+@contextlib.contextmanager
+def fake_server() -> Iterator[tuple[socket.socket, BlockingClient]]:
+    """A blocking client connected over loopback TCP to a socket the test speaks for."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        host, port = listener.getsockname()[:2]
+        sock = socket.create_connection((host, port), timeout=10)
+        server_side, _ = listener.accept()
+        endpoint = f"tcp:{host}:{port}"
+        with server_side, BlockingClient(sock, endpoint=endpoint, timeout=10) as client:
+            yield server_side, client
+
+
+def received_messages(server_side: socket.socket) -> list[tuple[int, object]]:
+    """Everything the client sent until it closed the connection, decoded."""
+    data = b""
+    while chunk := server_side.recv(65536):
+        data += chunk
+    return [(f.request_id, decode_message(f)) for f in FrameDecoder().feed(data)]
+
+
+def test_connection_level_error_closes_the_client() -> None:
+    # The server refuses the handshake, as a twinfer server answers a client
+    # whose first frame is not HELLO, and closes the connection.
+    with fake_server() as (server_side, client):
+        refusal = Error(ErrorCode.HANDSHAKE_FAILED, "the first frame must be HELLO, got Ping")
+        server_side.sendall(encode_bytes(0, refusal))
+        with pytest.raises(TwinferError) as info:
+            client.handshake()
+        assert info.value.code is ErrorCode.HANDSHAKE_FAILED
+        assert "first frame must be HELLO" in info.value.message
+        assert client.closed
+        with pytest.raises(ConnectionLost, match="HANDSHAKE_FAILED"):
+            client.ping()
+        [(rid, hello)] = received_messages(server_side)
+        assert rid == 0 and isinstance(hello, Hello)
+
+
+def test_a_connection_level_error_answering_a_request_goes_to_its_caller() -> None:
+    with fake_server() as (server_side, client):
+        server_side.sendall(encode_bytes(0, Hello(1, 1, 4096, "fake")))
+        assert client.handshake().agent == "fake"
+        # The answer to request 1, the first after the HELLO.
+        server_side.sendall(encode_bytes(1, Error(ErrorCode.MALFORMED_FRAME, "bad bytes")))
+        with pytest.raises(TwinferError) as info:
+            client.models()
+        assert info.value.code is ErrorCode.MALFORMED_FRAME
+        assert not isinstance(info.value, ConnectionLost)
+        assert client.closed
+        with pytest.raises(ConnectionLost, match="MALFORMED_FRAME: bad bytes"):
+            client.ping()
+        sent = received_messages(server_side)
+        assert [(rid, type(m)) for rid, m in sent] == [(0, Hello), (1, ListModels)]

@@ -10,9 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from twinfer import codec
 from twinfer.errors import CodecError, ErrorCode
-from twinfer.messages import (
+from twinfer.wire.decode import decode_message
+from twinfer.wire.encode import encode_bytes, encode_message
+from twinfer.wire.frames import ALIGNMENT, HEADER, HEADER_SIZE, MAGIC, Frame, FrameDecoder
+from twinfer.wire.messages import (
     Cancel,
     DType,
     Error,
@@ -113,9 +115,9 @@ def assert_same_message(sent: object, got: object) -> None:
         assert got == sent
 
 
-def decode_all(data: bytes, chunk_sizes: list[int] | None = None) -> list[codec.Frame]:
-    decoder = codec.FrameDecoder()
-    frames: list[codec.Frame] = []
+def decode_all(data: bytes, chunk_sizes: list[int] | None = None) -> list[Frame]:
+    decoder = FrameDecoder()
+    frames: list[Frame] = []
     pos = 0
     for size in chunk_sizes or []:
         frames += decoder.feed(data[pos : pos + size])
@@ -129,30 +131,30 @@ def decode_all(data: bytes, chunk_sizes: list[int] | None = None) -> list[codec.
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(request_ids, messages)
 def test_every_message_round_trips(request_id: int, message: object) -> None:
-    data = codec.encode_bytes(request_id, message)  # type: ignore[arg-type]
+    data = encode_bytes(request_id, message)  # type: ignore[arg-type]
     [frame] = decode_all(data)
     assert frame.request_id == request_id
-    assert_same_message(message, codec.decode_message(frame))
+    assert_same_message(message, decode_message(frame))
 
 
 @settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(request_ids, messages), min_size=1, max_size=5), st.data())
 def test_frames_survive_any_chunking(pairs: list[tuple[int, object]], data: st.DataObject) -> None:
-    stream = b"".join(codec.encode_bytes(rid, m) for rid, m in pairs)  # type: ignore[arg-type]
+    stream = b"".join(encode_bytes(rid, m) for rid, m in pairs)  # type: ignore[arg-type]
     cuts = data.draw(st.lists(st.integers(0, 50), max_size=30))
     frames = decode_all(stream, cuts)
     assert [f.request_id for f in frames] == [rid for rid, _ in pairs]
     for (_, sent), frame in zip(pairs, frames):
-        assert_same_message(sent, codec.decode_message(frame))
+        assert_same_message(sent, decode_message(frame))
 
 
 @settings(max_examples=500)
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_raise_only_codec_errors(data: bytes) -> None:
-    decoder = codec.FrameDecoder(max_frame_size=1 << 20)
+    decoder = FrameDecoder(max_frame_size=1 << 20)
     try:
         for frame in decoder.feed(data):
-            codec.decode_message(frame)
+            decode_message(frame)
     except CodecError:
         pass
     assert decoder.error is None or isinstance(decoder.error, CodecError)
@@ -161,9 +163,9 @@ def test_arbitrary_bytes_raise_only_codec_errors(data: bytes) -> None:
 @settings(max_examples=500)
 @given(st.integers(min_value=0x00, max_value=0xFF), request_ids, st.binary(max_size=200))
 def test_arbitrary_bodies_raise_only_codec_errors(mtype: int, request_id: int, body: bytes) -> None:
-    frame = codec.Frame(mtype, 0, request_id, bytearray(body))
+    frame = Frame(mtype, 0, request_id, bytearray(body))
     try:
-        codec.decode_message(frame)
+        decode_message(frame)
     except CodecError as e:
         assert e.code in (
             ErrorCode.MALFORMED_FRAME,
@@ -177,28 +179,28 @@ def test_arbitrary_bodies_raise_only_codec_errors(mtype: int, request_id: int, b
 def test_truncated_bodies_raise_codec_errors(
     request_id: int, message: object, data: st.DataObject
 ) -> None:
-    encoded = codec.encode_bytes(request_id, message)  # type: ignore[arg-type]
-    body = encoded[codec.HEADER_SIZE :]
+    encoded = encode_bytes(request_id, message)  # type: ignore[arg-type]
+    body = encoded[HEADER_SIZE :]
     if not body:
         return
     cut = data.draw(st.integers(0, len(body) - 1))
-    header = codec.HEADER.unpack(encoded[: codec.HEADER_SIZE])
-    frame = codec.Frame(header[1], 0, request_id, bytearray(body[:cut]))
+    header = HEADER.unpack(encoded[: HEADER_SIZE])
+    frame = Frame(header[1], 0, request_id, bytearray(body[:cut]))
     with pytest.raises(CodecError) as e:
-        codec.decode_message(frame)
+        decode_message(frame)
     assert e.value.code is ErrorCode.MALFORMED_FRAME
 
 
 def test_decoded_tensors_are_zero_copy_writable_views_of_the_frame() -> None:
     x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
-    [frame] = decode_all(codec.encode_bytes(1, InferRequest("m", {"x": x})))
-    got = codec.decode_message(frame)
+    [frame] = decode_all(encode_bytes(1, InferRequest("m", {"x": x})))
+    got = decode_message(frame)
     assert isinstance(got, InferRequest)
     array = got.inputs["x"]
     assert array.flags.writeable and array.flags.c_contiguous
     assert np.shares_memory(array, np.frombuffer(frame.body, np.uint8))
     assert (
-        array.ctypes.data % codec.ALIGNMENT == np.frombuffer(frame.body, np.uint8).ctypes.data % 8
+        array.ctypes.data % ALIGNMENT == np.frombuffer(frame.body, np.uint8).ctypes.data % 8
     )
 
 
@@ -208,25 +210,25 @@ def test_tensor_data_is_aligned_within_the_body() -> None:
         "bb": np.ones((2, 2), np.float64),
         "c": np.ones(1, np.int16),
     }
-    [frame] = decode_all(codec.encode_bytes(1, InferRequest("model", inputs)))
-    got = codec.decode_message(frame)
+    [frame] = decode_all(encode_bytes(1, InferRequest("model", inputs)))
+    got = decode_message(frame)
     assert isinstance(got, InferRequest)
     base = np.frombuffer(frame.body, np.uint8).ctypes.data
     for array in got.inputs.values():
-        assert (array.ctypes.data - base) % codec.ALIGNMENT == 0
+        assert (array.ctypes.data - base) % ALIGNMENT == 0
 
 
 def test_bytes_backed_arrays_are_sent_without_copy() -> None:
     payload = np.arange(6, dtype=np.float32).tobytes()
     array = np.ndarray((2, 3), np.float32, buffer=payload)
-    chunks = codec.encode_message(5, InferReply({"y": array}))
+    chunks = encode_message(5, InferReply({"y": array}))
     assert any(chunk is payload for chunk in chunks)
 
 
 def test_big_endian_and_non_contiguous_inputs_are_converted() -> None:
     x = np.arange(12, dtype=">i4").reshape(3, 4)[:, ::2]
-    [frame] = decode_all(codec.encode_bytes(1, InferRequest("m", {"x": x})))
-    got = codec.decode_message(frame)
+    [frame] = decode_all(encode_bytes(1, InferRequest("m", {"x": x})))
+    got = decode_message(frame)
     assert isinstance(got, InferRequest)
     np.testing.assert_array_equal(got.inputs["x"], x)
     assert got.inputs["x"].dtype == np.dtype("<i4")
@@ -234,14 +236,14 @@ def test_big_endian_and_non_contiguous_inputs_are_converted() -> None:
 
 def test_unsupported_dtype_is_refused_when_encoding() -> None:
     with pytest.raises(CodecError) as e:
-        codec.encode_message(1, InferRequest("m", {"s": np.array(["text"])}))
+        encode_message(1, InferRequest("m", {"s": np.array(["text"])}))
     assert e.value.code is ErrorCode.INVALID_DTYPE
     assert "'s'" in e.value.message
 
 
 def test_oversize_frame_is_refused_from_its_header_before_buffering() -> None:
-    decoder = codec.FrameDecoder(max_frame_size=1000)
-    header = codec.HEADER.pack(codec.MAGIC, 0x10, 0, 10**9, 7)
+    decoder = FrameDecoder(max_frame_size=1000)
+    header = HEADER.pack(MAGIC, 0x10, 0, 10**9, 7)
     assert decoder.feed(header) == []
     assert decoder.error is not None and decoder.error.code is ErrorCode.FRAME_TOO_LARGE
     assert "1000000000" in decoder.error.message and "1000" in decoder.error.message
@@ -250,10 +252,10 @@ def test_oversize_frame_is_refused_from_its_header_before_buffering() -> None:
 
 def test_a_partial_large_frame_holds_one_buffer_of_its_declared_size() -> None:
     x = np.zeros((1, 3, 224, 224), np.float32)
-    data = codec.encode_bytes(3, InferRequest("squeezenet", {"data_0": x}))
-    decoder = codec.FrameDecoder()
+    data = encode_bytes(3, InferRequest("squeezenet", {"data_0": x}))
+    decoder = FrameDecoder()
     assert decoder.feed(data[:65536]) == []
-    assert decoder.buffered == len(data) - codec.HEADER_SIZE
+    assert decoder.buffered == len(data) - HEADER_SIZE
     frames = []
     for start in range(65536, len(data), 65536):
         frames += decoder.feed(data[start : start + 65536])
@@ -261,32 +263,32 @@ def test_a_partial_large_frame_holds_one_buffer_of_its_declared_size() -> None:
 
 
 def test_bad_magic_is_a_malformed_frame() -> None:
-    decoder = codec.FrameDecoder()
+    decoder = FrameDecoder()
     assert decoder.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == []
     assert decoder.error is not None and decoder.error.code is ErrorCode.MALFORMED_FRAME
     assert "b'GE'" in decoder.error.message
 
 
 def test_frames_before_a_break_are_delivered_and_later_input_is_ignored() -> None:
-    decoder = codec.FrameDecoder()
-    data = codec.encode_bytes(1, Ping()) + codec.encode_bytes(2, Ping()) + b"\x00" * 20
+    decoder = FrameDecoder()
+    data = encode_bytes(1, Ping()) + encode_bytes(2, Ping()) + b"\x00" * 20
     assert [f.request_id for f in decoder.feed(data)] == [1, 2]
     assert decoder.error is not None and decoder.error.code is ErrorCode.MALFORMED_FRAME
-    assert decoder.feed(codec.encode_bytes(3, Ping())) == []
+    assert decoder.feed(encode_bytes(3, Ping())) == []
 
 
 def test_unknown_message_type_is_unsupported_not_malformed() -> None:
     with pytest.raises(CodecError) as e:
-        codec.decode_message(codec.Frame(0x55, 0, 1, bytearray()))
+        decode_message(Frame(0x55, 0, 1, bytearray()))
     assert e.value.code is ErrorCode.UNSUPPORTED_MESSAGE
 
 
 def test_bool_tensor_with_other_bytes_is_malformed() -> None:
-    data = bytearray(codec.encode_bytes(1, InferRequest("m", {"b": np.array([True, False])})))
+    data = bytearray(encode_bytes(1, InferRequest("m", {"b": np.array([True, False])})))
     data[-8] = 7  # first element of the tensor
     [frame] = decode_all(bytes(data))
     with pytest.raises(CodecError, match="bool tensor 'b'"):
-        codec.decode_message(frame)
+        decode_message(frame)
 
 
 def test_tensor_longer_than_the_body_is_malformed() -> None:
@@ -296,14 +298,7 @@ def test_tensor_longer_than_the_body_is_malformed() -> None:
         struct.pack("<H", 1) + b"x" + struct.pack("<BB", DType.F32, 1) + struct.pack("<Q", 10**6)
     )
     with pytest.raises(CodecError, match="tensor 'x' data"):
-        codec.decode_message(codec.Frame(0x10, 0, 1, body))
-
-
-def test_version_negotiation_picks_the_highest_common_version() -> None:
-    assert codec.negotiate(Hello(1, 5), range(1, 3)) == 2
-    with pytest.raises(CodecError) as e:
-        codec.negotiate(Hello(3, 4), range(1, 3))
-    assert e.value.code is ErrorCode.HANDSHAKE_FAILED and "3..4" in e.value.message
+        decode_message(Frame(0x10, 0, 1, body))
 
 
 @settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
@@ -312,9 +307,9 @@ def test_receiving_in_place_matches_feeding(
     pairs: list[tuple[int, object]], data: st.DataObject
 ) -> None:
     """A transport may fill read_buffer() itself (recv_into) for any part of a body."""
-    stream = b"".join(codec.encode_bytes(rid, m) for rid, m in pairs)  # type: ignore[arg-type]
-    decoder = codec.FrameDecoder()
-    frames: list[codec.Frame] = []
+    stream = b"".join(encode_bytes(rid, m) for rid, m in pairs)  # type: ignore[arg-type]
+    decoder = FrameDecoder()
+    frames: list[Frame] = []
     pos = 0
     while pos < len(stream):
         target = decoder.read_buffer()
@@ -330,9 +325,9 @@ def test_receiving_in_place_matches_feeding(
     assert decoder.error is None
     assert [f.request_id for f in frames] == [rid for rid, _ in pairs]
     for (_, sent), frame in zip(pairs, frames):
-        assert_same_message(sent, codec.decode_message(frame))
+        assert_same_message(sent, decode_message(frame))
 
 
 def test_buffer_filled_without_a_buffer_is_a_programming_error() -> None:
     with pytest.raises(ValueError):
-        codec.FrameDecoder().buffer_filled(1)
+        FrameDecoder().buffer_filled(1)

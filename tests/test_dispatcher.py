@@ -11,14 +11,17 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 
 from support import ServerTestCase
-from twinfer import builtin, codec
+from twinfer import builtin
 from twinfer.backend import Engine
 from twinfer.client import TwinferClient, connect
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.messages import Hello
 from twinfer.netutil import DirectReadServer
 from twinfer.registry import LoadedModel, openvino_engine
 from twinfer.server import TwinferProtocol
+from twinfer.wire.decode import decode_message
+from twinfer.wire.encode import encode_bytes
+from twinfer.wire.frames import FrameDecoder
+from twinfer.wire.messages import Hello
 
 PLACEMENT_CONFIG = """
 [[devices]]
@@ -187,7 +190,7 @@ class DispatcherTests(ServerTestCase):
             def connectionMade(self) -> None:
                 self.received = b""
                 self.closed: defer.Deferred[None] = defer.Deferred()
-                self.transport.write(codec.encode_bytes(0, Hello()))
+                self.transport.write(encode_bytes(0, Hello()))
                 self.transport.write(b"\x00" * 64)
 
             def dataReceived(self, data: bytes) -> None:
@@ -202,8 +205,8 @@ class DispatcherTests(ServerTestCase):
             Factory.forProtocol(Garbage)
         )
         await bad.closed
-        frames = codec.FrameDecoder().feed(bad.received)
-        hello, error = (codec.decode_message(f) for f in frames)
+        frames = FrameDecoder().feed(bad.received)
+        hello, error = (decode_message(f) for f in frames)
         assert getattr(error, "code", None) == ErrorCode.MALFORMED_FRAME
         results = await defer.gatherResults(pending)
         assert len(results) == 16

@@ -2,7 +2,7 @@
 
 Each annotated dump is parsed line by line (``OFFSET  HEX BYTES  comment``):
 the offsets must follow one another and the bytes must equal what
-``twinfer.codec`` encodes today, so the spec cannot drift from the code.
+``twinfer.wire`` encodes today, so the spec cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import pytest
 from PIL import Image
 
 from twinfer.builtin import tiny_reference
-from twinfer.codec import FrameDecoder, decode_message, encode_bytes
-from twinfer.messages import ImageRequest, InferReply, InferRequest
+from twinfer.wire.decode import decode_message
+from twinfer.wire.encode import encode_bytes
+from twinfer.wire.frames import FrameDecoder
+from twinfer.wire.messages import ImageRequest, InferReply, InferRequest
 
 PROTOCOL_MD = Path(__file__).parent.parent / "docs" / "protocol.md"
 _LINE = re.compile(r"^([0-9a-f]{4})  ((?:[0-9a-f]{2} )*[0-9a-f]{2})(?:\s{2,}\S.*)?$")

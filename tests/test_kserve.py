@@ -12,7 +12,7 @@ from hypothesis.extra import numpy as hnp
 
 from twinfer import kserve
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.messages import DType, Metadata, TensorSpec
+from twinfer.wire.messages import DType, Metadata, TensorSpec
 
 
 def body(document: object, *binaries: bytes) -> tuple[bytearray, str | None]:

@@ -14,8 +14,8 @@ from twinfer.backend import Engine
 from twinfer.builtin import tiny_reference
 from twinfer.client import connect
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.messages import AdminRequest
 from twinfer.registry import openvino_engine
+from twinfer.wire.messages import AdminRequest
 
 
 class ControlTests(OpsServerTestCase):

@@ -13,12 +13,17 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from twinfer import builtin, codec
+from twinfer import builtin
 from twinfer.backend import Signature
 from twinfer.config import ServerConfig
 from twinfer.dataplane import DataPlane
 from twinfer.errors import ErrorCode
-from twinfer.messages import (
+from twinfer.scheduling import Dispatcher, InferResult, Job, JobQueue, ModelEntry, WorkerState
+from twinfer.server import TwinferFactory, TwinferProtocol
+from twinfer.wire.decode import decode_message
+from twinfer.wire.encode import encode_bytes
+from twinfer.wire.frames import HEADER, HEADER_SIZE, MAGIC, FrameDecoder
+from twinfer.wire.messages import (
     Cancel,
     Error,
     GetMetadata,
@@ -32,8 +37,6 @@ from twinfer.messages import (
     Ping,
     Pong,
 )
-from twinfer.scheduling import Dispatcher, InferResult, Job, JobQueue, ModelEntry, WorkerState
-from twinfer.server import TwinferFactory, TwinferProtocol
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
 
@@ -92,12 +95,12 @@ class ProtocolFixture(unittest.TestCase):
         return proto, transport
 
     def send(self, proto: TwinferProtocol, request_id: int, message: Message) -> None:
-        proto.dataReceived(codec.encode_bytes(request_id, message))
+        proto.dataReceived(encode_bytes(request_id, message))
 
     def replies(self, transport: StringTransport) -> list[tuple[int, Message]]:
-        frames = codec.FrameDecoder().feed(transport.value())
+        frames = FrameDecoder().feed(transport.value())
         transport.clear()
-        return [(f.request_id, codec.decode_message(f)) for f in frames]
+        return [(f.request_id, decode_message(f)) for f in frames]
 
     def error(self, transport: StringTransport) -> tuple[int, Error]:
         [(rid, message)] = self.replies(transport)
@@ -138,23 +141,23 @@ class ProtocolTests(ProtocolFixture):
         assert self.transport.value() == b""
 
     def test_oversize_frame_is_refused_from_its_header(self) -> None:
-        header = codec.HEADER.pack(codec.MAGIC, 0x10, 0, 4097, 3)
+        header = HEADER.pack(MAGIC, 0x10, 0, 4097, 3)
         self.proto.dataReceived(header)
         rid, error = self.error(self.transport)
         assert error.code == ErrorCode.FRAME_TOO_LARGE and "4097" in error.message
         assert self.transport.disconnecting
 
     def test_truncated_body_is_malformed(self) -> None:
-        body = codec.encode_bytes(4, InferRequest("tiny", {"x": X}))[codec.HEADER_SIZE :]
+        body = encode_bytes(4, InferRequest("tiny", {"x": X}))[HEADER_SIZE :]
         cut = body[:-9]
-        self.proto.dataReceived(codec.HEADER.pack(codec.MAGIC, 0x10, 0, len(cut), 4) + cut)
+        self.proto.dataReceived(HEADER.pack(MAGIC, 0x10, 0, len(cut), 4) + cut)
         rid, error = self.error(self.transport)
         assert (rid, error.code) == (4, ErrorCode.MALFORMED_FRAME)
         assert "truncated" in error.message
         assert self.transport.disconnecting
 
     def test_unknown_message_type_keeps_the_connection(self) -> None:
-        self.proto.dataReceived(codec.HEADER.pack(codec.MAGIC, 0x66, 0, 0, 12))
+        self.proto.dataReceived(HEADER.pack(MAGIC, 0x66, 0, 0, 12))
         rid, error = self.error(self.transport)
         assert (rid, error.code) == (12, ErrorCode.UNSUPPORTED_MESSAGE)
         assert not self.transport.disconnecting
@@ -167,8 +170,8 @@ class ProtocolTests(ProtocolFixture):
         assert error.code == ErrorCode.UNSUPPORTED_MESSAGE and "Pong" in error.message
 
     def test_frames_split_anywhere_and_batched_are_all_answered(self) -> None:
-        data = b"".join(codec.encode_bytes(i, Ping()) for i in range(1, 6))
-        data += codec.encode_bytes(6, ListModels())
+        data = b"".join(encode_bytes(i, Ping()) for i in range(1, 6))
+        data += encode_bytes(6, ListModels())
         for i in range(len(data)):
             self.proto.dataReceived(data[i : i + 1])
         replies = self.replies(self.transport)
@@ -377,7 +380,7 @@ class SchedulingProtocolTests(ProtocolFixture):
 class AdminDecodingTests(ProtocolFixture):
     def test_a_well_formed_admin_request_for_an_unknown_op_keeps_the_connection(self) -> None:
         body = b'{"op":"explode","model":"tiny"}'
-        self.proto.dataReceived(codec.HEADER.pack(codec.MAGIC, 0x40, 0, len(body), 3) + body)
+        self.proto.dataReceived(HEADER.pack(MAGIC, 0x40, 0, len(body), 3) + body)
         rid, error = self.error(self.transport)
         assert (rid, error.code) == (3, ErrorCode.INVALID_INPUT)
         assert "'explode'" in error.message

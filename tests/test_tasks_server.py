@@ -202,22 +202,24 @@ class ImageTaskServerTests(ServerTestCase):
 def test_codec_image_messages_round_trip_and_reject_bad_bodies() -> None:
     import pytest
 
-    from twinfer import codec
     from twinfer.errors import CodecError
-    from twinfer.messages import ImageRequest, Prediction, Predictions
+    from twinfer.wire.decode import decode_message
+    from twinfer.wire.encode import encode_bytes
+    from twinfer.wire.frames import HEADER, MAGIC, FrameDecoder
+    from twinfer.wire.messages import ImageRequest, Prediction, Predictions
 
     def decode(data: bytes) -> object:
-        [frame] = codec.FrameDecoder().feed(data)
-        return codec.decode_message(frame)
+        [frame] = FrameDecoder().feed(data)
+        return decode_message(frame)
 
-    request = decode(codec.encode_bytes(9, ImageRequest("face", b"\xff\xd8 jpeg bytes", "detect")))
+    request = decode(encode_bytes(9, ImageRequest("face", b"\xff\xd8 jpeg bytes", "detect")))
     assert isinstance(request, ImageRequest)
     assert (request.model, bytes(request.image), request.task) == (
         "face", b"\xff\xd8 jpeg bytes", "detect",
     )  # fmt: skip
     reply = Predictions("detect", (Prediction(3, "dog", 0.5, (1.0, 2.0, 3.5, 4.0)),))
-    assert decode(codec.encode_bytes(9, reply)) == reply
-    header = codec.HEADER
+    assert decode(encode_bytes(9, reply)) == reply
+    header = HEADER
     for mtype, body in (
         (0x30, b"\x05\x00fa"),  # model name cut short
         (0x31, b'{"task": "detect", "predictions": [{"label_id": "3"}]}'),
@@ -225,7 +227,7 @@ def test_codec_image_messages_round_trip_and_reject_bad_bodies() -> None:
                b'"confidences": 1, "detection_box": [1, 2, 3]}]}'),  # fmt: skip
         (0x31, b"[]"),
     ):
-        frame = header.pack(codec.MAGIC, mtype, 0, len(body), 1) + body
+        frame = header.pack(MAGIC, mtype, 0, len(body), 1) + body
         with pytest.raises(CodecError) as caught:
             decode(frame)
         assert caught.value.code is ErrorCode.MALFORMED_FRAME

@@ -2,13 +2,15 @@
 
 The package is layered so that each module has one reason to change:
 
-- :mod:`twinfer.errors`, :mod:`twinfer.messages`, :mod:`twinfer.codec` — the
-  wire protocol, sans-I/O (no Twisted import);
+- :mod:`twinfer.errors`, :mod:`twinfer.wire` (messages, frames, readers,
+  writers and the per-side connection state) — the wire protocol, sans-I/O
+  (no Twisted import);
 - :mod:`twinfer.config` — the TOML configuration, parsed into attrs classes;
 - :mod:`twinfer.backend` — OpenVINO: reading, compiling, validating, running;
 - :mod:`twinfer.scheduling` — routing, bounded job queues, dynamic batching
   and one single-thread worker per device replica;
-- :mod:`twinfer.server` — the Twisted ``Protocol``/``Factory`` adapter;
+- :mod:`twinfer.server` — the Twisted ``Protocol``/``Factory`` adapter over
+  :class:`twinfer.wire.connection.Connection`;
 - :mod:`twinfer.tap` — ``twistd`` options and service construction;
 - :mod:`twinfer.client`, :mod:`twinfer.blocking`, :mod:`twinfer.cli` — clients.
 """

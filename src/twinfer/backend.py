@@ -19,7 +19,7 @@ import openvino as ov
 
 from twinfer import builtin
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.messages import DType, Metadata, TensorSpec
+from twinfer.wire.messages import DType, Metadata, TensorSpec
 
 
 class Engine(Protocol):

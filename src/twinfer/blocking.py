@@ -9,7 +9,8 @@ Example::
         print(outputs["y"])
 
 It speaks the same protocol as :mod:`twinfer.client` through the same sans-I/O
-codec, over a plain :mod:`socket` (wrapped by :mod:`ssl` for ``tls:``).  One
+:class:`~twinfer.wire.connection.Connection` (handshake, request ids, the
+protocol's rules), over a plain :mod:`socket` (wrapped by :mod:`ssl` for ``tls:``).  One
 client is one connection and is not thread-safe: use one per thread.
 
 Internally every call queues its frames and runs a small ``selectors`` loop
@@ -42,10 +43,10 @@ from typing import Any, TypeVar
 import numpy as np
 
 import twinfer
-from twinfer import codec
-from twinfer.errors import CodecError, ErrorCode, TwinferError
-from twinfer.messages import (
-    Cancel,
+from twinfer.errors import ErrorCode, TwinferError
+from twinfer.wire.connection import Connection, Role
+from twinfer.wire.events import HandshakeComplete, MessageReceived, ProtocolViolation, ServerClosing
+from twinfer.wire.messages import (
     Error,
     GetMetadata,
     Hello,
@@ -151,17 +152,13 @@ class BlockingClient:
         sock.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(sock, selectors.EVENT_READ)
-        self._decoder = codec.FrameDecoder()
+        self._connection = Connection(Role.CLIENT, agent=AGENT)
         self._recv_buffer = bytearray(_RECV_SIZE)
         self._recv_view = memoryview(self._recv_buffer)
         # Chunks not yet written, in order; frames are never interleaved.
         self._out: collections.deque[memoryview] = collections.deque()
         # Replies that arrived for requests being waited for.
         self._replies: dict[int, Message] = {}
-        self._waiting: set[int] = set()
-        # Requests given up on (timeout, a failed infer_many): drop their replies.
-        self._abandoned: set[int] = set()
-        self._next_id = 1
         self._lost: TwinferError | None = None
 
     # -- connecting ---------------------------------------------------------
@@ -203,19 +200,34 @@ class BlockingClient:
             ) from e
         client = cls(sock, endpoint=endpoint, timeout=timeout)
         try:
-            client._handshake()
+            client.handshake()
         except BaseException:
             client.close()
             raise
         return client
 
-    def _handshake(self) -> Hello:
-        """Send HELLO and wait for the server's; returns it (also kept as :attr:`server`)."""
-        reply = _expect(self._call(Hello(agent=AGENT)), Hello)
-        # The server may send frames up to its own limit.
-        self._decoder.max_frame_size = max(self._decoder.max_frame_size, reply.max_frame_size)
-        self.server = reply
-        return reply
+    def handshake(self) -> Hello:
+        """Send HELLO and wait for the server's; returns it (also kept as :attr:`server`).
+
+        :meth:`connect` does this; call it yourself only on a client made from
+        a socket.  Raises :class:`TwinferError` with the server's code when it
+        refuses (the connection is then closed) and :class:`ReplyTimeout`
+        when it does not answer within :attr:`timeout`.
+        """
+        if self._lost is not None:
+            raise self._closed_error()
+        self._connection.start_handshake()
+        self._take_output()
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while self.server is None:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise ReplyTimeout(
+                    ErrorCode.DEADLINE_EXCEEDED,
+                    f"no HELLO from {self.endpoint} within {self.timeout:g} s",
+                )
+            self._pump(remaining)
+        return self.server
 
     # -- the API --------------------------------------------------------------
 
@@ -291,7 +303,7 @@ class BlockingClient:
                 results[index] = dict(_expect(_check(message), InferReply).outputs)
         finally:
             # After an error or a timeout: stop the requests still running.
-            self._abandon(in_flight.keys() - self._abandoned)
+            self._abandon(in_flight.keys())
         return [r for r in results if r is not None]
 
     def models(self) -> list[ModelInfo]:
@@ -315,6 +327,7 @@ class BlockingClient:
         self._close_socket()
 
     def _close_socket(self) -> None:
+        self._connection.close()
         sock, self._sock = self._sock, None
         if sock is not None:
             self._selector.close()
@@ -342,24 +355,22 @@ class BlockingClient:
         """Send ``message`` and wait for its reply; an ``ERROR`` reply is raised."""
         return _check(self._wait_one([self._queue(message)], self.timeout)[1])
 
-    def _queue(self, message: Message, request_id: int | None = None) -> int:
-        """Encode ``message`` and append it to the outgoing chunks; returns its id."""
+    def _queue(self, message: Message) -> int:
+        """Encode ``message`` and append it to the outgoing chunks; returns its id.
+
+        A request that cannot be sent (larger than the server accepts, say)
+        raises :class:`~twinfer.errors.LocalProtocolError` and sends nothing.
+        """
         if self._lost is not None:
             raise self._closed_error()
-        if request_id is None:
-            request_id = self._next_id
-            self._next_id += 1
-        chunks = codec.encode_message(request_id, message)
-        size = sum(len(c) for c in chunks) - codec.HEADER_SIZE
-        limit = self.server.max_frame_size if self.server is not None else 0
-        if limit and size > limit:
-            # Checked here so that the server does not close the connection.
-            raise CodecError(
-                ErrorCode.FRAME_TOO_LARGE,
-                f"the request's body of {size} bytes exceeds the server's limit of {limit} bytes",
-            )
-        self._out.extend(memoryview(c).cast("B") for c in chunks if len(c))
+        request_id = self._connection.send_request(message)
+        self._take_output()
         return request_id
+
+    def _take_output(self) -> None:
+        """Move the connection's queued chunks to the outgoing queue."""
+        chunks = self._connection.data_to_send()
+        self._out.extend(memoryview(c).cast("B") for c in chunks if len(c))
 
     def _closed_error(self) -> TwinferError:
         lost = self._lost
@@ -373,12 +384,15 @@ class BlockingClient:
         """Cancel requests whose replies nobody waits for any more."""
         if self._lost is not None or self._sock is None:
             return
-        request_ids = [i for i in request_ids if self._replies.pop(i, None) is None]
-        if not request_ids:
+        cancelled = [
+            request_id
+            for request_id in request_ids
+            # (A reply not taken yet is dropped; a late one will be by the connection.)
+            if self._replies.pop(request_id, None) is None and self._connection.cancel(request_id)
+        ]
+        if not cancelled:
             return
-        for request_id in request_ids:
-            self._abandoned.add(request_id)
-            self._queue(Cancel(), request_id)
+        self._take_output()
         # Send the cancels now if the socket takes them; never block for it.
         # (A lost connection is reported by the next call, not from here.)
         with contextlib.suppress(TransportError):
@@ -391,26 +405,22 @@ class BlockingClient:
         the requests are cancelled and :class:`ReplyTimeout` is raised.
         """
         ids = set(request_ids)
-        self._waiting |= ids
         deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            while True:
-                for request_id in ids:
-                    message = self._replies.pop(request_id, None)
-                    if message is not None:
-                        return request_id, message
-                remaining = None
-                if deadline is not None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        self._abandon(ids)
-                        raise ReplyTimeout(
-                            ErrorCode.DEADLINE_EXCEEDED,
-                            f"no reply from {self.endpoint} within {timeout:g} s",
-                        )
-                self._pump(remaining)
-        finally:
-            self._waiting -= ids
+        while True:
+            for request_id in ids:
+                message = self._replies.pop(request_id, None)
+                if message is not None:
+                    return request_id, message
+            remaining = None
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._abandon(ids)
+                    raise ReplyTimeout(
+                        ErrorCode.DEADLINE_EXCEEDED,
+                        f"no reply from {self.endpoint} within {timeout:g} s",
+                    )
+            self._pump(remaining)
 
     def _pump(self, timeout: float | None) -> None:
         """Wait up to ``timeout`` s for the socket, then write and read what it allows."""
@@ -458,34 +468,35 @@ class BlockingClient:
         received = sock.recv_into(self._recv_buffer)
         if received == 0:
             self._connection_lost("the server closed the connection")
-        try:
-            for frame in self._decoder.feed(self._recv_view[:received]):
-                self._frame_received(frame.request_id, codec.decode_message(frame))
-            if self._decoder.error is not None:
-                raise self._decoder.error
-        except CodecError as e:
-            self._connection_lost(f"bad data from the server: {e}")
+        self._connection.receive_data(self._recv_view[:received])
+        for event in self._connection.events():
+            if isinstance(event, MessageReceived):
+                self._replies[event.request_id] = event.message
+            elif isinstance(event, HandshakeComplete):
+                self.server = event.hello
+            elif isinstance(event, ServerClosing):
+                self._server_closing(event)
+            elif isinstance(event, ProtocolViolation):
+                self._connection_lost(f"bad data from the server: {event.error}")
 
-    def _frame_received(self, request_id: int, message: Message) -> None:
-        if isinstance(message, Error) and message.code < 100:
-            # Connection-level: the server closes the connection after this.
-            error = TwinferError(message.code, message.message)
-            if request_id in self._waiting:
-                # The caller gets this error itself; later calls get UNAVAILABLE.
-                self._replies[request_id] = message
-                self._lost = ConnectionLost(ErrorCode.UNAVAILABLE, str(error))
-                self._close_socket()
-                return
-            self._connection_lost(f"the server closed the connection: {error}")
-        if request_id in self._abandoned:
-            self._abandoned.discard(request_id)
-        elif request_id in self._waiting:
-            self._replies[request_id] = message
-        # Anything else answers nothing we sent: ignore it.
+    def _server_closing(self, event: ServerClosing) -> None:
+        """The server sent a connection-level error and closes the connection."""
+        error = event.error
+        if self.server is None:
+            # The handshake was refused: connect() (or handshake()) raises it.
+            self._lost = ConnectionLost(ErrorCode.UNAVAILABLE, str(error))
+            self._close_socket()
+            raise TwinferError(error.code, error.message)
+        if event.request_id in self._replies:
+            # The caller gets this error itself; later calls get UNAVAILABLE.
+            self._lost = ConnectionLost(ErrorCode.UNAVAILABLE, str(error))
+            self._close_socket()
+            return
+        self._connection_lost(f"the server closed the connection: {error}")
 
     def _connection_lost(self, reason: str) -> None:
         self._lost = ConnectionLost(ErrorCode.UNAVAILABLE, reason)
-        pending = len(self._waiting - self._replies.keys())
+        pending = len(self._connection.close())
         self._close_socket()
         detail = f" with {pending} request(s) unanswered" if pending else ""
         raise ConnectionLost(

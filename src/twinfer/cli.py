@@ -40,7 +40,7 @@ from twinfer.blocking import (
     parse_endpoint,
 )
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.messages import Metadata, TensorSpec
+from twinfer.wire.messages import Metadata, TensorSpec
 
 #: Exit status for errors the server reported, and for bad arguments or files.
 EXIT_ERROR = 2

@@ -15,6 +15,10 @@ Example::
 Every method returns a ``Deferred``; many requests may be in flight on one
 connection and replies are matched by request id.  A server error fails the
 Deferred with :class:`~twinfer.errors.TwinferError` carrying the code.
+
+:class:`ClientProtocol` is a thin adapter: the handshake, request ids and
+the rules of the protocol live in a client-side
+:class:`~twinfer.wire.connection.Connection`.
 """
 
 from __future__ import annotations
@@ -33,12 +37,13 @@ from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClie
 from twisted.python.failure import Failure
 
 import twinfer
-from twinfer import codec
-from twinfer.errors import CodecError, ErrorCode, TwinferError
-from twinfer.messages import (
+from twinfer.errors import ErrorCode, TwinferError
+from twinfer.netutil import set_no_delay
+from twinfer.wire.connection import Connection, Role
+from twinfer.wire.events import HandshakeComplete, MessageReceived, ProtocolViolation, ServerClosing
+from twinfer.wire.messages import (
     AdminReply,
     AdminRequest,
-    Cancel,
     Error,
     GetHealth,
     GetMetadata,
@@ -57,7 +62,6 @@ from twinfer.messages import (
     Prediction,
     Predictions,
 )
-from twinfer.netutil import set_no_delay
 
 AGENT = f"twinfer-client/{twinfer.__version__}"
 DEFAULT_SERVER = "tcp:127.0.0.1:9000"
@@ -70,10 +74,9 @@ class ClientProtocol(Protocol):
     transport: Any
 
     def __init__(self) -> None:
-        self._decoder = codec.FrameDecoder()
-        self._pending: dict[int, Deferred[Message]] = {}
-        self._next_id = 1
+        self._connection = Connection(Role.CLIENT, agent=AGENT)
         self._lost: Failure | None = None
+        self._closed_waiters: list[Deferred[None]] = []
         #: The server's HELLO (its version and frame limit), once received.
         self.server_hello = Hello()
         #: Fires with the server's HELLO once the handshake is done.
@@ -81,94 +84,96 @@ class ClientProtocol(Protocol):
 
     def connectionMade(self) -> None:
         set_no_delay(self.transport)
-        self._write(0, Hello(agent=AGENT))
+        self._connection.start_handshake()
+        self._flush()
 
     def dataReceived(self, data: bytes) -> None:
-        try:
-            for frame in self._decoder.feed(data):
-                self._message_received(frame.request_id, codec.decode_message(frame))
-            if self._decoder.error is not None:
-                raise self._decoder.error
-        except CodecError as e:
-            self._fail_all(TwinferError(e.code, f"bad data from the server: {e.message}"))
-            self.transport.loseConnection()
-
-    def _message_received(self, request_id: int, message: Message) -> None:
-        if not self.handshake.called:
-            if isinstance(message, Hello):
-                self._decoder.max_frame_size = max(
-                    self._decoder.max_frame_size, message.max_frame_size
-                )
-                self.server_hello = message
-                self.handshake.callback(message)
-            elif isinstance(message, Error):
-                self.handshake.errback(TwinferError(message.code, message.message))
-            return
-        d = self._pending.pop(request_id, None)
-        if isinstance(message, Error):
-            error = TwinferError(message.code, message.message)
-            if d is not None:
-                d.errback(error)
-            elif isinstance(error.code, ErrorCode) and error.code.closes_connection:
-                self._fail_all(error)
-        elif d is not None:
-            d.callback(message)
+        self._connection.receive_data(data)
+        for event in self._connection.events():
+            if isinstance(event, MessageReceived):
+                d: Deferred[Message] = event.handle
+                if isinstance(event.message, Error):
+                    d.errback(TwinferError(event.message.code, event.message.message))
+                else:
+                    d.callback(event.message)
+            elif isinstance(event, HandshakeComplete):
+                self.server_hello = event.hello
+                self.handshake.callback(event.hello)
+            elif isinstance(event, ServerClosing):
+                self._fail_all(event.error)
+            elif isinstance(event, ProtocolViolation):
+                error = event.error
+                message = f"bad data from the server: {error.message}"
+                self._fail_all(TwinferError(error.code, message))
+                self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self._lost = reason
-        error = TwinferError(
-            ErrorCode.UNAVAILABLE, f"connection to the server lost: {reason.getErrorMessage()}"
+        self._fail_all(
+            TwinferError(
+                ErrorCode.UNAVAILABLE,
+                f"connection to the server lost: {reason.getErrorMessage()}",
+            )
         )
-        if not self.handshake.called:
-            self.handshake.errback(error)
-        self._fail_all(error)
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for d in waiters:
+            d.callback(None)
 
     def _fail_all(self, error: TwinferError) -> None:
-        pending, self._pending = self._pending, {}
-        for d in pending.values():
+        """Fail the handshake (if still waited for) and every request in flight."""
+        if not self.handshake.called:
+            self.handshake.errback(error)
+        for d in self._connection.close().values():
             d.errback(error)
 
-    def _write(self, request_id: int, message: Message) -> None:
-        chunks = codec.encode_message(request_id, message)
-        limit = self.server_hello.max_frame_size if self.handshake.called else 0
-        if limit:
-            size = sum(len(c) for c in chunks) - codec.HEADER_SIZE
-            if size > limit:
-                # Refused here: the server would drop the whole connection.
-                raise CodecError(
-                    ErrorCode.FRAME_TOO_LARGE,
-                    f"request of {size} bytes exceeds the server's limit of {limit} bytes",
-                )
-        self.transport.writeSequence([c if type(c) is bytes else bytes(c) for c in chunks])
+    def _flush(self) -> None:
+        chunks = self._connection.data_to_send()
+        if chunks:
+            self.transport.writeSequence([c if type(c) is bytes else bytes(c) for c in chunks])
 
     def request(self, message: Message) -> Deferred[Message]:
         """Send ``message`` with a fresh request id; fires with the reply message.
 
-        Cancelling the Deferred sends CANCEL for the request.
+        Cancelling the Deferred sends CANCEL for the request.  Fails with
+        :class:`TwinferError` (``UNAVAILABLE``) once the connection is
+        closed, and with :class:`~twinfer.errors.LocalProtocolError` or
+        :class:`~twinfer.errors.CodecError` for a request that cannot be sent
+        (larger than the server accepts, a dtype the protocol cannot carry).
         """
         if self._lost is not None:
             return defer.fail(
                 TwinferError(ErrorCode.UNAVAILABLE, "the connection to the server is closed")
             )
-        request_id = self._next_id
-        self._next_id += 1
+        request_id = 0
 
         def cancel(d: Deferred[Message]) -> None:
-            if self._pending.pop(request_id, None) is not None and self._lost is None:
-                self._write(request_id, Cancel())
+            if self._connection.cancel(request_id):
+                self._flush()
 
         d: Deferred[Message] = Deferred(cancel)
         try:
-            self._write(request_id, message)
-        except CodecError as e:
+            request_id = self._connection.send_request(message, d)
+        except TwinferError as e:
             return defer.fail(e)
-        self._pending[request_id] = d
+        self._flush()
+        return d
+
+    def close(self) -> Deferred[None]:
+        """Close the connection; fires with ``None`` once it is closed.
+
+        Requests still in flight fail with ``UNAVAILABLE``.
+        """
+        if self._lost is not None:
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred()
+        self._closed_waiters.append(d)
+        self.transport.loseConnection()
         return d
 
     @property
     def in_flight(self) -> int:
         """Requests sent and not yet answered."""
-        return len(self._pending)
+        return len(self._connection.in_flight)
 
 
 def _expect(message: Message, kind: type[M]) -> M:
@@ -267,9 +272,10 @@ class TwinferClient:
         d = self.protocol.request(request)
         return d.addCallback(lambda m: _expect(m, AdminReply).message)
 
-    def close(self) -> None:
-        """Close the connection; pending requests fail with UNAVAILABLE."""
-        self.protocol.transport.loseConnection()
+    def close(self) -> Deferred[None]:
+        """Close the connection; fires with ``None`` once it is closed (from
+        ``connectionLost``).  Pending requests fail with UNAVAILABLE."""
+        return self.protocol.close()
 
 
 def client_endpoint(

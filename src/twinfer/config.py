@@ -20,7 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from twinfer.codec import DEFAULT_MAX_FRAME_SIZE
+from twinfer.wire.frames import DEFAULT_MAX_FRAME_SIZE
 
 if TYPE_CHECKING:
     from twinfer.tasks.config import TaskConfig

@@ -44,7 +44,6 @@ from twinfer.config import (
 )
 from twinfer.dataplane import DataPlane, Session
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.messages import AdminRequest, Health
 from twinfer.registry import (
     EngineFactory,
     LoadedModel,
@@ -56,6 +55,7 @@ from twinfer.registry import (
     openvino_engine,
 )
 from twinfer.scheduling import Job, JobQueue, ModelEntry, Worker
+from twinfer.wire.messages import AdminRequest, Health
 
 log = Logger()
 
@@ -209,7 +209,8 @@ class Controller:
         self.dataplane.begin_drain()
 
     def health(self) -> Health:
-        """Liveness (the reactor answered) and readiness (see :class:`~twinfer.messages.Health`)."""
+        """Liveness (the reactor answered) and readiness (see
+        :class:`~twinfer.wire.messages.Health`)."""
         if self.closing:
             return Health(True, False, "the server is shutting down")
         if not self.dispatcher.started:

@@ -74,7 +74,12 @@ class Session:
     """
 
     def __init__(
-        self, plane: DataPlane, frontend: FrontendState, max_inflight: int, transport: Any
+        self,
+        plane: DataPlane,
+        frontend: FrontendState,
+        max_inflight: int,
+        transport: Any,
+        inflight: dict[Hashable, Deferred[Any]] | None = None,
     ) -> None:
         self.plane = plane
         self.frontend = frontend
@@ -82,8 +87,10 @@ class Session:
         self.max_inflight = max_inflight
         #: The connection's transport (``loseConnection`` ends it).
         self.transport = transport
-        #: Requests queued or running, by the key the front end gave them.
-        self.inflight: dict[Hashable, Deferred[Any]] = {}
+        #: Requests queued or running, by the key the front end gave them
+        #: (a front end may pass its own table: the binary protocol's
+        #: connection reads it to refuse duplicate request ids).
+        self.inflight: dict[Hashable, Deferred[Any]] = {} if inflight is None else inflight
         #: Requests this session made (admitted or not).
         self.requests = 0
         self.closed = False
@@ -194,10 +201,17 @@ class DataPlane:
             state = self.frontends[name] = FrontendState(name)
         return state
 
-    def open_session(self, frontend: str, transport: Any = None, max_inflight: int = 0) -> Session:
-        """A new client connection of ``frontend``."""
+    def open_session(
+        self,
+        frontend: str,
+        transport: Any = None,
+        max_inflight: int = 0,
+        inflight: dict[Any, Deferred[Any]] | None = None,
+    ) -> Session:
+        """A new client connection of ``frontend`` (``inflight``: the table
+        to keep its requests in flight in, if the front end has one)."""
         state = self.frontend(frontend)
-        session = Session(self, state, max_inflight, transport)
+        session = Session(self, state, max_inflight, transport, inflight)
         state.sessions.add(session)
         return session
 

@@ -82,6 +82,35 @@ class TwinferError(Exception):
         return f"{name}: {self.message}"
 
 
+class ProtocolError(TwinferError):
+    """A rule of the binary protocol was broken (see :mod:`twinfer.wire.connection`)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol: bad bytes, no HELLO first, a duplicate request id...
+
+    ``code`` is the :class:`ErrorCode` the server answers with.
+    """
+
+    def __init__(
+        self, code: ErrorCode | int, message: str, *, closes_connection: bool | None = None
+    ) -> None:
+        super().__init__(code, message)
+        if closes_connection is None:
+            closes_connection = not isinstance(self.code, ErrorCode) or self.code.closes_connection
+        #: Whether the connection cannot go on after this (it is then closed).
+        self.closes_connection = closes_connection
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried something the protocol forbids: a request before HELLO,
+    a request id still in use, a frame larger than the peer accepts, a
+    message in the wrong direction, or sending on a closed connection.
+
+    Nothing was sent; the connection is unchanged.
+    """
+
+
 class CodecError(TwinferError):
     """The bytes on the wire do not form a valid twinfer frame or message.
 

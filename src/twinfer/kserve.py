@@ -33,7 +33,7 @@ import numpy as np
 
 import twinfer
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.messages import DType, Metadata, TensorSpec
+from twinfer.wire.messages import DType, Metadata, TensorSpec
 
 #: The response header (and request header) that splits JSON from binary data.
 HEADER_LENGTH = "Inference-Header-Content-Length"

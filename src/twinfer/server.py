@@ -1,7 +1,9 @@
-"""The binary front end: a thin ``Protocol`` adapter around the wire codec.
+"""The Twisted front end: a thin ``Protocol`` adapter around the sans-I/O connection.
 
-:class:`TwinferProtocol` feeds received bytes to a
-:class:`~twinfer.codec.FrameDecoder`, turns each request into a call on the
+:class:`TwinferProtocol` feeds received bytes to a server-side
+:class:`~twinfer.wire.connection.Connection` (which owns the handshake, the
+frame limit, duplicate request ids and the rule of which errors close the
+connection), turns each request it yields into a call on the
 :class:`~twinfer.dataplane.DataPlane` (which admits, validates, queues and
 counts it), and writes replies as they complete (out of order, matched by
 request id).  It does no inference and no heavy
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IAddress, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -20,20 +22,20 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 import twinfer
-from twinfer import codec
 from twinfer.config import ServerConfig
 from twinfer.dataplane import DataPlane, ImagePredictions, Session
 from twinfer.errors import CodecError, ErrorCode, TwinferError
-from twinfer.messages import (
-    PROTOCOL_VERSION,
+from twinfer.netutil import set_no_delay
+from twinfer.scheduling import InferResult
+from twinfer.wire.connection import Connection, Role
+from twinfer.wire.events import MessageReceived, ProtocolViolation
+from twinfer.wire.messages import (
     AdminReply,
     AdminRequest,
     Cancel,
-    Error,
     GetHealth,
     GetMetadata,
     Health,
-    Hello,
     ImageRequest,
     InferReply,
     InferRequest,
@@ -45,8 +47,6 @@ from twinfer.messages import (
     Prediction,
     Predictions,
 )
-from twinfer.netutil import set_no_delay
-from twinfer.scheduling import InferResult
 
 if TYPE_CHECKING:
     from twinfer.control import Controller
@@ -56,7 +56,6 @@ log = Logger()
 AGENT = f"twinfer/{twinfer.__version__}"
 #: This front end's name in the data plane's counts and the metrics' labels.
 FRONTEND = "binary"
-SUPPORTED_VERSIONS = range(1, PROTOCOL_VERSION + 1)
 
 
 @implementer(IPushProducer)
@@ -85,8 +84,7 @@ class TwinferProtocol(Protocol):
     transport: Any
 
     def __init__(self) -> None:
-        self._decoder: codec.FrameDecoder | None = None
-        self._version = 0
+        self._connection = Connection(Role.SERVER, agent=AGENT)
         self._closing = False
         #: This connection as the data plane sees it (set when connected).
         self.session: Session | None = None
@@ -95,9 +93,11 @@ class TwinferProtocol(Protocol):
         self.paused_for: set[str] = set()
 
     @property
-    def inflight(self) -> dict[Any, Any]:
-        """Requests queued or running for this connection, by request id."""
-        return self.session.inflight if self.session is not None else {}
+    def inflight(self) -> dict[int, Deferred[Any]]:
+        """Requests in flight: request id -> the job's Deferred.  One table,
+        kept by the data plane's session and read by the connection, which
+        refuses a new request reusing one of these ids."""
+        return self._connection.in_flight
 
     @property
     def requests(self) -> int:
@@ -108,103 +108,71 @@ class TwinferProtocol(Protocol):
 
     def connectionMade(self) -> None:
         set_no_delay(self.transport)
-        self._decoder = codec.FrameDecoder(self.factory.config.max_frame_size)
+        self._connection.max_frame_size = self.factory.config.max_frame_size
         self.transport.registerProducer(_ReadThrottle(self), True)
         self.session = self.factory.dataplane.open_session(
-            FRONTEND, self.transport, self.factory.config.max_inflight_per_connection
+            FRONTEND,
+            self.transport,
+            self.factory.config.max_inflight_per_connection,
+            inflight=self._connection.in_flight,
         )
         self.factory.connections.add(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closing or self._decoder is None:
+        if self._closing:
             return
-        self._frames_received(self._decoder.feed(data))
+        self._connection.receive_data(data)
+        self._handle_events()
 
     def read_buffer(self) -> memoryview | None:
         """Where the transport may receive the rest of a large frame in place
         (see :class:`twinfer.netutil.DirectReadServer`)."""
-        if self._closing or self._decoder is None:
+        if self._closing:
             return None
-        return self._decoder.read_buffer()
+        return self._connection.read_buffer()
 
     def buffer_filled(self, count: int) -> None:
         """``count`` bytes arrived in :meth:`read_buffer`."""
-        if self._decoder is not None:
-            self._frames_received(self._decoder.buffer_filled(count))
-
-    def _frames_received(self, frames: list[codec.Frame]) -> None:
-        for frame in frames:
-            if self._closing:
-                return
-            self._frame_received(frame)
-        decoder = self._decoder
-        if decoder is not None and decoder.error is not None and not self._closing:
-            self._fatal(0, decoder.error)
+        self._connection.buffer_filled(count)
+        self._handle_events()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self._closing = True
         self.factory.connections.discard(self)
         self.factory.paused_for_load.discard(self)
+        self._connection.close()
         if self.session is not None:
             self.session.close()  # queued jobs never run; running ones' results are dropped
 
     # -- messages -----------------------------------------------------------
 
-    def _frame_received(self, frame: codec.Frame) -> None:
-        try:
-            message = codec.decode_message(frame)
-        except CodecError as e:
-            if isinstance(e.code, ErrorCode) and not e.code.closes_connection and self._version:
-                self.factory.dataplane.protocol_error(FRONTEND, e.code)
-                self._send_error(frame.request_id, e.code, e.message)
-            else:
-                self._fatal(frame.request_id, e)
-            return
-        if not self._version:
-            self._handshake(frame.request_id, message)
-            return
-        handler = self._HANDLERS.get(type(message))
-        if handler is None:
-            self.factory.dataplane.protocol_error(FRONTEND, ErrorCode.UNSUPPORTED_MESSAGE)
-            self._send_error(
-                frame.request_id,
-                ErrorCode.UNSUPPORTED_MESSAGE,
-                f"the server does not accept {type(message).__name__} messages",
-            )
-            return
-        handler(self, frame.request_id, message)
+    def _handle_events(self) -> None:
+        for event in self._connection.events():
+            if isinstance(event, MessageReceived):
+                self._HANDLERS[type(event.message)](self, event.request_id, event.message)
+            elif isinstance(event, ProtocolViolation):
+                self._violation(event)
+        self._flush()
 
-    def _handshake(self, request_id: int, message: Message) -> None:
-        if not isinstance(message, Hello):
-            self._fatal(
-                request_id,
-                TwinferError(
-                    ErrorCode.HANDSHAKE_FAILED,
-                    f"the first frame must be HELLO, got {type(message).__name__}",
-                ),
-            )
-            return
-        try:
-            self._version = codec.negotiate(message, SUPPORTED_VERSIONS)
-        except CodecError as e:
-            self._fatal(request_id, e)
-            return
-        self._write(
-            codec.encode_message(
-                request_id,
-                Hello(self._version, self._version, self.factory.config.max_frame_size, AGENT),
-            )
-        )
-
-    def _on_hello(self, request_id: int, message: Hello) -> None:
-        self._fatal(request_id, TwinferError(ErrorCode.HANDSHAKE_FAILED, "HELLO sent twice"))
+    def _violation(self, event: ProtocolViolation) -> None:
+        """The client broke the protocol; the connection has queued the ERROR answering it."""
+        request = event.message
+        plane = self.factory.dataplane
+        if isinstance(request, InferRequest | ImageRequest) and self.session is not None:
+            # A request refused by the protocol (a duplicate id) is counted
+            # like any other refusal.
+            plane.refuse(self.session, request.model, event.error)
+        else:
+            plane.protocol_error(FRONTEND, event.error.code)
+        if event.error.closes_connection:
+            self._fatal(event.error)
 
     def _on_ping(self, request_id: int, message: Ping) -> None:
-        self._write(codec.encode_message(request_id, Pong()))
+        self._send(request_id, Pong())
 
     def _on_list_models(self, request_id: int, message: ListModels) -> None:
         models = ModelList(self.factory.dispatcher.model_infos())
-        self._write(codec.encode_message(request_id, models))
+        self._send(request_id, models)
 
     def _on_get_metadata(self, request_id: int, message: GetMetadata) -> None:
         try:
@@ -212,7 +180,7 @@ class TwinferProtocol(Protocol):
         except TwinferError as e:
             self._send_error(request_id, e.code, e.message)
             return
-        self._write(codec.encode_message(request_id, metadata))
+        self._send(request_id, metadata)
 
     def _on_infer(self, request_id: int, message: InferRequest) -> None:
         assert self.session is not None
@@ -257,7 +225,7 @@ class TwinferProtocol(Protocol):
         else:
             started = self.factory.dispatcher.started and not self.factory.dataplane.draining
             health = Health(True, started, "" if started else "the server is not running")
-        self._write(codec.encode_message(request_id, health))
+        self._send(request_id, health)
 
     def _on_admin(self, request_id: int, message: AdminRequest) -> None:
         controller = self.factory.controller
@@ -279,7 +247,7 @@ class TwinferProtocol(Protocol):
         )
 
     def _admin_done(self, summary: str, request_id: int) -> None:
-        self._write(codec.encode_message(request_id, AdminReply(summary)))
+        self._send(request_id, AdminReply(summary))
 
     def _admin_failed(self, failure: Failure, request_id: int) -> None:
         if failure.check(TwinferError):
@@ -294,8 +262,8 @@ class TwinferProtocol(Protocol):
         if self.session is not None:
             self.session.cancel(request_id)
 
+    #: One handler for each message a client may send after the handshake.
     _HANDLERS: dict[type, Any] = {
-        Hello: _on_hello,
         Ping: _on_ping,
         ListModels: _on_list_models,
         GetMetadata: _on_get_metadata,
@@ -329,11 +297,9 @@ class TwinferProtocol(Protocol):
     def _reply(self, result: InferResult, request_id: int) -> None:
         reply = InferReply(result.outputs, result.queue_us, result.compute_us)
         try:
-            chunks = codec.encode_message(request_id, reply)
+            self._send(request_id, reply)
         except CodecError as e:  # e.g. an output dtype the wire cannot carry
             self._send_error(request_id, ErrorCode.INTERNAL, f"cannot encode the reply: {e}")
-            return
-        self._write(chunks)
 
     def _reply_predictions(self, result: ImagePredictions, request_id: int) -> None:
         reply = Predictions(
@@ -343,7 +309,7 @@ class TwinferProtocol(Protocol):
                 for p in result.predictions
             ),
         )
-        self._write(codec.encode_message(request_id, reply))
+        self._send(request_id, reply)
 
     def _reply_failed(self, failure: Failure, request_id: int) -> None:
         # The data plane fails requests only with TwinferError.
@@ -351,19 +317,25 @@ class TwinferProtocol(Protocol):
         self._send_error(request_id, error.code, error.message)
 
     def _send_error(self, request_id: int, code: int, message: str) -> None:
-        self._write(codec.encode_message(request_id, Error(code, message)))
+        self._connection.send_error(request_id, code, message)
+        self._flush()
 
-    def _fatal(self, request_id: int, error: TwinferError) -> None:
-        """Report a connection-level error, then close the connection."""
-        self.factory.dataplane.protocol_error(FRONTEND, error.code)
+    def _send(self, request_id: int, message: Message) -> None:
+        self._connection.send_reply(request_id, message)
+        self._flush()
+
+    def _fatal(self, error: TwinferError) -> None:
+        """Send the connection-level error already queued, then close the connection."""
+        # (Counted by _violation as a protocol error.)
         peer: IAddress = self.transport.getPeer()
         log.info("closing connection from {peer}: {error}", peer=peer, error=str(error))
-        self._send_error(request_id, error.code, error.message)
+        self._flush()
         self._closing = True
         self.transport.loseConnection()
 
-    def _write(self, chunks: list[codec.Chunk]) -> None:
-        if self._closing and not self.transport.connected:
+    def _flush(self) -> None:
+        chunks = self._connection.data_to_send()
+        if not chunks:
             return
         # Twisted transports take only bytes; tensor chunks from the backend
         # already are bytes (made in the device thread), so this copies

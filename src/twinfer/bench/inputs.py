@@ -10,14 +10,14 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from twinfer.messages import DType, Metadata
+from twinfer.wire.messages import DType, Metadata
 
 
 def _bytes_backed(array: np.ndarray) -> np.ndarray:
     """A read-only copy of ``array`` whose memory is a ``bytes`` object.
 
     The codec hands such an array's ``bytes`` to the transport as it is
-    (see :func:`twinfer.codec.tensor_payload`), so sending it costs no copy
+    (see :func:`twinfer.wire.encode.tensor_payload`), so sending it costs no copy
     and no allocation per request.
     """
     array = np.ascontiguousarray(array)

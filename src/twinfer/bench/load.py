@@ -31,7 +31,7 @@ from twinfer.bench.loop import ClosedLoop
 from twinfer.bench.report import Progress, Samples, merge
 from twinfer.client import TwinferClient, connect
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.messages import InferRequest
+from twinfer.wire.messages import InferRequest
 
 #: Exit statuses (those of the ``twinfer`` command, plus 1 for failed requests).
 EXIT_OK = 0

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twinfer.bench.report import Samples
 from twinfer.client import ClientProtocol
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.messages import InferReply, InferRequest
+from twinfer.wire.messages import InferReply, InferRequest
 
 
 def _error_name(failure: Failure) -> str:

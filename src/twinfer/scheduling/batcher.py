@@ -189,7 +189,7 @@ SKIPPED: Any = object()
 
 def _own_bytes(part: np.ndarray) -> np.ndarray:
     # One copy into a bytes object, in the device thread: the reply is then
-    # written without any copy on the reactor thread (see twinfer.codec).
+    # written without any copy on the reactor thread (see twinfer.wire.encode).
     return np.ndarray(part.shape, part.dtype, buffer=part.tobytes())
 
 

@@ -37,10 +37,10 @@ from twisted.python.failure import Failure
 
 from twinfer.backend import Engine, Signature
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.messages import Metadata, ModelInfo
 from twinfer.scheduling.batcher import BatchPolicy
 from twinfer.scheduling.queueing import Job, JobQueue
 from twinfer.scheduling.worker import Worker, WorkerState, fail_on_device
+from twinfer.wire.messages import Metadata, ModelInfo
 
 __all__ = ["Dispatcher", "ModelEntry"]
 

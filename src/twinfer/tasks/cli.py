@@ -30,7 +30,7 @@ from twisted.internet.defer import Deferred
 
 from twinfer.client import DEFAULT_SERVER, connect
 from twinfer.errors import TwinferError
-from twinfer.messages import Prediction
+from twinfer.wire.messages import Prediction
 
 #: Box colours, cycled by class id.
 _COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),

@@ -1,7 +1,8 @@
 """The messages of the twinfer wire protocol, as plain attrs classes.
 
-These are the *events* of the sans-I/O codec (:mod:`twinfer.codec`): the codec
-turns bytes into these objects and back; nothing here does I/O.  Every message
+The readers (:mod:`twinfer.wire.decode`) turn frames into these objects and
+the writers (:mod:`twinfer.wire.encode`) turn them back; nothing here does
+I/O and nothing here imports the rest of :mod:`twinfer.wire`.  Every message
 travels in a frame that also carries a ``request_id`` chosen by the client;
 replies carry the id of the request they answer.
 """

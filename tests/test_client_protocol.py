@@ -1,0 +1,146 @@
+"""The Twisted client's protocol over a StringTransport: an adapter over the client Connection."""
+
+from __future__ import annotations
+
+import numpy as np
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from twinfer.client import ClientProtocol, TwinferClient
+from twinfer.errors import ErrorCode, LocalProtocolError, TwinferError
+from twinfer.wire.decode import decode_message
+from twinfer.wire.encode import encode_bytes
+from twinfer.wire.frames import FrameDecoder
+from twinfer.wire.messages import (
+    Cancel,
+    Error,
+    Hello,
+    InferReply,
+    InferRequest,
+    ListModels,
+    Message,
+    ModelInfo,
+    ModelList,
+    Ping,
+    Pong,
+)
+
+SERVER_HELLO = Hello(1, 1, 4096, "test-server")
+
+
+class ClientProtocolTests(unittest.SynchronousTestCase):
+    def setUp(self) -> None:
+        self.protocol = ClientProtocol()
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+
+    def sent(self) -> list[tuple[int, Message]]:
+        frames = FrameDecoder().feed(self.transport.value())
+        self.transport.clear()
+        return [(f.request_id, decode_message(f)) for f in frames]
+
+    def handshake(self) -> None:
+        [(rid, hello)] = self.sent()
+        assert rid == 0 and isinstance(hello, Hello)
+        self.protocol.dataReceived(encode_bytes(0, SERVER_HELLO))
+        assert self.successResultOf(self.protocol.handshake) == SERVER_HELLO
+
+    def test_the_handshake_fires_with_the_servers_hello(self) -> None:
+        self.handshake()
+        assert self.protocol.server_hello == SERVER_HELLO
+
+    def test_a_refused_handshake_fails_with_the_servers_error(self) -> None:
+        refusal = Error(ErrorCode.HANDSHAKE_FAILED, "client speaks protocol versions 1..1")
+        self.protocol.dataReceived(encode_bytes(0, refusal))
+        failure = self.failureResultOf(self.protocol.handshake, TwinferError)
+        assert failure.value.code is ErrorCode.HANDSHAKE_FAILED
+
+    def test_replies_fire_their_requests_in_any_order(self) -> None:
+        self.handshake()
+        client = TwinferClient(self.protocol)
+        models = client.models()
+        ping = self.protocol.request(Ping())
+        assert self.protocol.in_flight == 2
+        (rid_models, _), (rid_ping, _) = self.sent()
+        self.protocol.dataReceived(
+            encode_bytes(rid_ping, Pong())
+            + encode_bytes(rid_models, ModelList((ModelInfo("tiny", ("cpu",)),)))
+        )
+        assert self.successResultOf(ping) == Pong()
+        assert [m.name for m in self.successResultOf(models)] == ["tiny"]
+        assert self.protocol.in_flight == 0
+
+    def test_an_error_reply_fails_only_its_request(self) -> None:
+        self.handshake()
+        first, second = self.protocol.request(Ping()), self.protocol.request(Ping())
+        (rid, _), _ = self.sent()
+        self.protocol.dataReceived(encode_bytes(rid, Error(ErrorCode.OVERLOADED, "full")))
+        assert self.failureResultOf(first, TwinferError).value.code is ErrorCode.OVERLOADED
+        assert self.protocol.in_flight == 1 and not self.transport.disconnecting
+        assert second.called is False
+
+    def test_cancelling_sends_cancel_and_drops_the_late_reply(self) -> None:
+        self.handshake()
+        d = self.protocol.request(Ping())
+        [(rid, _)] = self.sent()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        assert self.sent() == [(rid, Cancel())]
+        self.protocol.dataReceived(encode_bytes(rid, Pong()))  # dropped
+        assert self.protocol.in_flight == 0
+
+    def test_a_request_over_the_servers_limit_fails_without_sending(self) -> None:
+        self.handshake()
+        big = InferRequest("tiny", {"x": np.zeros((300, 4), np.float32)})
+        failure = self.failureResultOf(self.protocol.request(big), LocalProtocolError)
+        assert failure.value.code is ErrorCode.FRAME_TOO_LARGE and "4096" in failure.value.message
+        assert self.sent() == [] and self.protocol.in_flight == 0
+
+    def test_bad_bytes_from_the_server_fail_every_request_and_drop_the_connection(self) -> None:
+        self.handshake()
+        pending = [self.protocol.request(Ping()), self.protocol.request(ListModels())]
+        self.protocol.dataReceived(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        for d in pending:
+            failure = self.failureResultOf(d, TwinferError)
+            assert failure.value.code is ErrorCode.MALFORMED_FRAME
+            assert "bad data from the server" in failure.value.message
+        assert self.transport.disconnecting
+
+    def test_a_connection_level_error_fails_every_request(self) -> None:
+        self.handshake()
+        first, second = self.protocol.request(Ping()), self.protocol.request(Ping())
+        (rid, _), _ = self.sent()
+        self.protocol.dataReceived(encode_bytes(rid, Error(ErrorCode.MALFORMED_FRAME, "bad")))
+        for d in (first, second):
+            assert self.failureResultOf(d, TwinferError).value.code is ErrorCode.MALFORMED_FRAME
+        # The connection is closed for new requests too.
+        failure = self.failureResultOf(self.protocol.request(Ping()), TwinferError)
+        assert failure.value.code is ErrorCode.UNAVAILABLE
+
+    def test_close_fires_once_the_connection_is_lost(self) -> None:
+        self.handshake()
+        pending = self.protocol.request(InferRequest("tiny", {"x": np.ones((1, 4), "f4")}))
+        closed = TwinferClient(self.protocol).close()
+        assert self.transport.disconnecting and not closed.called
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        assert self.successResultOf(closed) is None
+        assert self.failureResultOf(pending, TwinferError).value.code is ErrorCode.UNAVAILABLE
+        # Closing a closed connection fires at once.
+        assert self.successResultOf(self.protocol.close()) is None
+
+    def test_a_lost_connection_fails_the_handshake(self) -> None:
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        failure = self.failureResultOf(self.protocol.handshake, TwinferError)
+        assert failure.value.code is ErrorCode.UNAVAILABLE
+
+    def test_an_infer_reply_fires_infer_with_the_outputs(self) -> None:
+        self.handshake()
+        outputs = TwinferClient(self.protocol).infer("tiny", {"x": np.ones((1, 4), "f4")})
+        [(rid, request)] = self.sent()
+        assert isinstance(request, InferRequest) and request.model == "tiny"
+        y = np.arange(3, dtype=np.float32).reshape(1, 3)
+        self.protocol.dataReceived(encode_bytes(rid, InferReply({"y": y}, 1, 2)))
+        np.testing.assert_array_equal(self.successResultOf(outputs)["y"], y)
