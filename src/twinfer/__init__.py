@@ -4,7 +4,8 @@ The package is layered so that each module has one reason to change:
 
 - :mod:`twinfer.errors`, :mod:`twinfer.messages`, :mod:`twinfer.codec` — the
   wire protocol, sans-I/O (no Twisted import);
-- :mod:`twinfer.config` — the TOML configuration, parsed into attrs classes;
+- :mod:`twinfer.config`, :mod:`twinfer.taskconfig` — the TOML configuration,
+  structured into attrs classes by cattrs (:mod:`twinfer.schema`);
 - :mod:`twinfer.backend` — OpenVINO: reading, compiling, validating, running;
 - :mod:`twinfer.dispatcher` — bounded job queues and one single-thread pool
   per device replica;

@@ -3,7 +3,7 @@
 A model whose config sets ``task = "classify"`` or ``task = "detect"`` takes
 encoded images (JPEG, PNG...) through :func:`predict_image` (used by the
 binary protocol's IMAGE_REQUEST and the HTTP front end) and answers with
-labelled boxes and scores.  See :mod:`twinfer.tasks.config` for the options.
+labelled boxes and scores.  See :mod:`twinfer.taskconfig` for the options.
 """
 
 from twinfer.tasks.service import ImageTask, PredictionDict, predict_image, prepare, task_info
