@@ -125,6 +125,12 @@ def test_a_table_given_twice_is_refused_by_toml_itself() -> None:
         loads_config(DEVICE + MODEL + "[models.preprocess]\n[models.preprocess]\n")
 
 
+def test_a_labels_file_that_is_not_text_names_the_key(tmp_path: Path) -> None:
+    (tmp_path / "labels.txt").write_bytes(b"cat\n\xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"^models\[0\]\.labels: .*labels\.txt: not UTF-8 text"):
+        loads_config(DEVICE + MODEL + 'task = "classify"\nlabels = "labels.txt"\n', tmp_path)
+
+
 def test_durations_take_any_number_and_drop_fractions() -> None:
     [model] = loads_config(DEVICE + MODEL + "default_timeout_ms = 2.7\n").models
     assert model.default_timeout_ms == 2 and type(model.default_timeout_ms) is int

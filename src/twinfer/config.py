@@ -228,7 +228,7 @@ def _check_config(config: Config, _: Mapping[str, Any]) -> Config:
     )
 
 
-table(ModelConfig, check=_check_model, omit={"task"}, extra_keys=MODEL_KEYS)
+table(ModelConfig, check=_check_model, omit={"task"}, extra=MODEL_KEYS)
 table(Config, check=_check_config, omit={"base_dir"})
 
 

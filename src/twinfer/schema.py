@@ -3,19 +3,18 @@
 The configuration modules (:mod:`twinfer.config`, :mod:`twinfer.taskconfig`)
 declare each TOML table as a frozen attrs class whose fields are its keys.  A
 field's type says what its key takes, strictly: TOML's ``true`` is not an
-integer, ``"3"`` is not a number, a string is not a list, a table takes only
-the keys its class declares.  ``Annotated`` adds checks on the value::
+integer, ``"3"`` is not a number, a string is not a list, and a table takes
+only the keys its class declares.  ``Annotated`` adds checks, functions that
+return the value (perhaps normalised) or raise :class:`Invalid`::
 
     queue_size: Annotated[int, at_least(1)] = 256
 
-A check takes the structured value and returns it (perhaps normalised) or
-raises :class:`Invalid`.  A leading :class:`Raw` parses the TOML value itself
-instead of structuring it as the type (a lone number where a list is allowed).
-:func:`table` adds a check on a whole table, for keys that depend on each other.
-
-cattrs reports what went wrong as exception groups noting the attribute or
-index each problem came from; :func:`load` follows them to the first problem
-and raises one :class:`~twinfer.errors.ConfigError` naming its key path, as in
+A leading :class:`Raw` parses the TOML value itself instead of the type's
+hook (a lone number where a list is allowed); :func:`table` adds a check on
+a whole table, for keys that depend on each other.  cattrs reports problems
+as exception groups noting the attribute or index each came from;
+:func:`config_errors` follows them to the first one and raises a
+:class:`~twinfer.errors.ConfigError` naming its key path:
 ``models[1].detect.anchors.strides: expected num_layers = 2 strides, got 1``.
 """
 
@@ -35,12 +34,18 @@ from twinfer.errors import ConfigError
 
 T = TypeVar("T")
 Check = Callable[[Any], Any]
-#: A key path: attribute names and list indices, outermost first.
+TableCheck = Callable[[Any, Mapping[str, Any]], Any]
+#: A key path: keys and list indices, outermost first.
 Path = tuple[str | int, ...]
+
+#: Structures TOML values strictly; raises cattrs' exception groups or :class:`Invalid`.
+converter = cattrs.Converter(detailed_validation=True)
+structure = converter.structure
+_TABLES: dict[type, tuple[TableCheck | None, frozenset[str], frozenset[str]]] = {}
 
 
 class Invalid(ValueError):
-    """A value the configuration refuses; ``path`` leads from it to the bad key, if below."""
+    """A value the configuration refuses; ``path`` leads from it down to the bad key."""
 
     def __init__(self, message: str, *path: str | int) -> None:
         super().__init__(message)
@@ -55,32 +60,16 @@ class Raw:
     parse: Check
 
 
-@attrs.frozen
-class _Table:
-    check: Callable[[Any, Mapping[str, Any]], Any] | None
-    omit: frozenset[str]
-    extra_keys: frozenset[str]
-
-
-_TABLES: dict[type, _Table] = {}
-
-#: Structures TOML values (and raises cattrs' exception groups); see :func:`load`.
-converter = cattrs.Converter(detailed_validation=True)
-
-
 def table(
-    cls: type,
-    check: Callable[[Any, Mapping[str, Any]], Any] | None = None,
-    omit: Iterable[str] = (),
-    extra_keys: Iterable[str] = (),
+    cls: type, check: TableCheck | None = None, omit: Iterable[str] = (), extra: Iterable[str] = ()
 ) -> None:
-    """Declare how the table of attrs class ``cls`` is read, before it is first structured.
+    """Declare how attrs class ``cls`` is read, before it is first structured.
 
-    ``check(value, table)`` sees the structured value and its TOML table and
+    ``check(value, toml)`` sees the structured value and its TOML table and
     returns the value (perhaps changed); fields in ``omit`` are not TOML keys;
-    ``extra_keys`` are TOML keys that ``check`` reads itself.
+    keys in ``extra`` are, for ``check`` to read.
     """
-    _TABLES[cls] = _Table(check, frozenset(omit), frozenset(extra_keys))
+    _TABLES[cls] = (check, frozenset(omit), frozenset(extra))
 
 
 @contextlib.contextmanager
@@ -93,13 +82,9 @@ def config_errors() -> Iterator[None]:
         yield
     except (Invalid, BaseValidationError) as e:
         path, message = _first_problem(e, ())
-        raise ConfigError(f"{key_path(path)}: {message}") from None
-
-
-def key_path(path: Path) -> str:
-    """``("models", 1, "detect")`` as ``models[1].detect``."""
-    text = "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in path)
-    return "config" + text if len(path) <= 1 else text.lstrip(".")
+        text = "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in path)
+        where = "config" + text if len(path) <= 1 else text.lstrip(".")
+        raise ConfigError(f"{where}: {message}") from None
 
 
 def _first_problem(error: BaseException, path: Path) -> tuple[Path, str]:
@@ -126,8 +111,7 @@ def at(step: str | int | Path, check: Check, value: Any) -> Any:
         raise Invalid(e.message, *(step if isinstance(step, tuple) else (step,)), *e.path) from None
 
 
-# --------------------------------------------------------------------------
-# Checks for ``Annotated[T, ...]``
+# -- Checks for ``Annotated[T, ...]``
 
 
 def rule(ok: Callable[[Any], bool], problem: str) -> Check:
@@ -158,10 +142,6 @@ def one_of(*choices: str) -> Check:
     return rule(lambda v: v in choices, f"expected {allowed}, got {{!r}}")
 
 
-positive = rule(lambda v: v > 0, "must be positive, got {}")
-non_empty = rule(bool, "must not be empty")
-
-
 def each(check: Check) -> Check:
     """``check`` on every item of a tuple, a failure naming its index."""
     return lambda values: tuple(at(i, check, v) for i, v in enumerate(values))
@@ -174,99 +154,75 @@ def unique(values: Any) -> Any:
     return values
 
 
+positive = rule(lambda v: v > 0, "must be positive, got {}")
+non_empty = rule(bool, "must not be empty")
 #: A whole number of at least 1 (counts, sizes, limits).
 PositiveInt = Annotated[int, at_least(1)]
 
 
-def structure(value: Any, kind: type[T]) -> T:
-    """``value`` as ``kind``, strictly; raises cattrs' errors or :class:`Invalid`."""
-    return converter.structure(value, kind)
+#: Refuses anything but a TOML table.
+a_table = rule(lambda v: isinstance(v, dict), "expected a table, got {!r}")
 
 
-# --------------------------------------------------------------------------
-# Strict hooks: no coercion between TOML's types
+# -- Strict hooks: no coercion between TOML's types
 
 
 def _strict(kind: type, name: str, ok: Callable[[Any], bool]) -> Callable[[Any, Any], Any]:
-    def structure(value: Any, _: Any) -> Any:
-        if not ok(value):
-            raise Invalid(f"expected {name}, got {value!r}")
-        return kind(value)
-
-    return structure
-
-
-def _str(value: Any, _: Any) -> str:
-    if not isinstance(value, str):
-        raise Invalid(f"expected str, got {value!r}")
-    return non_empty(value)  # type: ignore[no-any-return]
-
-
-def a_table(value: Any) -> Mapping[str, Any]:
-    """``value``, refused unless it is a TOML table."""
-    if not isinstance(value, dict):
-        raise Invalid(f"expected a table, got {value!r}")
-    return value
-
-
-def _tuple_hook(kind: Any) -> Callable[[Any, Any], tuple[Any, ...]]:
-    item = get_args(kind)[0]
-    as_list = list[item]  # type: ignore[valid-type]
-    what = "an array of tables" if attrs.has(item) else "a list"
-
-    def structure(value: Any, _: Any) -> tuple[Any, ...]:
-        if not isinstance(value, list):
-            raise Invalid(f"expected {what}, got {value!r}")
-        return tuple(converter.structure(value, as_list))
-
-    return structure
-
-
-def _annotated_hook(kind: Any) -> Callable[[Any, Any], Any]:
-    base, *checks = get_args(kind)
-    parse = checks.pop(0).parse if checks and isinstance(checks[0], Raw) else None
-    base_hook = converter.get_structure_hook(base) if parse is None else None
-
-    def structure(value: Any, _: Any) -> Any:
-        value = parse(value) if parse is not None else base_hook(value, base)  # type: ignore[misc]
-        for check in checks:
-            value = check(value)
-        return value
-
-    return structure
-
-
-def _attrs_hook(cls: type) -> Callable[[Any, Any], Any]:
-    spec = _TABLES.get(cls, _Table(None, frozenset(), frozenset()))
-    omitted: dict[str, Any] = {name: override(omit=True) for name in spec.omit}
-    generated: Callable[..., Any] = make_dict_structure_fn(cls, converter, **omitted)
-    keys = {a.name for a in attrs.fields(cls)} - spec.omit | spec.extra_keys
-
-    def structure(value: Any, _: Any) -> Any:
-        toml = a_table(value)
-        for key in toml:
-            if key not in keys:
-                raise Invalid(f"unknown key (allowed: {', '.join(sorted(keys))})", key)
-        fields = {k: v for k, v in toml.items() if k not in spec.extra_keys}
-        result = generated(fields, cls)
-        return spec.check(result, toml) if spec.check else result
-
-    return structure
-
-
-def _is_homogeneous_tuple(kind: Any) -> bool:
-    args = get_args(kind)
-    return get_origin(kind) is tuple and len(args) == 2 and args[1] is Ellipsis
+    check = rule(ok, f"expected {name}, got {{!r}}")
+    return lambda value, _: kind(check(value))
 
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _tuple_hook(kind: Any) -> Callable[[Any, Any], tuple[Any, ...]]:
+    item = get_args(kind)[0]
+    a_list = rule(
+        lambda v: isinstance(v, list),
+        f"expected {'an array of tables' if attrs.has(item) else 'a list'}, got {{!r}}",
+    )
+    return lambda value, _: tuple(structure(a_list(value), list[item]))  # type: ignore[valid-type]
+
+
+def _annotated_hook(kind: Any) -> Callable[[Any, Any], Any]:
+    base, *checks = get_args(kind)
+    parse = checks.pop(0).parse if isinstance(checks[0], Raw) else None
+    base_hook = None if parse else converter.get_structure_hook(base)
+
+    def structure_checked(value: Any, _: Any) -> Any:
+        value = parse(value) if parse else base_hook(value, base)  # type: ignore[misc]
+        for check in checks:
+            value = check(value)
+        return value
+
+    return structure_checked
+
+
+def _attrs_hook(cls: type) -> Callable[[Any, Any], Any]:
+    check, omit, extra = _TABLES.get(cls, (None, frozenset(), frozenset()))
+    omitted: dict[str, Any] = {name: override(omit=True) for name in omit}
+    generated: Callable[..., Any] = make_dict_structure_fn(cls, converter, **omitted)
+    keys = {a.name for a in attrs.fields(cls)} - omit | extra
+
+    def structure_table(value: Any, _: Any) -> Any:
+        toml = a_table(value)
+        for key in toml:
+            if key not in keys:
+                raise Invalid(f"unknown key (allowed: {', '.join(sorted(keys))})", key)
+        result = generated({k: v for k, v in toml.items() if k not in extra}, cls)
+        return check(result, toml) if check else result
+
+    return structure_table
+
+
 converter.register_structure_hook(int, _strict(int, "int", lambda v: type(v) is int))
 converter.register_structure_hook(bool, _strict(bool, "true or false", lambda v: type(v) is bool))
 converter.register_structure_hook(float, _strict(float, "a number", _number))
-converter.register_structure_hook(str, _str)
-converter.register_structure_hook_factory(_is_homogeneous_tuple, _tuple_hook)
+_text = _strict(str, "str", lambda v: isinstance(v, str))
+converter.register_structure_hook(str, lambda value, _: non_empty(_text(value, str)))
+converter.register_structure_hook_factory(
+    lambda t: get_origin(t) is tuple and get_args(t)[1:] == (Ellipsis,), _tuple_hook
+)
 converter.register_structure_hook_factory(lambda t: get_origin(t) is Annotated, _annotated_hook)
 converter.register_structure_hook_factory(attrs.has, _attrs_hook)

@@ -293,34 +293,21 @@ def structure_task(model: Mapping[str, Any]) -> TaskConfig | None:
 
 
 def read_labels(task: TaskConfig, base_dir: Path) -> TaskConfig:
-    """``task`` with its labels file (relative to ``base_dir``) read, so that a
-    missing file stops start-up with a message naming the key."""
+    """``task`` with its labels file (relative to ``base_dir``) read: UTF-8, one
+    label a line, trailing blank lines ignored.  Read with the configuration, so
+    that a file that cannot be read stops start-up with a message naming the key."""
     if task.labels_path is None:
         return task
     path = (base_dir / task.labels_path).resolve()
     try:
-        labels = load_labels(path)
+        text = path.read_text("utf-8") if path.stat().st_size <= MAX_LABELS_BYTES else None
     except OSError as e:
         raise Invalid(f"cannot read {path}: {e.strerror}", "labels") from e
-    except ValueError as e:
-        raise Invalid(f"{path}: {e}", "labels") from e
-    return attrs.evolve(task, labels=labels, labels_path=str(path))
-
-
-def load_labels(path: str | Path) -> tuple[str, ...]:
-    """Read a labels file: UTF-8, one label a line, trailing blank lines ignored.
-
-    Raises ``OSError`` if it cannot be read and ``ValueError`` if it is too
-    large or not UTF-8.
-    """
-    path = Path(path)
-    if path.stat().st_size > MAX_LABELS_BYTES:
-        raise ValueError(f"larger than {MAX_LABELS_BYTES} bytes: not a labels file")
-    try:
-        text = path.read_text("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"not UTF-8 text ({e})") from None
+        raise Invalid(f"{path}: not UTF-8 text ({e})", "labels") from None
+    if text is None:
+        raise Invalid(f"{path}: larger than {MAX_LABELS_BYTES} bytes: not a labels file", "labels")
     lines = [line.strip() for line in text.splitlines()]
     while lines and not lines[-1]:
         lines.pop()
-    return tuple(lines)
+    return attrs.evolve(task, labels=tuple(lines), labels_path=str(path))

@@ -1,14 +1,9 @@
-"""Label files: one class name a line, line ``i`` naming class id ``i``.
+"""Label names: line ``i`` of a model's labels file names class id ``i``.
 
-They are read with the configuration (:func:`load_labels`, in
-:mod:`twinfer.taskconfig` so that the configuration need not import this package).
+The file is read with the configuration (:func:`twinfer.taskconfig.read_labels`).
 """
 
 from __future__ import annotations
-
-from twinfer.taskconfig import MAX_LABELS_BYTES, load_labels
-
-__all__ = ["MAX_LABELS_BYTES", "label_name", "load_labels"]
 
 
 def label_name(labels: tuple[str, ...], class_id: int) -> str:
