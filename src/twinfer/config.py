@@ -161,6 +161,7 @@ class ModelConfig:
 
 
 def _check_model(model: ModelConfig, toml: Mapping[str, Any]) -> ModelConfig:
+    """Keys that depend on each other, and the image task's keys in the same table."""
     largest = model.max_batch_size
     if any(n > largest for n in model.preferred_batch_sizes):
         raise Invalid(
@@ -212,16 +213,14 @@ def _check_config(config: Config, _: Mapping[str, Any]) -> Config:
                 raise Invalid(f"{kind[:-1]} {name!r} is defined twice", kind, i, "name")
     default = config.server.http_default_model
     if default is not None and default not in models:
-        raise Invalid(
-            f"unknown model {default!r} (defined: {', '.join(models)})",
-            *("server", "http_default_model"),
-        )
-    known = rule(lambda d: d in devices, f"unknown device {{!r}} (defined: {', '.join(devices)})")
+        message = f"unknown model {default!r} (defined: {', '.join(models)})"
+        raise Invalid(message, "server", "http_default_model")
     for i, model in enumerate(config.models):
         if not model.devices and len(devices) != 1:
             raise Invalid("required when more than one device is defined", "models", i, "devices")
-        for device in model.devices:
-            at(("models", i, "devices"), known, device)
+        for device in [d for d in model.devices if d not in devices]:
+            message = f"unknown device {device!r} (defined: {', '.join(devices)})"
+            raise Invalid(message, "models", i, "devices")
     return attrs.evolve(
         config,
         models=tuple(attrs.evolve(m, devices=m.devices or tuple(devices)) for m in config.models),

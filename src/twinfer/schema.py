@@ -115,7 +115,10 @@ def at(step: str | int | Path, check: Check, value: Any) -> Any:
 
 
 def rule(ok: Callable[[Any], bool], problem: str) -> Check:
-    """A check refusing a value when ``ok(value)`` is false, with ``problem.format(value)``."""
+    """A check refusing a value when ``ok(value)`` is false, with ``problem.format(value)``.
+
+    ``problem`` is written by the code, never from the configuration's own text.
+    """
 
     def check(value: Any) -> Any:
         if not ok(value):
