@@ -90,6 +90,11 @@ ANCHORS = "num_layers = 2\nmin_scale = 0.1\nmax_scale = 0.7\n"
             DEVICE + "properties = { A = [1] }\n" + MODEL,
             "devices[0].properties.A: expected a scalar, got [1]",
         ),
+        # Names from the file appear as written, braces and all.
+        (
+            DEVICE.replace('"cpu"', '"g{0}"') + MODEL + 'devices = ["x{1}"]\n',
+            "models[0].devices: unknown device 'x{1}' (defined: g{0})",
+        ),
         # Strict types: no coercion between TOML's types.
         (
             DEVICE + MODEL + "max_batch_size = 2.0\n",
