@@ -5,7 +5,8 @@ The package is layered so that each module has one reason to change:
 - :mod:`twinfer.errors`, :mod:`twinfer.wire` (messages, frames, readers,
   writers and the per-side connection state) — the wire protocol, sans-I/O
   (no Twisted import);
-- :mod:`twinfer.config` — the TOML configuration, parsed into attrs classes;
+- :mod:`twinfer.config`, :mod:`twinfer.taskconfig` — the TOML configuration,
+  structured into attrs classes by cattrs (:mod:`twinfer.schema`);
 - :mod:`twinfer.backend` — OpenVINO: reading, compiling, validating, running;
 - :mod:`twinfer.scheduling` — routing, bounded job queues, dynamic batching
   and one single-thread worker per device replica;

@@ -1,8 +1,16 @@
-"""twinfer's configuration: a TOML file parsed into attrs classes.
+"""twinfer's configuration: a TOML file structured into attrs classes by cattrs.
 
-A wrong configuration stops start-up with one :class:`ConfigError` whose
-message names the offending key (``models[1].devices``) and the problem.
-See ``etc/twinfer.toml`` for a documented example.
+The file has an optional ``[server]`` table (:class:`ServerConfig`), one or
+more ``[[devices]]`` (:class:`DeviceConfig`) and ``[[models]]``
+(:class:`ModelConfig`; an image model's ``task`` keys are in
+:mod:`twinfer.taskconfig`).  Each table's keys are its class's fields; their
+types and ``Annotated`` checks say what each key takes (see
+:mod:`twinfer.schema`).  A wrong configuration stops start-up with one
+:class:`ConfigError` whose message names the offending key and the problem::
+
+    models[1].devices: unknown device 'gpu' (defined: cpu)
+
+See ``etc/twinfer.toml`` for a documented example using every key.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ import sys
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Annotated, Any
 
 import attrs
 
@@ -20,10 +28,27 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from twinfer.errors import ConfigError
+from twinfer.schema import (
+    Invalid,
+    PositiveInt,
+    Raw,
+    a_table,
+    at,
+    at_least,
+    at_most,
+    between,
+    config_errors,
+    each,
+    non_empty,
+    one_of,
+    rule,
+    structure,
+    table,
+    unique,
+)
+from twinfer.taskconfig import MODEL_KEYS, TaskConfig, read_labels, structure_task
 from twinfer.wire.frames import DEFAULT_MAX_FRAME_SIZE
-
-if TYPE_CHECKING:
-    from twinfer.tasks.config import TaskConfig
 
 #: ``replicas = "auto"``: as many as OpenVINO's OPTIMAL_NUMBER_OF_INFER_REQUESTS.
 AUTO = "auto"
@@ -31,24 +56,53 @@ QUEUE_SHARED = "shared"
 QUEUE_PER_DEVICE = "per-device"
 
 
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the key and the problem."""
+_name = rule(
+    lambda name: len(name) <= 200 and not any(c.isspace() for c in name),
+    "{!r} must be 1-200 characters without spaces",
+)
+
+
+def _replicas(value: Any) -> int | str:
+    if value == AUTO:
+        return AUTO
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise Invalid(f'expected a number or "auto", got {value!r}')
+    return between(1, 64)(value)  # type: ignore[no-any-return]
+
+
+def _properties(value: Any) -> dict[str, str]:
+    """OpenVINO properties: a table of scalars, kept as text (``NUM_STREAMS = 2`` -> "2")."""
+    scalar = rule(lambda v: isinstance(v, (str, int, float)), "expected a scalar, got {!r}")
+    return {key: str(at(key, scalar, v)) for key, v in a_table(value).items()}
+
+
+def _whole(value: Any) -> int:
+    """A number >= 0, fractions dropped (a time in ms or us)."""
+    structure(value, float)
+    return int(at_least(0)(value))
+
+
+Name = Annotated[str, _name]
+Properties = Annotated[Mapping[str, str], Raw(_properties)]
+Duration = Annotated[int, Raw(_whole)]
 
 
 @attrs.frozen
 class ServerConfig:
-    """Limits that apply to every connection."""
+    """Limits that apply to every connection (the ``[server]`` table)."""
 
     #: Largest frame body accepted, in bytes; checked before buffering.
-    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    max_frame_size: Annotated[int, at_least(1), at_most(0xFFFFFFFF, " (it travels as a u32)")] = (
+        DEFAULT_MAX_FRAME_SIZE
+    )
     #: Requests one connection may have queued or running at once.
-    max_inflight_per_connection: int = 1024
+    max_inflight_per_connection: PositiveInt = 1024
     #: Largest HTTP request body accepted, in bytes; checked (from
     #: ``Content-Length``, or as chunks arrive) before buffering.
-    http_max_body_size: int = DEFAULT_MAX_FRAME_SIZE
+    http_max_body_size: PositiveInt = DEFAULT_MAX_FRAME_SIZE
     #: Seconds an HTTP connection may stay idle, and that a request body may
     #: take to arrive in full, before the connection is closed.
-    http_timeout: int = 60
+    http_timeout: PositiveInt = 60
     #: Model that ``POST /inference`` uses without ``?model=``; None: the first model.
     http_default_model: str | None = None
 
@@ -57,53 +111,75 @@ class ServerConfig:
 class DeviceConfig:
     """One device: an OpenVINO target and how many single-thread workers drive it."""
 
-    name: str
+    name: Name
     #: OpenVINO device name: ``CPU``, ``GPU``, ``GPU.1``, ``NPU``, ``AUTO``...
     target: str
     #: Worker count (each one thread, one infer request per model), or ``"auto"``.
-    replicas: int | str = AUTO
+    replicas: Annotated[int | str, Raw(_replicas)] = AUTO
     #: OpenVINO compile properties, e.g. ``{"PERFORMANCE_HINT": "THROUGHPUT"}``.
-    properties: Mapping[str, str] = attrs.field(factory=dict)
+    properties: Properties = attrs.field(factory=dict)
     #: Failed inferences in a row that take a replica out of rotation.
-    max_consecutive_failures: int = 3
+    max_consecutive_failures: PositiveInt = 3
     #: Seconds between health probes of an idle (or failed) replica; 0 = never.
-    health_check_interval_s: float = 10.0
+    health_check_interval_s: Annotated[float, at_least(0)] = 10.0
 
 
 @attrs.frozen
 class ModelConfig:
     """One served model."""
 
-    name: str
+    name: Name
     #: A model file (IR ``.xml``, ``.onnx``, ``.tflite``, ``.pdmodel``) or
     #: ``builtin:NAME`` (see :mod:`twinfer.builtin`).
     path: str
-    #: Names of the devices that serve it.
-    devices: tuple[str, ...]
+    #: Names of the devices that serve it; may be left out when there is one device.
+    devices: Annotated[tuple[str, ...], non_empty, unique] = ()
     #: Jobs that may wait in one of its queues; beyond that, OVERLOADED.
-    queue_size: int = 256
+    queue_size: PositiveInt = 256
     #: ``"shared"``: one queue that all its devices take from (the default);
     #: ``"per-device"``: one queue per device, requests go to the shortest.
-    queue: str = QUEUE_SHARED
+    queue: Annotated[str, one_of(QUEUE_SHARED, QUEUE_PER_DEVICE)] = QUEUE_SHARED
     #: OpenVINO compile properties for this model, over its devices' own.
-    properties: Mapping[str, str] = attrs.field(factory=dict)
+    properties: Properties = attrs.field(factory=dict)
     #: Dynamic batching: most rows per inference (1 = off).
-    max_batch_size: int = 1
+    max_batch_size: PositiveInt = 1
     #: Dynamic batching: microseconds a partial batch may wait for more.
-    max_queue_delay_us: int = 500
-    #: Dynamic batching: sizes launched at once without waiting.
-    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: Duration = 500
+    #: Dynamic batching: sizes launched at once without waiting (1 to max_batch_size).
+    preferred_batch_sizes: Annotated[tuple[int, ...], each(at_least(1))] = ()
     #: Milliseconds a request may wait for a device when it names no timeout (0 = forever).
-    default_timeout_ms: int = 0
+    default_timeout_ms: Duration = 0
     #: Number of priority levels (1 = no priorities).
-    priority_levels: int = 1
+    priority_levels: Annotated[int, at_least(1), at_most(16)] = 1
     #: Level of requests that name none (1 = lowest).
-    default_priority: int = 1
+    default_priority: PositiveInt = 1
     #: Milliseconds after which a waiting request is taken before higher levels.
-    priority_aging_ms: int = 100
+    priority_aging_ms: Duration = 100
     #: The image task (``task = "classify"`` or ``"detect"`` and its
-    #: sub-tables, see :mod:`twinfer.tasks.config`); ``None`` for a plain model.
+    #: sub-tables, see :mod:`twinfer.taskconfig`); ``None`` for a plain model.
     task: TaskConfig | None = None
+
+
+def _check_model(model: ModelConfig, toml: Mapping[str, Any]) -> ModelConfig:
+    """Keys that depend on each other, and the image task's keys in the same table."""
+    largest = model.max_batch_size
+    if any(n > largest for n in model.preferred_batch_sizes):
+        raise Invalid(
+            f"expected a list of sizes from 1 to max_batch_size ({largest}), "
+            f"got {list(model.preferred_batch_sizes)}",
+            "preferred_batch_sizes",
+        )
+    if model.default_priority > model.priority_levels:
+        raise Invalid(
+            f"must be between 1 and priority_levels ({model.priority_levels}), "
+            f"got {model.default_priority}",
+            "default_priority",
+        )
+    return attrs.evolve(
+        model,
+        preferred_batch_sizes=tuple(sorted(set(model.preferred_batch_sizes))),
+        task=structure_task(toml),
+    )
 
 
 @attrs.frozen
@@ -111,8 +187,8 @@ class Config:
     """The whole configuration."""
 
     server: ServerConfig
-    devices: tuple[DeviceConfig, ...]
-    models: tuple[ModelConfig, ...]
+    devices: Annotated[tuple[DeviceConfig, ...], non_empty]
+    models: Annotated[tuple[ModelConfig, ...], non_empty]
     #: Directory that relative model paths are resolved against.
     base_dir: Path = Path(".")
 
@@ -127,253 +203,50 @@ class Config:
         return str((self.base_dir / model.path).resolve())
 
 
-def _check_keys(
-    table: Mapping[str, Any], where: str, allowed: set[str], required: set[str]
-) -> None:
-    for key in table:
-        if key not in allowed:
-            raise ConfigError(f"{where}.{key}: unknown key (allowed: {', '.join(sorted(allowed))})")
-    for key in required:
-        if key not in table:
-            raise ConfigError(f"{where}.{key}: required key is missing")
+def _check_config(config: Config, _: Mapping[str, Any]) -> Config:
+    """What one table cannot know: names defined twice, and names of other tables."""
+    devices = [d.name for d in config.devices]
+    models = [m.name for m in config.models]
+    for kind, names in (("devices", devices), ("models", models)):
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise Invalid(f"{kind[:-1]} {name!r} is defined twice", kind, i, "name")
+    default = config.server.http_default_model
+    if default is not None and default not in models:
+        message = f"unknown model {default!r} (defined: {', '.join(models)})"
+        raise Invalid(message, "server", "http_default_model")
+    for i, model in enumerate(config.models):
+        if not model.devices and len(devices) != 1:
+            raise Invalid("required when more than one device is defined", "models", i, "devices")
+        for device in [d for d in model.devices if d not in devices]:
+            message = f"unknown device {device!r} (defined: {', '.join(devices)})"
+            raise Invalid(message, "models", i, "devices")
+    return attrs.evolve(
+        config,
+        models=tuple(attrs.evolve(m, devices=m.devices or tuple(devices)) for m in config.models),
+    )
 
 
-def _typed(table: Mapping[str, Any], key: str, where: str, kind: type | tuple[type, ...]) -> Any:
-    value = table[key]
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ConfigError(f"{where}.{key}: expected {names}, got {value!r}")
-    return value
+table(ModelConfig, check=_check_model, omit={"task"}, extra=MODEL_KEYS)
+table(Config, check=_check_config, omit={"base_dir"})
 
 
-def _positive(table: Mapping[str, Any], key: str, where: str, default: int) -> int:
-    if key not in table:
-        return default
-    value = _typed(table, key, where, int)
-    if value < 1:
-        raise ConfigError(f"{where}.{key}: must be at least 1, got {value}")
-    return int(value)
-
-
-def _name(table: Mapping[str, Any], where: str) -> str:
-    name = _typed(table, "name", where, str)
-    if not name or len(name) > 200 or any(c.isspace() for c in name):
-        raise ConfigError(f"{where}.name: {name!r} must be 1-200 characters without spaces")
-    return str(name)
-
-
-def _properties(table: Mapping[str, Any], where: str) -> dict[str, str]:
-    properties = table.get("properties", {})
-    if not isinstance(properties, dict):
-        raise ConfigError(f"{where}.properties: expected a table")
-    for key, value in properties.items():
-        if not isinstance(value, (str, int, bool, float)):
-            raise ConfigError(f"{where}.properties.{key}: expected a scalar, got {value!r}")
-    return {k: str(v) for k, v in properties.items()}
-
-
-def _non_negative(table: Mapping[str, Any], key: str, where: str, default: float) -> float:
-    if key not in table:
-        return default
-    value = _typed(table, key, where, (int, float))
-    if isinstance(value, bool) or value < 0:
-        raise ConfigError(f"{where}.{key}: must be a number >= 0, got {value!r}")
-    return float(value)
-
-
-def _scheduling(table: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The dynamic batching, deadline and priority keys of a model."""
-    max_batch = _positive(table, "max_batch_size", where, 1)
-    preferred = table.get("preferred_batch_sizes", [])
-    if not isinstance(preferred, list) or not all(
-        type(n) is int and 1 <= n <= max_batch for n in preferred
-    ):
-        raise ConfigError(
-            f"{where}.preferred_batch_sizes: expected a list of sizes from 1 to "
-            f"max_batch_size ({max_batch}), got {preferred!r}"
-        )
-    levels = _positive(table, "priority_levels", where, 1)
-    if levels > 16:
-        raise ConfigError(f"{where}.priority_levels: at most 16, got {levels}")
-    default_priority = _positive(table, "default_priority", where, 1)
-    if default_priority > levels:
-        raise ConfigError(
-            f"{where}.default_priority: must be between 1 and priority_levels ({levels}), "
-            f"got {default_priority}"
-        )
-    return {
-        "max_batch_size": max_batch,
-        "max_queue_delay_us": int(_non_negative(table, "max_queue_delay_us", where, 500)),
-        "preferred_batch_sizes": tuple(sorted(set(preferred))),
-        "default_timeout_ms": int(_non_negative(table, "default_timeout_ms", where, 0)),
-        "priority_levels": levels,
-        "default_priority": default_priority,
-        "priority_aging_ms": int(_non_negative(table, "priority_aging_ms", where, 100)),
-    }
+def _with_files(model: ModelConfig, base_dir: Path) -> ModelConfig:
+    """``model`` with its model file checked and its labels read, relative to ``base_dir``."""
+    if not model.path.startswith("builtin:") and not (base_dir / model.path).exists():
+        raise Invalid(f"no such file: {base_dir / model.path}", "path")
+    return attrs.evolve(model, task=model.task and read_labels(model.task, base_dir))
 
 
 def parse_config(data: Mapping[str, Any], base_dir: Path = Path(".")) -> Config:
     """Build a :class:`Config` from parsed TOML, or raise :class:`ConfigError`."""
-    _check_keys(data, "config", {"server", "devices", "models"}, {"devices", "models"})
-
-    server_table = data.get("server", {})
-    if not isinstance(server_table, dict):
-        raise ConfigError("server: expected a table")
-    _check_keys(
-        server_table,
-        "server",
-        {
-            "max_frame_size",
-            "max_inflight_per_connection",
-            "http_max_body_size",
-            "http_timeout",
-            "http_default_model",
-        },
-        set(),
-    )
-    default_model = None
-    if "http_default_model" in server_table:
-        default_model = _typed(server_table, "http_default_model", "server", str)
-    server = ServerConfig(
-        max_frame_size=_positive(server_table, "max_frame_size", "server", DEFAULT_MAX_FRAME_SIZE),
-        max_inflight_per_connection=_positive(
-            server_table, "max_inflight_per_connection", "server", 1024
-        ),
-        http_max_body_size=_positive(
-            server_table, "http_max_body_size", "server", DEFAULT_MAX_FRAME_SIZE
-        ),
-        http_timeout=_positive(server_table, "http_timeout", "server", 60),
-        http_default_model=default_model,
-    )
-    if server.max_frame_size > 0xFFFFFFFF:
-        raise ConfigError("server.max_frame_size: at most 4294967295 (it travels as a u32)")
-
-    if not isinstance(data["devices"], list) or not data["devices"]:
-        raise ConfigError("devices: expected a non-empty array of tables ([[devices]])")
-    devices: list[DeviceConfig] = []
-    for i, table in enumerate(data["devices"]):
-        where = f"devices[{i}]"
-        if not isinstance(table, dict):
-            raise ConfigError(f"{where}: expected a table")
-        _check_keys(
-            table,
-            where,
-            {
-                "name",
-                "target",
-                "replicas",
-                "properties",
-                "max_consecutive_failures",
-                "health_check_interval_s",
-            },
-            {"name", "target"},
+    with config_errors():
+        config = structure({"server": {}, **data}, Config)
+        models = (
+            at(("models", i), lambda m: _with_files(m, base_dir), m)
+            for i, m in enumerate(config.models)
         )
-        name = _name(table, where)
-        if any(d.name == name for d in devices):
-            raise ConfigError(f"{where}.name: device {name!r} is defined twice")
-        replicas: int | str = AUTO
-        if "replicas" in table:
-            replicas = _typed(table, "replicas", where, (int, str))
-            if isinstance(replicas, str) and replicas != AUTO:
-                raise ConfigError(
-                    f'{where}.replicas: expected a number or "auto", got {replicas!r}'
-                )
-            if isinstance(replicas, int) and not 1 <= replicas <= 64:
-                raise ConfigError(f"{where}.replicas: must be between 1 and 64, got {replicas}")
-        properties = _properties(table, where)
-        devices.append(
-            DeviceConfig(
-                name=name,
-                target=_typed(table, "target", where, str),
-                replicas=replicas,
-                properties=properties,
-                max_consecutive_failures=_positive(table, "max_consecutive_failures", where, 3),
-                health_check_interval_s=_non_negative(
-                    table, "health_check_interval_s", where, 10.0
-                ),
-            )
-        )
-
-    if not isinstance(data["models"], list) or not data["models"]:
-        raise ConfigError("models: expected a non-empty array of tables ([[models]])")
-    # Imported here: twinfer.tasks imports the serving stack, which imports this module.
-    from twinfer.tasks.config import MODEL_KEYS as task_keys
-    from twinfer.tasks.config import parse_task
-
-    models: list[ModelConfig] = []
-    known = [d.name for d in devices]
-    for i, table in enumerate(data["models"]):
-        where = f"models[{i}]"
-        if not isinstance(table, dict):
-            raise ConfigError(f"{where}: expected a table")
-        _check_keys(
-            table,
-            where,
-            {
-                "name",
-                "path",
-                "devices",
-                "queue_size",
-                "queue",
-                "properties",
-                "max_batch_size",
-                "max_queue_delay_us",
-                "preferred_batch_sizes",
-                "default_timeout_ms",
-                "priority_levels",
-                "default_priority",
-                "priority_aging_ms",
-            }
-            | task_keys,
-            {"name", "path"},
-        )
-        name = _name(table, where)
-        if any(m.name == name for m in models):
-            raise ConfigError(f"{where}.name: model {name!r} is defined twice")
-        model_devices = table.get("devices", known[:1] if len(known) == 1 else None)
-        if model_devices is None:
-            raise ConfigError(f"{where}.devices: required when more than one device is defined")
-        if (
-            not isinstance(model_devices, list)
-            or not model_devices
-            or not all(isinstance(d, str) for d in model_devices)
-        ):
-            raise ConfigError(f"{where}.devices: expected a non-empty list of device names")
-        for device in model_devices:
-            if device not in known:
-                raise ConfigError(
-                    f"{where}.devices: unknown device {device!r} (defined: {', '.join(known)})"
-                )
-        if len(set(model_devices)) != len(model_devices):
-            raise ConfigError(f"{where}.devices: a device is listed twice")
-        queue = table.get("queue", QUEUE_SHARED)
-        if queue not in (QUEUE_SHARED, QUEUE_PER_DEVICE):
-            raise ConfigError(
-                f'{where}.queue: expected "{QUEUE_SHARED}" or "{QUEUE_PER_DEVICE}", '
-                f"got {queue!r}"
-            )
-        path = _typed(table, "path", where, str)
-        if not path.startswith("builtin:") and not (base_dir / path).exists():
-            raise ConfigError(f"{where}.path: no such file: {(base_dir / path)}")
-        models.append(
-            ModelConfig(
-                name=name,
-                path=path,
-                devices=tuple(model_devices),
-                queue_size=_positive(table, "queue_size", where, 256),
-                queue=queue,
-                properties=_properties(table, where),
-                **_scheduling(table, where),
-                task=parse_task(table, where, base_dir),
-            )
-        )
-    names = [m.name for m in models]
-    if server.http_default_model is not None and server.http_default_model not in names:
-        raise ConfigError(
-            f"server.http_default_model: unknown model {server.http_default_model!r} "
-            f"(defined: {', '.join(names)})"
-        )
-    return Config(server, tuple(devices), tuple(models), base_dir)
+        return attrs.evolve(config, models=tuple(models), base_dir=base_dir)
 
 
 def load_config(path: str | Path) -> Config:

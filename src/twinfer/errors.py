@@ -116,3 +116,11 @@ class CodecError(TwinferError):
 
     The wire codec raises this and nothing else for bad input.
     """
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the problem.
+
+    Defined here, below both :mod:`twinfer.config` and :mod:`twinfer.taskconfig`,
+    so that neither has to import the other for it.
+    """
