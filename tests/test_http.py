@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 
 from http_support import (
     IMAGE_CONFIG,
@@ -31,8 +31,10 @@ from http_support import (
 from tasks_support import blank_png
 from twinfer.builtin import tiny_reference
 from twinfer.client import connect
+from twinfer.control import job_settled
 from twinfer.errors import ErrorCode
 from twinfer.http import STATUS_BY_CODE, status_for
+from waiting import queue_depth_reaches
 
 
 def infer_body(x: np.ndarray, **extra: object) -> bytes:
@@ -318,16 +320,15 @@ class OverloadTests(HTTPServerTestCase):
         self.first = Deferred.fromCoroutine(self.request(
             "POST", "/v2/models/tiny/infer", infer_body(np.ones((1, 4), np.float32))
         ))
-        while not self.gate.started.acquire(blocking=False):
-            await deferLater(reactor, 0.01)
+        # The device thread releases the semaphore as the job starts.
+        assert await deferToThread(self.gate.started.acquire, True, 30)
 
     async def test_a_full_queue_answers_429_and_the_others_complete(self) -> None:
         await self.busy()
         queued = Deferred.fromCoroutine(self.request(
             "POST", "/v2/models/tiny/infer", infer_body(np.ones((1, 4), np.float32))
         ))
-        while self.dispatcher.models["tiny"].queues[0].depth == 0:
-            await deferLater(reactor, 0.01)
+        await queue_depth_reaches(self.dispatcher.models["tiny"].queues[0], 1)
         refused = await self.request(
             "POST", "/v2/models/tiny/infer", infer_body(np.ones((1, 4), np.float32))
         )
@@ -361,13 +362,11 @@ class OverloadTests(HTTPServerTestCase):
             b"Content-Length: %d\r\n\r\n" % len(body) + body
         )
         queue = self.dispatcher.models["tiny"].queues[0]
-        while queue.depth == 0:
-            await deferLater(reactor, 0.01)
+        await queue_depth_reaches(queue, 1)
+        [job] = queue.waiting()
+        withdrawn = job_settled(job)
         client.transport.loseConnection()
-        for _ in range(200):
-            if queue.depth == 0:
-                break
-            await deferLater(reactor, 0.01)
+        await withdrawn  # the server saw the hang-up and cancelled the job
         assert queue.depth == 0
         self.gate.open()
         assert (await self.first).status == 200
@@ -384,8 +383,7 @@ class PriorityTests(HTTPServerTestCase):
         self.first = Deferred.fromCoroutine(self.request(
             "POST", "/v2/models/tiny/infer", infer_body(np.ones((1, 4), np.float32))
         ))
-        while not gate.started.acquire(blocking=False):
-            await deferLater(reactor, 0.01)
+        assert await deferToThread(gate.started.acquire, True, 30)  # the first job runs
         finished: list[str] = []
         queue = self.dispatcher.models["tiny"].queues[0]
         pending = []
@@ -396,8 +394,7 @@ class PriorityTests(HTTPServerTestCase):
             ))
             d.addCallback(lambda result, name=name: finished.append(name) or result)
             pending.append(d)
-            while queue.depth < len(pending):
-                await deferLater(reactor, 0.01)
+            await queue_depth_reaches(queue, len(pending))
         refused = await self.request(
             "POST", "/v2/models/tiny/infer",
             infer_body(np.ones((1, 4), np.float32), parameters={"priority": 3}),

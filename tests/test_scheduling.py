@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 
 from support import ServerTestCase
 from twinfer import builtin
@@ -17,6 +17,7 @@ from twinfer.client import TwinferClient, connect
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.registry import LoadedModel, openvino_engine
 from twinfer.scheduling import DeviceError, WorkerState
+from waiting import workers_reach
 
 
 def conv_net_ir(path: str) -> None:
@@ -307,10 +308,8 @@ max_batch_size = 4
         assert all(w.state is WorkerState.FAILED for w in self.dispatcher.workers)
         for device in devices.values():
             device.repair()
-        for _ in range(100):
-            if all(w.state is WorkerState.READY for w in self.dispatcher.workers):
-                break
-            await task.deferLater(reactor, 0.02, lambda: None)
+        # The next probe of each device passes.
+        await workers_reach(self.dispatcher.workers, WorkerState.READY)
         assert all(w.state is WorkerState.READY for w in self.dispatcher.workers)
         out = await client.infer("tiny", {"x": np.ones((1, 4), np.float32)})
         np.testing.assert_allclose(
