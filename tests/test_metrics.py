@@ -25,17 +25,17 @@ from twisted.web.test.requesthelper import DummyRequest
 from http_memory import Connection, request_bytes
 from scheduling_support import HandRunner, tiny_engine, tiny_signature
 from support import config_from
-from twinfer import codec
 from twinfer.config import ServerConfig
 from twinfer.control import Controller
 from twinfer.dataplane import DataPlane
 from twinfer.errors import TwinferError
 from twinfer.http.site import Router, TwinferSite
 from twinfer.http.v2 import KServeAPI
-from twinfer.messages import Hello
 from twinfer.metrics import HealthResource, make_registry
 from twinfer.scheduling import Dispatcher, JobQueue, ModelEntry, Worker
 from twinfer.server import TwinferFactory, TwinferProtocol
+from twinfer.wire.encode import encode_bytes
+from twinfer.wire.messages import Hello
 
 CONFIG = """
 [[devices]]
@@ -117,7 +117,7 @@ class MetricsTests(unittest.SynchronousTestCase):
         assert isinstance(proto, TwinferProtocol)
         transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", next(self._ports)))
         proto.makeConnection(transport)
-        proto.dataReceived(codec.encode_bytes(0, Hello(agent="test")))
+        proto.dataReceived(encode_bytes(0, Hello(agent="test")))
         transport.clear()
         return proto, transport
 

@@ -363,9 +363,12 @@ class _Channel(http.HTTPChannel):
         self.session = self.site.dataplane.open_session(FRONTEND, self.transport)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        # The requests hear of the disconnect first (their notifyFinish fails,
+        # so no response is written to a dead connection); then the session
+        # withdraws whatever is still in flight.
+        super().connectionLost(reason)
         if self.session is not None:
             self.session.close()
-        super().connectionLost(reason)
 
     def timeoutConnection(self) -> None:
         request = self.requests[-1] if self.requests else None
