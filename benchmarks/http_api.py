@@ -78,8 +78,10 @@ def codec_figures() -> None:
     for binary in (False, True):
         request = kserve.InferRequest({}, (), None, binary)
         ms = median_ms(lambda r=request: kserve.encode_infer_response("m", r, {"y": y}), 20)
-        print(f"  encode 1x1000 output          {'binary' if binary else 'json':6s}"
-              f"              {ms:8.3f} ms")
+        print(
+            f"  encode 1x1000 output          {'binary' if binary else 'json':6s}"
+            f"              {ms:8.3f} ms"
+        )
 
 
 def end_to_end_figures() -> None:
@@ -89,10 +91,19 @@ def end_to_end_figures() -> None:
     (directory / "twinfer.toml").write_text(CONFIG)
     log = directory / "twistd.log"
     process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("twistd")), "--nodaemon", "--pidfile=",
-         f"--logfile={log}", "twinfer", "--port=tcp:0:interface=127.0.0.1",
-         "--http-port=tcp:0:interface=127.0.0.1", f"--config={directory / 'twinfer.toml'}"],
-        cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(Path(sys.executable).with_name("twistd")),
+            "--nodaemon",
+            "--pidfile=",
+            f"--logfile={log}",
+            "twinfer",
+            "--port=tcp:0:interface=127.0.0.1",
+            "--http-port=tcp:0:interface=127.0.0.1",
+            f"--config={directory / 'twinfer.toml'}",
+        ],
+        cwd=directory,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         pattern = re.compile(r"twinfer http listening on tcp:127\.0\.0\.1:(\d+)")
@@ -106,8 +117,14 @@ def end_to_end_figures() -> None:
         rng = np.random.default_rng(1)
         for label, model, name, shape, output, repeat in (
             ("tiny 1x4", "tiny", "x", (1, 4), "y", 200),
-            ("squeezenet 1x3x224x224", "squeezenet", "data_0", (1, 3, 224, 224),
-             "softmaxout_1", 20),
+            (
+                "squeezenet 1x3x224x224",
+                "squeezenet",
+                "data_0",
+                (1, 3, 224, 224),
+                "softmaxout_1",
+                20,
+            ),
         ):
             x = rng.random(shape, dtype=np.float32)
             for binary in (False, True):
@@ -115,10 +132,13 @@ def end_to_end_figures() -> None:
                 tensor.set_data_from_numpy(x, binary_data=binary)
                 outputs = [triton.InferRequestedOutput(output, binary_data=binary)]
                 client.infer(model, [tensor], outputs=outputs)  # warm up
-                ms = median_ms(lambda t=tensor, o=outputs, m=model: client.infer(m, [t], outputs=o),
-                               repeat)
-                print(f"  {label:24s} {'binary' if binary else 'json':6s}  {ms:8.3f} ms"
-                      f"  ({repeat} requests)")
+                ms = median_ms(
+                    lambda t=tensor, o=outputs, m=model: client.infer(m, [t], outputs=o), repeat
+                )
+                print(
+                    f"  {label:24s} {'binary' if binary else 'json':6s}  {ms:8.3f} ms"
+                    f"  ({repeat} requests)"
+                )
         client.close()
     finally:
         process.send_signal(signal.SIGTERM)

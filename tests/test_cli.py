@@ -54,8 +54,15 @@ def test_infer_save_round_trip(
     np.save(tmp_path / "x.npy", x)
     out_dir = tmp_path / "out" / "nested"
     status, out, err = run(
-        capsys, "infer", "tiny", "--input", f"x={tmp_path / 'x.npy'}",
-        "--save", str(out_dir), "--server", twistd_server.endpoint,
+        capsys,
+        "infer",
+        "tiny",
+        "--input",
+        f"x={tmp_path / 'x.npy'}",
+        "--save",
+        str(out_dir),
+        "--server",
+        twistd_server.endpoint,
     )
     assert (status, err) == (0, "")
     expected = tiny_reference(x)
@@ -73,8 +80,17 @@ def test_infer_unnamed_input_and_output_selection(
     x = np.array([[0, 0, 1, 0], [1, 0, 0, 0], [0, 1, 0, 0]], dtype=np.float32)
     np.save(tmp_path / "x.npy", x)
     status, out, err = run(
-        capsys, "infer", "tiny", "-i", str(tmp_path / "x.npy"), "-o", "label",
-        "--save", str(tmp_path), "--server", twistd_server.endpoint,
+        capsys,
+        "infer",
+        "tiny",
+        "-i",
+        str(tmp_path / "x.npy"),
+        "-o",
+        "label",
+        "--save",
+        str(tmp_path),
+        "--server",
+        twistd_server.endpoint,
     )
     assert (status, err) == (0, "")
     assert "y:" not in out
@@ -86,8 +102,14 @@ def test_infer_random(
     twistd_server: ServerProcess, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     status, out, err = run(
-        capsys, "infer", "tiny", "--random", "--save", str(tmp_path),
-        "--server", twistd_server.endpoint,
+        capsys,
+        "infer",
+        "tiny",
+        "--random",
+        "--save",
+        str(tmp_path),
+        "--server",
+        twistd_server.endpoint,
     )
     assert (status, err) == (0, "")
     assert "input x: float32 [1, 4]" in out  # the dynamic batch dimension became 1
@@ -113,7 +135,12 @@ def test_wrong_dtype_exits_2(
 ) -> None:
     np.save(tmp_path / "x.npy", np.ones((1, 4), np.float64))
     status, _, err = run(
-        capsys, "infer", "tiny", "-i", f"x={tmp_path / 'x.npy'}", "--server",
+        capsys,
+        "infer",
+        "tiny",
+        "-i",
+        f"x={tmp_path / 'x.npy'}",
+        "--server",
         twistd_server.endpoint,
     )
     assert status == 2
@@ -196,7 +223,8 @@ def test_summarize() -> None:
     assert lines[0] == "min 0  max 0.5  mean 0.0875"
     assert lines[1] == "top 5: 7=0.5, 2=0.25, 9=0.125, 0=0, 1=0"
     assert cli.summarize(np.array([True, False, True])) == [
-        "true: 2 of 3", "values: [ True, False,  True]"
+        "true: 2 of 3",
+        "values: [ True, False,  True]",
     ]
     assert cli.summarize(np.zeros((0, 3), np.float32)) == ["(empty)"]
     # Not a score vector: no top-k.
@@ -209,13 +237,17 @@ def test_console_script(twistd_server: ServerProcess) -> None:
     assert script.exists(), "the twinfer console script is not installed"
     done = subprocess.run(
         [str(script), "metadata", "tiny", "--server", twistd_server.endpoint],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert (done.returncode, done.stderr) == (0, "")
     assert "  x  f32  [?, 4]" in done.stdout
     done = subprocess.run(
         [str(script), "models", "--server", f"tcp:127.0.0.1:{_closed_port()}"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 3
     assert "Traceback" not in done.stderr

@@ -180,11 +180,11 @@ def test_truncated_bodies_raise_codec_errors(
     request_id: int, message: object, data: st.DataObject
 ) -> None:
     encoded = encode_bytes(request_id, message)  # type: ignore[arg-type]
-    body = encoded[HEADER_SIZE :]
+    body = encoded[HEADER_SIZE:]
     if not body:
         return
     cut = data.draw(st.integers(0, len(body) - 1))
-    header = HEADER.unpack(encoded[: HEADER_SIZE])
+    header = HEADER.unpack(encoded[:HEADER_SIZE])
     frame = Frame(header[1], 0, request_id, bytearray(body[:cut]))
     with pytest.raises(CodecError) as e:
         decode_message(frame)
@@ -199,9 +199,7 @@ def test_decoded_tensors_are_zero_copy_writable_views_of_the_frame() -> None:
     array = got.inputs["x"]
     assert array.flags.writeable and array.flags.c_contiguous
     assert np.shares_memory(array, np.frombuffer(frame.body, np.uint8))
-    assert (
-        array.ctypes.data % ALIGNMENT == np.frombuffer(frame.body, np.uint8).ctypes.data % 8
-    )
+    assert array.ctypes.data % ALIGNMENT == np.frombuffer(frame.body, np.uint8).ctypes.data % 8
 
 
 def test_tensor_data_is_aligned_within_the_body() -> None:

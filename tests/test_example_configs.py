@@ -60,12 +60,25 @@ def test_example_loads(path: Path, core: ov.Core, tmp_path: Path) -> None:
 def test_twinfer_example_uses_every_key() -> None:
     text = (ETC / "twinfer.toml").read_text("utf-8")
     keys = [
-        "max_frame_size", "max_inflight_per_connection",
-        "name", "target", "replicas", "properties",
-        "path", "devices", "queue_size", "queue",
-        "max_consecutive_failures", "health_check_interval_s",
-        "max_batch_size", "max_queue_delay_us", "preferred_batch_sizes",
-        "default_timeout_ms", "priority_levels", "default_priority", "priority_aging_ms",
+        "max_frame_size",
+        "max_inflight_per_connection",
+        "name",
+        "target",
+        "replicas",
+        "properties",
+        "path",
+        "devices",
+        "queue_size",
+        "queue",
+        "max_consecutive_failures",
+        "health_check_interval_s",
+        "max_batch_size",
+        "max_queue_delay_us",
+        "preferred_batch_sizes",
+        "default_timeout_ms",
+        "priority_levels",
+        "default_priority",
+        "priority_aging_ms",
     ]
     uncommented = [line.split("#")[0] for line in text.splitlines()]
     for key in keys:
@@ -80,6 +93,7 @@ def test_fpga_style_device_has_one_thread_for_both_models(core: ov.Core) -> None
     fpga_workers = [w for w in dispatcher.workers if w.device == "fpga"]
     assert len(fpga_workers) == 1
     assert [q.name for q in dispatcher.models["squeezenet"].queues] == [
-        "squeezenet@fpga", "squeezenet@cpu",
+        "squeezenet@fpga",
+        "squeezenet@cpu",
     ]
     assert [q.name for q in dispatcher.models["tiny"].queues] == ["tiny@fpga", "tiny@cpu"]

@@ -58,7 +58,8 @@ def raw_body(raw: bytes) -> dict[str, str]:
 def test_every_error_code_has_an_http_status() -> None:
     for code in ErrorCode:
         if code.closes_connection or code in (
-            ErrorCode.UNSUPPORTED_MESSAGE, ErrorCode.DUPLICATE_REQUEST_ID
+            ErrorCode.UNSUPPORTED_MESSAGE,
+            ErrorCode.DUPLICATE_REQUEST_ID,
         ):
             continue  # binary-protocol-only codes: never raised by the dispatcher
         assert code in STATUS_BY_CODE, code
@@ -86,7 +87,8 @@ class RoutingTests(HTTPServerTestCase):
         expected = tiny_reference(x)
         np.testing.assert_allclose(
             np.array(outputs["y"]["data"], np.float32).reshape(outputs["y"]["shape"]),
-            expected["y"], rtol=1e-5,
+            expected["y"],
+            rtol=1e-5,
         )
         assert outputs["label"]["data"] == expected["label"].tolist()
 
@@ -106,17 +108,29 @@ class RoutingTests(HTTPServerTestCase):
             (b"{not json", "not valid JSON"),
             (infer_body(np.ones((2, 5), np.float32)), "takes shape [?,4], got [2,5]"),
             (
-                json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64",
-                                        "data": [1, 2, 3, 4]}]}).encode(),
+                json.dumps(
+                    {
+                        "inputs": [
+                            {"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [1, 2, 3, 4]}
+                        ]
+                    }
+                ).encode(),
                 "input 'x' takes f32, got f64",
             ),
             (
-                json.dumps({"inputs": [{"name": "z", "shape": [1, 4], "datatype": "FP32",
-                                        "data": [1, 2, 3, 4]}]}).encode(),
+                json.dumps(
+                    {
+                        "inputs": [
+                            {"name": "z", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
+                        ]
+                    }
+                ).encode(),
                 "missing ['x'], unexpected ['z']",
             ),
-            (infer_body(np.ones((1, 4), np.float32), outputs=[{"name": "nope"}]),
-             "has no output 'nope'"),
+            (
+                infer_body(np.ones((1, 4), np.float32), outputs=[{"name": "nope"}]),
+                "has no output 'nope'",
+            ),
         ]
         for body, needle in cases:
             result = await self.request("POST", "/v2/models/tiny/infer", body)
@@ -182,16 +196,18 @@ class RoutingTests(HTTPServerTestCase):
 
     async def test_seed_inference_checks_model_and_content_type_then_answers_501(self) -> None:
         png = b"\x89PNG\r\n\x1a\n" + bytes(32)
-        unknown = await self.request("POST", "/inference?model=nope", png,
-                                     {"Content-Type": "image/png"})
+        unknown = await self.request(
+            "POST", "/inference?model=nope", png, {"Content-Type": "image/png"}
+        )
         assert unknown.status == 404 and "'nope'" in unknown.json()["error"]
         text = await self.request("POST", "/inference", b"hello", {"Content-Type": "text/plain"})
         assert text.status == 415
         assert "image/jpeg or image/png, got 'text/plain'" in text.json()["error"]
         empty = await self.request("POST", "/inference", b"", {"Content-Type": "image/jpeg"})
         assert empty.status == 400 and "empty" in empty.json()["error"]
-        missing = await self.request("POST", "/inference", png,
-                                     {"Content-Type": "image/png; charset=binary"})
+        missing = await self.request(
+            "POST", "/inference", png, {"Content-Type": "image/png; charset=binary"}
+        )
         assert missing.status == 501
         assert "no image tasks (twinfer.tasks)" in missing.json()["error"]
 
@@ -211,8 +227,14 @@ class SeedTasksTests(HTTPServerTestCase):
                 x = np.frombuffer(image[:16], np.float32).reshape(1, 4).copy()
                 result = await dispatcher.submit(model, {"x": x})
                 label = int(result.outputs["label"][0])
-                return [{"label_id": label, "label": f"class{label}", "confidences": 0.5,
-                         "detection_box": [0, 0, 4, 1]}]
+                return [
+                    {
+                        "label_id": label,
+                        "label": f"class{label}",
+                        "confidences": 0.5,
+                        "detection_box": [0, 0, 4, 1],
+                    }
+                ]
 
             @staticmethod
             def submit_image(dispatcher, model, image, task):  # type: ignore[no-untyped-def]
@@ -235,8 +257,14 @@ class SeedTasksTests(HTTPServerTestCase):
         assert result.json() == {
             "status": "ok",
             "model": "tiny",
-            "predictions": [{"label_id": 2, "label": "class2", "confidences": 0.5,
-                             "detection_box": [0, 0, 4, 1]}],
+            "predictions": [
+                {
+                    "label_id": 2,
+                    "label": "class2",
+                    "confidences": 0.5,
+                    "detection_box": [0, 0, 4, 1],
+                }
+            ],
         }
         services = (await self.request("GET", "/services")).json()
         assert services[0]["task"] == "classify" and services[0]["labels"] == ["a", "b", "c"]
@@ -253,8 +281,7 @@ class LimitTests(HTTPServerTestCase):
     async def test_oversized_content_length_is_413_before_any_body_is_sent(self) -> None:
         # Only the headers go out: the answer cannot depend on reading the body.
         raw = await self.raw(
-            b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\n"
-            b"Content-Length: 1000000000\r\n\r\n"
+            b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n"
         )
         assert status_line(raw) == "HTTP/1.1 413 Request Entity Too Large"
         assert raw_body(raw) == {
@@ -287,7 +314,7 @@ class LimitTests(HTTPServerTestCase):
         started = reactor.seconds()
         raw = await self.raw(
             b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\n"
-            b"Content-Length: 100\r\n\r\n{\"inputs\":"
+            b'Content-Length: 100\r\n\r\n{"inputs":'
         )
         assert status_line(raw).startswith("HTTP/1.1 408 ")
         assert "did not arrive within 1 seconds" in raw_body(raw)["error"]
@@ -310,6 +337,7 @@ queue_size = 1
 
 class OverloadTests(HTTPServerTestCase):
     timeout = 30
+
     async def setUp(self) -> None:  # type: ignore[override]
         self.gate = Gate()
         await self.start_http(GATED_CONFIG, gated(self.gate))
@@ -317,17 +345,17 @@ class OverloadTests(HTTPServerTestCase):
 
     async def busy(self) -> None:
         """Occupy the one device replica with a request, and wait until it runs."""
-        self.first = Deferred.fromCoroutine(self.request(
-            "POST", "/v2/models/tiny/infer", infer_body(np.ones((1, 4), np.float32))
-        ))
+        self.first = Deferred.fromCoroutine(
+            self.request("POST", "/v2/models/tiny/infer", infer_body(np.ones((1, 4), np.float32)))
+        )
         # The device thread releases the semaphore as the job starts.
         assert await deferToThread(self.gate.started.acquire, True, 30)
 
     async def test_a_full_queue_answers_429_and_the_others_complete(self) -> None:
         await self.busy()
-        queued = Deferred.fromCoroutine(self.request(
-            "POST", "/v2/models/tiny/infer", infer_body(np.ones((1, 4), np.float32))
-        ))
+        queued = Deferred.fromCoroutine(
+            self.request("POST", "/v2/models/tiny/infer", infer_body(np.ones((1, 4), np.float32)))
+        )
         await queue_depth_reaches(self.dispatcher.models["tiny"].queues[0], 1)
         refused = await self.request(
             "POST", "/v2/models/tiny/infer", infer_body(np.ones((1, 4), np.float32))
@@ -343,7 +371,8 @@ class OverloadTests(HTTPServerTestCase):
     async def test_a_passed_timeout_is_504_and_withdraws_the_queued_job(self) -> None:
         await self.busy()
         late = await self.request(
-            "POST", "/v2/models/tiny/infer",
+            "POST",
+            "/v2/models/tiny/infer",
             infer_body(np.ones((1, 4), np.float32), parameters={"timeout": 100_000}),
         )
         assert late.status == 504
@@ -380,23 +409,27 @@ class PriorityTests(HTTPServerTestCase):
         config = GATED_CONFIG.replace("queue_size = 1", "queue_size = 4\npriority_levels = 2")
         await self.start_http(config, gated(gate))
         self.addCleanup(gate.open)
-        self.first = Deferred.fromCoroutine(self.request(
-            "POST", "/v2/models/tiny/infer", infer_body(np.ones((1, 4), np.float32))
-        ))
+        self.first = Deferred.fromCoroutine(
+            self.request("POST", "/v2/models/tiny/infer", infer_body(np.ones((1, 4), np.float32)))
+        )
         assert await deferToThread(gate.started.acquire, True, 30)  # the first job runs
         finished: list[str] = []
         queue = self.dispatcher.models["tiny"].queues[0]
         pending = []
         for name, priority in (("low", 2), ("high", 1)):
-            d = Deferred.fromCoroutine(self.request(
-                "POST", "/v2/models/tiny/infer",
-                infer_body(np.ones((1, 4), np.float32), parameters={"priority": priority}),
-            ))
+            d = Deferred.fromCoroutine(
+                self.request(
+                    "POST",
+                    "/v2/models/tiny/infer",
+                    infer_body(np.ones((1, 4), np.float32), parameters={"priority": priority}),
+                )
+            )
             d.addCallback(lambda result, name=name: finished.append(name) or result)
             pending.append(d)
             await queue_depth_reaches(queue, len(pending))
         refused = await self.request(
-            "POST", "/v2/models/tiny/infer",
+            "POST",
+            "/v2/models/tiny/infer",
             infer_body(np.ones((1, 4), np.float32), parameters={"priority": 3}),
         )
         assert refused.status == 400

@@ -25,14 +25,18 @@ path = "builtin:tiny"
 def test_http_keys_parse_and_default() -> None:
     default = loads_config(MODELS).server
     assert (default.http_max_body_size, default.http_timeout, default.http_default_model) == (
-        DEFAULT_MAX_FRAME_SIZE, 60, None
+        DEFAULT_MAX_FRAME_SIZE,
+        60,
+        None,
     )
     server = loads_config(
         '[server]\nhttp_max_body_size = 1024\nhttp_timeout = 5\nhttp_default_model = "tiny"\n'
         + MODELS
     ).server
     assert (server.http_max_body_size, server.http_timeout, server.http_default_model) == (
-        1024, 5, "tiny"
+        1024,
+        5,
+        "tiny",
     )
 
 

@@ -27,8 +27,14 @@ def spec() -> OpenAPI:
 
 def infer_document(**extra: object) -> dict[str, object]:
     return {
-        "inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32",
-                    "data": np.arange(8, dtype=np.float32).tolist()}],
+        "inputs": [
+            {
+                "name": "x",
+                "shape": [2, 4],
+                "datatype": "FP32",
+                "data": np.arange(8, dtype=np.float32).tolist(),
+            }
+        ],
         **extra,
     }
 
@@ -61,14 +67,20 @@ class OpenAPICase(HTTPServerTestCase):
         bare, _, query = path.partition("?")
         args = dict(p.split("=", 1) for p in query.split("&")) if query else {}
         request = MockRequest(
-            HOST, method.lower(), bare, args=args, data=body, content_type=content_type,
+            HOST,
+            method.lower(),
+            bare,
+            args=args,
+            data=body,
+            content_type=content_type,
             headers=headers,
         )
         if body is not None and expect == 200:
             self.openapi.validate_request(request)  # what clients send is documented too
         response_type = (result.header("Content-Type") or "").split(";")[0]
         response = MockResponse(
-            result.body, result.status,
+            result.body,
+            result.status,
             headers={k.decode(): v[0].decode() for k, v in result.headers.getAllRawHeaders()},
             content_type=response_type,
         )
@@ -123,8 +135,7 @@ class OpenAPITests(OpenAPICase):
         await self.check("POST", "/inference?model=nope", b"\xff\xd8", "image/jpeg", expect=404)
         await self.check("POST", "/inference", b"\xff\xd8", "image/gif", expect=415)
         await self.check("POST", "/inference", b"\xff\xd8", "image/jpeg", expect=400)
-        await self.check("POST", "/inference?model=tiny", blank_png(8, 8), "image/png",
-                         expect=400)
+        await self.check("POST", "/inference?model=tiny", blank_png(8, 8), "image/png", expect=400)
 
 
 class NoTasksOpenAPITests(OpenAPICase):

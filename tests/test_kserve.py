@@ -140,8 +140,9 @@ def test_binary_inputs_are_views_of_the_body_without_copy() -> None:
 
 def test_unaligned_binary_input_is_copied_to_aligned_memory() -> None:
     x = np.arange(4, dtype=np.float64)
-    document = {"inputs": [tensor(shape=[4], datatype="FP64",
-                                  parameters={"binary_data_size": x.nbytes})]}
+    document = {
+        "inputs": [tensor(shape=[4], datatype="FP64", parameters={"binary_data_size": x.nbytes})]
+    }
     header = json.dumps(document).encode()
     header += b" " * ((-len(header) % 8) + 3)  # deliberately misaligned by 3 bytes
     raw = bytearray(header + x.tobytes())
@@ -182,7 +183,8 @@ def test_outputs_and_parameters_are_read() -> None:
     )
     assert request.id == "r1"
     assert request.outputs == (
-        kserve.RequestedOutput("y", True), kserve.RequestedOutput("label", None)
+        kserve.RequestedOutput("y", True),
+        kserve.RequestedOutput("label", None),
     )
     assert request.output_names == ("y", "label")
     assert request.timeout_us == 2500 and request.binary_output is False
@@ -204,7 +206,7 @@ def parse_response(chunks: list[bytes], header_length: int | None) -> dict[str, 
             arrays[output["name"]] = np.array(output["data"], dtype).reshape(output["shape"])
         else:
             size = output["parameters"]["binary_data_size"]
-            arrays[output["name"]] = np.frombuffer(raw[offset:offset + size], dtype).reshape(
+            arrays[output["name"]] = np.frombuffer(raw[offset : offset + size], dtype).reshape(
                 output["shape"]
             )
             offset += size
@@ -216,8 +218,11 @@ def test_response_mixes_json_and_binary_outputs_as_requested() -> None:
     y = np.arange(6, dtype=np.float32).reshape(2, 3) / 3
     label = np.array([2, 1], dtype=np.int64)
     request = decode(
-        {"inputs": [tensor(data=[1, 2, 3, 4])], "id": "abc",
-         "outputs": [{"name": "label"}, {"name": "y", "parameters": {"binary_data": True}}]}
+        {
+            "inputs": [tensor(data=[1, 2, 3, 4])],
+            "id": "abc",
+            "outputs": [{"name": "label"}, {"name": "y", "parameters": {"binary_data": True}}],
+        }
     )
     chunks, header_length = kserve.encode_infer_response("tiny", request, {"y": y, "label": label})
     assert header_length is not None
@@ -260,7 +265,7 @@ def test_any_array_survives_a_round_trip(dtype: DType, data: st.DataObject, bina
     output = document["outputs"][0]
     output["name"] = "x"
     decoded = kserve.decode_infer_request(
-        bytearray(json.dumps({"inputs": [output]}).encode() + raw[header_length or len(raw):]),
+        bytearray(json.dumps({"inputs": [output]}).encode() + raw[header_length or len(raw) :]),
         None if header_length is None else str(len(json.dumps({"inputs": [output]}))),
     ).inputs["x"]
     assert decoded.dtype == array.dtype and decoded.shape == array.shape

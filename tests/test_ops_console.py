@@ -29,9 +29,10 @@ def test_table_aligns_columns() -> None:
 def test_log_levels_filter_what_reaches_the_observer() -> None:
     seen: list[str] = []
     levels = LogLevels()
-    log = Logger(namespace="twinfer.dispatcher", observer=levels.filtering(
-        lambda event: seen.append(event["log_format"])
-    ))
+    log = Logger(
+        namespace="twinfer.dispatcher",
+        observer=levels.filtering(lambda event: seen.append(event["log_format"])),
+    )
     log.debug("hidden by default")
     log.info("shown by default")
     levels.set(LogLevel.warn)
@@ -88,8 +89,20 @@ class ConsoleTests(OpsServerTestCase):
             await tiny.infer("tiny", {"x": np.ones((3, 5), np.float32)})
 
         help_text = await client.send("help")
-        for name in ("status", "models", "devices", "queues", "stats", "load", "unload",
-                     "reload", "drain", "undrain", "loglevel", "quit"):
+        for name in (
+            "status",
+            "models",
+            "devices",
+            "queues",
+            "stats",
+            "load",
+            "unload",
+            "reload",
+            "drain",
+            "undrain",
+            "loglevel",
+            "quit",
+        ):
             self.assertIn(f"\r\n{name}", help_text)
 
         status = await client.send("status")

@@ -42,6 +42,7 @@ queue_size = 1024
 #: The child's file descriptor that ``--port-file=/dev/fd/3`` writes to.
 PORT_FILE_FD = 3
 
+
 class _Twistd(protocol.ProcessProtocol):
     """A ``twistd twinfer`` child: its output, its port file (a pipe on fd 3), its end."""
 
@@ -119,11 +120,24 @@ class TwistdTests(unittest.TestCase):
         self.config_path = directory / "twinfer.toml"
         self.config_path.write_text(CONFIG.format(queue_size=queue_size))
         proc = _Twistd()
-        argv = [TWISTD, "-n", "--pidfile=", "twinfer", "--config", str(self.config_path),
-                "--port", "tcp:0:interface=127.0.0.1",
-                f"--port-file=/dev/fd/{PORT_FILE_FD}", *args]
+        argv = [
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "twinfer",
+            "--config",
+            str(self.config_path),
+            "--port",
+            "tcp:0:interface=127.0.0.1",
+            f"--port-file=/dev/fd/{PORT_FILE_FD}",
+            *args,
+        ]
         self.transport = reactor.spawnProcess(
-            proc, TWISTD, argv, env=dict(os.environ), path=str(directory),
+            proc,
+            TWISTD,
+            argv,
+            env=dict(os.environ),
+            path=str(directory),
             childFDs={0: "w", 1: "r", 2: "r", PORT_FILE_FD: "r"},
         )
 
@@ -253,9 +267,11 @@ class TwistdTests(unittest.TestCase):
     async def test_sighup_reloads_changed_models(self) -> None:
         proc = await self.start(queue_size=256)
         client = await connect(reactor, f"tcp:127.0.0.1:{proc.ports['binary']}")
-        self.config_path.write_text(CONFIG.format(queue_size=64).replace(
-            '[[models]]\nname = "squeezenet"', '[[models]]\nname = "squeezenet2"'
-        ))
+        self.config_path.write_text(
+            CONFIG.format(queue_size=64).replace(
+                '[[models]]\nname = "squeezenet"', '[[models]]\nname = "squeezenet2"'
+            )
+        )
         self.transport.signalProcess("HUP")
         await proc.wait_for("configuration re-read")
         summary = proc.output.split("SIGHUP: configuration re-read: ")[1]
@@ -291,8 +307,9 @@ class TwistdTests(unittest.TestCase):
         self.assertIn("twinfer stopped", proc.output)
 
     async def test_a_port_that_cannot_be_bound_fails_start_up(self) -> None:
-        taken = reactor.listenTCP(0, protocol.Factory.forProtocol(protocol.Protocol),
-                                  interface="127.0.0.1")
+        taken = reactor.listenTCP(
+            0, protocol.Factory.forProtocol(protocol.Protocol), interface="127.0.0.1"
+        )
         self.addCleanup(taken.stopListening)
         description = f"tcp:{taken.getHost().port}:interface=127.0.0.1"
         proc = self.spawn("--http-port", description)

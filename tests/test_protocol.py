@@ -148,7 +148,7 @@ class ProtocolTests(ProtocolFixture):
         assert self.transport.disconnecting
 
     def test_truncated_body_is_malformed(self) -> None:
-        body = encode_bytes(4, InferRequest("tiny", {"x": X}))[HEADER_SIZE :]
+        body = encode_bytes(4, InferRequest("tiny", {"x": X}))[HEADER_SIZE:]
         cut = body[:-9]
         self.proto.dataReceived(HEADER.pack(MAGIC, 0x10, 0, len(cut), 4) + cut)
         rid, error = self.error(self.transport)

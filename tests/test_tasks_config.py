@@ -23,8 +23,10 @@ def test_plain_model_has_no_task():
 
 def test_face_detector_example_config():
     etc = Path(__file__).parent.parent / "etc"
-    text = (etc / "face-detection.toml").read_text().replace(
-        'path = "face_detection_short_range.tflite"', 'path = "builtin:tiny"'
+    text = (
+        (etc / "face-detection.toml")
+        .read_text()
+        .replace('path = "face_detection_short_range.tflite"', 'path = "builtin:tiny"')
     )
     task = loads_config(text, etc).models[0].task
     assert task.kind == "detect" and task.labels == ("face",)
@@ -50,7 +52,7 @@ def test_defaults_and_labels(tmp_path):
         ('task = "segment"\n', 'models[0].task: expected "classify" or "detect"'),
         ('labels = "x.txt"\n', "models[0].labels: only image models take this"),
         ('task = "classify"\nlabels = "missing.txt"\n', "models[0].labels: cannot read"),
-        ('task = "detect"\n', "models[0].detect: task = \"detect\" needs a [models.detect]"),
+        ('task = "detect"\n', 'models[0].detect: task = "detect" needs a [models.detect]'),
         ('task = "detect"\n[models.detect]\n', "models[0].detect.decoder: required key"),
         ('task = "detect"\n[models.detect]\ndecoder = "rcnn"\n', "models[0].detect.decoder"),
         (

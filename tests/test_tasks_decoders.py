@@ -287,7 +287,7 @@ def test_anchors_decoder_mediapipe_face_head():
         model,
         'task = "detect"\n[models.preprocess]\nresize = "letterbox"\nmean = 127.5\n'
         'scale = 127.5\n[models.detect]\ndecoder = "anchors"\nreverse_output_order = true\n'
-        "score_clipping_thresh = 100.0\nnms = \"weighted\"\niou_threshold = 0.3\n" + FACE_ANCHORS,
+        'score_clipping_thresh = 100.0\nnms = "weighted"\niou_threshold = 0.3\n' + FACE_ANCHORS,
     )
     # 256x128, letterboxed into 256x256 (padding below): normalized * 256.
     predictions = task.run(engine, blank_png(256, 128))
@@ -306,9 +306,7 @@ def test_anchors_decoder_hard_nms_and_yxhw_order():
     regressors, scores = _face_like_model()
     # (y, x, h, w) order, as MediaPipe's default reverse_output_order = false.
     regressors[..., :4] = regressors[..., [1, 0, 3, 2]]
-    model = constant_outputs_model(
-        [1, 128, 128, 3], {"boxes": regressors, "scores": scores}
-    )
+    model = constant_outputs_model([1, 128, 128, 3], {"boxes": regressors, "scores": scores})
     task, engine = runnable(
         model,
         'task = "detect"\n[models.detect]\ndecoder = "anchors"\nscore_threshold = 0.6\n'
@@ -335,9 +333,7 @@ def test_anchor_count_must_match_the_model():
 
 
 def test_hard_nms_is_per_class_and_greedy():
-    boxes = np.array(
-        [[0, 0, 10, 10], [1, 0, 11, 10], [0, 0, 10, 10], [20, 20, 30, 30]], np.float32
-    )
+    boxes = np.array([[0, 0, 10, 10], [1, 0, 11, 10], [0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
     found = decoders.Detections(
         boxes, np.array([0.9, 0.8, 0.7, 0.6], np.float32), np.array([0, 0, 1, 0])
     )

@@ -30,7 +30,6 @@ skimage_data = pytest.importorskip(
 )
 
 
-
 def _encoded(pixels: np.ndarray, kind: str) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, kind)

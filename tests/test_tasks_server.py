@@ -24,9 +24,9 @@ from twinfer.tasks import cli as tasks_cli
 from twinfer.tasks import predict_image, task_info
 
 # One detection: "car" (id 2) at [0.1, 0.2, 0.5, 0.6] of the image, 0.95.
-SSD_ROWS = np.array(
-    [[0, 2, 0.95, 0.1, 0.2, 0.5, 0.6], [-1, 0, 0, 0, 0, 0, 0]], np.float32
-)[None, None]
+SSD_ROWS = np.array([[0, 2, 0.95, 0.1, 0.2, 0.5, 0.6], [-1, 0, 0, 0, 0, 0, 0]], np.float32)[
+    None, None
+]
 
 CONFIG = """
 [[devices]]
@@ -223,8 +223,11 @@ def test_codec_image_messages_round_trip_and_reject_bad_bodies() -> None:
     for mtype, body in (
         (0x30, b"\x05\x00fa"),  # model name cut short
         (0x31, b'{"task": "detect", "predictions": [{"label_id": "3"}]}'),
-        (0x31, b'{"task": "detect", "predictions": [{"label_id": 1, "label": "a", '
-               b'"confidences": 1, "detection_box": [1, 2, 3]}]}'),  # fmt: skip
+        (
+            0x31,
+            b'{"task": "detect", "predictions": [{"label_id": 1, "label": "a", '
+            b'"confidences": 1, "detection_box": [1, 2, 3]}]}',
+        ),  # fmt: skip
         (0x31, b"[]"),
     ):
         frame = header.pack(MAGIC, mtype, 0, len(body), 1) + body

@@ -128,6 +128,7 @@ class Signature:
     @classmethod
     def of(cls, model: ov.Model | ov.CompiledModel) -> Signature:
         """Read the ports of an OpenVINO model."""
+
         def ports(outputs: list[ov.Output], what: str) -> tuple[Port, ...]:
             return tuple(
                 _port(_port_name(p, i, what), i, p.get_element_type(), p.get_partial_shape(), what)
@@ -170,8 +171,7 @@ class Signature:
                 )
                 raise TwinferError(
                     ErrorCode.INVALID_DTYPE,
-                    f"model {model!r} input {port.name!r} takes {port.dtype.short_name}, "
-                    f"got {got}",
+                    f"model {model!r} input {port.name!r} takes {port.dtype.short_name}, got {got}",
                 )
             if not port.accepts_shape(array.shape):
                 raise TwinferError(

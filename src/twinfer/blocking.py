@@ -376,8 +376,9 @@ class BlockingClient:
         lost = self._lost
         assert lost is not None
         if isinstance(lost, ConnectionLost):
-            return ConnectionLost(lost.code, f"the connection to {self.endpoint} is closed "
-                                  f"({lost.message})")
+            return ConnectionLost(
+                lost.code, f"the connection to {self.endpoint} is closed ({lost.message})"
+            )
         return lost
 
     def _abandon(self, request_ids: Iterable[int]) -> None:

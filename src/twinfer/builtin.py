@@ -42,8 +42,14 @@ def tiny_model() -> ov.Model:
     x.output(0).get_tensor().set_names({"x"})
     y = ops.add(ops.matmul(x, ops.constant(TINY_WEIGHTS), False, False), ops.constant(TINY_BIAS))
     y.output(0).get_tensor().set_names({"y"})
-    top = ops.topk(y, ops.constant(np.int64(1)), axis=1, mode="max", sort="value",
-                   index_element_type=ov.Type.i64)
+    top = ops.topk(
+        y,
+        ops.constant(np.int64(1)),
+        axis=1,
+        mode="max",
+        sort="value",
+        index_element_type=ov.Type.i64,
+    )
     label = ops.squeeze(top.output(1), ops.constant(np.array([1], dtype=np.int64)))
     label.output(0).get_tensor().set_names({"label"})
     return ov.Model([y.output(0), label.output(0)], [x], "tiny")
@@ -67,7 +73,7 @@ NAMES = tuple(sorted(_BUILDERS))
 
 def read_builtin(core: ov.Core, path: str) -> ov.Model:
     """Build or read the builtin model named by ``path`` (``builtin:NAME``)."""
-    name = path[len(PREFIX):]
+    name = path[len(PREFIX) :]
     try:
         builder = _BUILDERS[name]
     except KeyError:

@@ -67,8 +67,9 @@ def format_shape(shape: Sequence[int] | None) -> str:
 def _table(rows: list[list[str]], out: TextIO) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(),
-              file=out)
+        print(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out
+        )
 
 
 def summarize(array: np.ndarray, top: int = 5) -> list[str]:
@@ -96,8 +97,9 @@ def summarize(array: np.ndarray, top: int = 5) -> list[str]:
                 f"top {len(order)}: " + ", ".join(f"{int(i)}={_num(flat[i])}" for i in order)
             )
     if array.size <= 16:
-        lines.append("values: " + np.array2string(array, separator=", ", precision=6)
-                     .replace("\n", ""))
+        lines.append(
+            "values: " + np.array2string(array, separator=", ", precision=6).replace("\n", "")
+        )
     return lines
 
 
@@ -305,16 +307,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model")
     p.add_argument(
-        "--input", "-i", dest="inputs", action="append", default=[], metavar="NAME=FILE.npy",
+        "--input",
+        "-i",
+        dest="inputs",
+        action="append",
+        default=[],
+        metavar="NAME=FILE.npy",
         help="an input tensor (repeatable); FILE.npy alone for a single-input model",
     )
     p.add_argument(
-        "--output", "-o", dest="outputs", action="append", default=[], metavar="NAME",
+        "--output",
+        "-o",
+        dest="outputs",
+        action="append",
+        default=[],
+        metavar="NAME",
         help="only return this output (repeatable; default: all)",
     )
     p.add_argument("--save", metavar="DIR", help="write each output to DIR/NAME.npy")
     p.add_argument(
-        "--random", action="store_true",
+        "--random",
+        action="store_true",
         help="random inputs matching the model's metadata (dynamic dimensions 1) "
         "for those not given with --input",
     )

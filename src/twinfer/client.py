@@ -224,9 +224,7 @@ class TwinferClient:
         d = self.infer_reply(model, inputs, outputs, timeout_ms=timeout_ms, priority=priority)
         return d.addCallback(lambda reply: dict(reply.outputs))
 
-    def predict(
-        self, model: str, image: bytes, task: str = ""
-    ) -> Deferred[list[Prediction]]:
+    def predict(self, model: str, image: bytes, task: str = "") -> Deferred[list[Prediction]]:
         """Send an encoded image (JPEG, PNG... file bytes) to the image model ``model``.
 
         Fires with its predictions, best first (see :class:`Prediction`:

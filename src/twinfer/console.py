@@ -377,17 +377,20 @@ def cmd_models(session: ConsoleProtocol, args: list[str]) -> str:
         name = entry.name
         config = c.models.get(name)
         model_stats = c.stats.models.get(name)
-        inputs = ",".join(f"{p.name}:{p.dtype.short_name}{p.describe_shape()}"
-                          for p in entry.signature.inputs)
-        rows.append((
-            name,
-            ",".join(entry.devices),
-            sum(q.depth for q in entry.queues),
-            inputs,
-            model_stats.count if model_stats else 0,
-            model_stats.errors if model_stats else 0,
-            config.path if config else "?",
-        ))
+        inputs = ",".join(
+            f"{p.name}:{p.dtype.short_name}{p.describe_shape()}" for p in entry.signature.inputs
+        )
+        rows.append(
+            (
+                name,
+                ",".join(entry.devices),
+                sum(q.depth for q in entry.queues),
+                inputs,
+                model_stats.count if model_stats else 0,
+                model_stats.errors if model_stats else 0,
+                config.path if config else "?",
+            )
+        )
     return table(("MODEL", "DEVICES", "QUEUED", "INPUTS", "REQUESTS", "ERRORS", "PATH"), rows)
 
 
@@ -412,8 +415,17 @@ def cmd_devices(session: ConsoleProtocol, args: list[str]) -> str:
             current = f"{jobs[0].model}{batch} ({ms(now - jobs[0].enqueued)} ms)"
         age = max(now - c.born.get(worker, c.stats.started), 1e-9)
         busy = 100.0 * min(worker.busy_seconds / age, 1.0)
-        rows.append((worker.device, worker.name, state, current, worker.jobs_done,
-                     worker.jobs_failed, f"{busy:.1f}"))
+        rows.append(
+            (
+                worker.device,
+                worker.name,
+                state,
+                current,
+                worker.jobs_done,
+                worker.jobs_failed,
+                f"{busy:.1f}",
+            )
+        )
     return table(("DEVICE", "WORKER", "STATE", "CURRENT", "DONE", "FAILED", "BUSY%"), rows)
 
 
@@ -494,8 +506,12 @@ def cmd_loglevel(session: ConsoleProtocol, args: list[str]) -> str:
         raise UsageError(f"unknown level {args[0]!r} (levels: {names})") from None
     namespace = args[1] if len(args) == 2 else ""
     session.factory.log_levels.set(level, namespace)
-    log.info("console: {user} set the log level of {ns} to {new}",
-             user=session.user, ns=namespace or "everything", new=level.name)
+    log.info(
+        "console: {user} set the log level of {ns} to {new}",
+        user=session.user,
+        ns=namespace or "everything",
+        new=level.name,
+    )
     return f"log level of {namespace or 'everything'} set to {level.name}"
 
 
@@ -564,4 +580,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

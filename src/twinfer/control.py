@@ -384,9 +384,7 @@ class Controller:
                 self._detach(config.name, old.queues, keep=set(counts))
             policy = {config.name: batch_policy(config)}
             for device in counts:
-                for worker, engine in zip(
-                    existing[device], compiled.engines[device], strict=True
-                ):
+                for worker, engine in zip(existing[device], compiled.engines[device], strict=True):
                     worker.reconfigure(
                         {config.name: engine}, add=[by_device[device]], batching=policy
                     )
@@ -396,7 +394,10 @@ class Controller:
         seconds = time.monotonic() - started
         log.info(
             "model {name} {verb} from {path} on {devices} in {seconds:.2f}s",
-            name=config.name, verb=verb, path=config.path, devices="+".join(config.devices),
+            name=config.name,
+            verb=verb,
+            path=config.path,
+            devices="+".join(config.devices),
             seconds=seconds,
         )
         where = ",".join(config.devices)
@@ -490,4 +491,3 @@ class Controller:
         if attrs.evolve(current, path=current_path) != model:
             return True
         return file_stamp(model.path) != self._stamps.get(name)
-

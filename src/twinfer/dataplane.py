@@ -372,6 +372,4 @@ class DataPlane:
         # Requests for models not served count only in the totals, so that a
         # client cannot grow the per-model tables.
         known = self.dispatcher.model(model) is not None or model in self.stats.models
-        self.stats.request_done(
-            model, outcome(code).name, latency, known=known, frontend=frontend
-        )
+        self.stats.request_done(model, outcome(code).name, latency, known=known, frontend=frontend)

@@ -147,9 +147,9 @@ def _shape(value: object, where: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def split_body(body: bytes | bytearray | memoryview, header_length: str | None) -> tuple[
-    memoryview, memoryview
-]:
+def split_body(
+    body: bytes | bytearray | memoryview, header_length: str | None
+) -> tuple[memoryview, memoryview]:
     """Split a request body into its JSON header and its binary part.
 
     ``header_length`` is the ``Inference-Header-Content-Length`` header value
@@ -157,7 +157,7 @@ def split_body(body: bytes | bytearray | memoryview, header_length: str | None) 
     """
     view = memoryview(body)
     if header_length is None:
-        return view, view[len(view):]
+        return view, view[len(view) :]
     if not header_length.isdigit() or int(header_length) > len(view):
         raise _invalid(
             f"{HEADER_LENGTH}: expected a byte count between 0 and the body's "
@@ -217,7 +217,7 @@ def decode_infer_request(
                     f"{where}: binary_data_size {size} runs past the end of the body "
                     f"({len(binary) - offset} binary bytes left)"
                 )
-            inputs[name] = binary_to_array(binary[offset:offset + size], dtype, shape, where)
+            inputs[name] = binary_to_array(binary[offset : offset + size], dtype, shape, where)
             offset += size
     if offset != len(binary):
         raise _invalid(
@@ -304,9 +304,7 @@ def json_to_array(data: object, dtype: DType, shape: tuple[int, ...], where: str
         info = np.iinfo(target)
         low, high = parsed.min(), parsed.max()
         if low < info.min or high > info.max:
-            raise _invalid(
-                f"{where}.data: values {low}..{high} do not fit {datatype_name(dtype)}"
-            )
+            raise _invalid(f"{where}.data: values {low}..{high} do not fit {datatype_name(dtype)}")
     return parsed.astype(target, copy=False).reshape(shape)
 
 

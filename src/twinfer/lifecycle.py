@@ -95,9 +95,7 @@ class ServingService(service.Service):
 
     def _reload(self) -> None:
         log.info("SIGHUP: re-reading the configuration")
-        self.controller.reload_config().addErrback(
-            lambda f: log.failure("SIGHUP reload failed", f)
-        )
+        self.controller.reload_config().addErrback(lambda f: log.failure("SIGHUP reload failed", f))
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -118,8 +116,7 @@ class ServingService(service.Service):
         dispatcher.stop_accepting()  # anything else that submits: UNAVAILABLE too
         jobs = self.pending_jobs()
         log.info(
-            "twinfer shutting down: draining {count} queued and running jobs "
-            "(up to {timeout}s)",
+            "twinfer shutting down: draining {count} queued and running jobs (up to {timeout}s)",
             count=len(jobs),
             timeout=self.drain_timeout,
         )
@@ -153,7 +150,6 @@ class ServingService(service.Service):
             answered=stats.answered,
             outcomes=outcomes or "none",
         )
-
 
 
 async def close_connections(dataplane: DataPlane, clock: Any, close_timeout: float) -> None:

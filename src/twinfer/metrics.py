@@ -99,7 +99,8 @@ class TwinferCollector(Collector):
             "twinfer_inflight", "Inference requests queued or running.", labels=["frontend"]
         )
         connections = GaugeMetricFamily(
-            "twinfer_connections", "Open client connections (HTTP keep-alive included).",
+            "twinfer_connections",
+            "Open client connections (HTTP keep-alive included).",
             labels=["frontend"],
         )
         for front in frontends:

@@ -143,6 +143,7 @@ def replica_counts(config: Config, loaded: Mapping[str, LoadedModel]) -> dict[st
 
 def make_queues(model_config: ModelConfig) -> dict[str, JobQueue]:
     """The model's queues by device: one shared queue, or one per device."""
+
     def new_queue(name: str) -> JobQueue:
         return JobQueue(
             name,
@@ -217,9 +218,7 @@ def build_dispatcher(
         if not served:
             continue
         for replica in range(counts[device.name]):
-            engines = {
-                m.name: engine_factory(loaded[m.name], device.name, replica) for m in served
-            }
+            engines = {m.name: engine_factory(loaded[m.name], device.name, replica) for m in served}
             workers.append(
                 make_worker(device, replica, reactor, engines, device_queues[device.name], served)
             )

@@ -23,7 +23,7 @@ import numpy as np
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)
+)  # fmt: skip
 #: Bucket upper bounds for batch sizes (samples per device execution).
 BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 #: Latencies kept per model for the console's percentiles.

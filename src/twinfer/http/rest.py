@@ -124,26 +124,31 @@ class SeedAPI:
         content_type = (request.getHeader("Content-Type") or "").split(";")[0].strip().lower()
         image = request.content.data  # no copy: the tasks decode it in the device thread
         if content_type not in IMAGE_TYPES:
-            code, refusal = ErrorCode.INVALID_INPUT, HTTPError(
-                http.UNSUPPORTED_MEDIA_TYPE,
-                f"POST /inference takes Content-Type {' or '.join(IMAGE_TYPES)}, "
-                f"got {content_type or 'none'!r}",
+            code, refusal = (
+                ErrorCode.INVALID_INPUT,
+                HTTPError(
+                    http.UNSUPPORTED_MEDIA_TYPE,
+                    f"POST /inference takes Content-Type {' or '.join(IMAGE_TYPES)}, "
+                    f"got {content_type or 'none'!r}",
+                ),
             )
         elif not image:
-            code, refusal = ErrorCode.INVALID_INPUT, HTTPError(
-                http.BAD_REQUEST, "the request body is empty: send the image"
+            code, refusal = (
+                ErrorCode.INVALID_INPUT,
+                HTTPError(http.BAD_REQUEST, "the request body is empty: send the image"),
             )
         elif self._tasks is None:
-            code, refusal = ErrorCode.WRONG_TASK, HTTPError(
-                http.NOT_IMPLEMENTED,
-                "image inference is not available: this twinfer has no image tasks "
-                "(twinfer.tasks); use POST /v2/models/{name}/infer with tensors",
+            code, refusal = (
+                ErrorCode.WRONG_TASK,
+                HTTPError(
+                    http.NOT_IMPLEMENTED,
+                    "image inference is not available: this twinfer has no image tasks "
+                    "(twinfer.tasks); use POST /v2/models/{name}/infer with tensors",
+                ),
             )
         else:
             result = await self._plane.predict_image(session, request, name, image)
-            return Response.json(
-                {"status": "ok", "model": name, "predictions": result.predictions}
-            )
+            return Response.json({"status": "ok", "model": name, "predictions": result.predictions})
         # Refused before it became a job: counted like every other refusal.
         self._plane.refuse(session, name, TwinferError(code, refusal.message))
         raise refusal

@@ -130,7 +130,7 @@ class _Body:
 
     def read(self, size: int = -1) -> bytes:
         end = len(self.data) if size < 0 else self._position + size
-        chunk = bytes(self.data[self._position:end])
+        chunk = bytes(self.data[self._position : end])
         self._position += len(chunk)
         return chunk
 
@@ -225,8 +225,11 @@ class LimitedRequest(server.Request):
         channel = self.channel
         if channel is None or channel.transport is None:
             return
-        log.info("rejecting a request from {peer}: {message}", peer=self.getClientAddress(),
-                 message=message)
+        log.info(
+            "rejecting a request from {peer}: {message}",
+            peer=self.getClientAddress(),
+            message=message,
+        )
         channel.transport.write(_raw_response(Response.error(status, message)))
         channel.loseConnection()
 
@@ -263,9 +266,11 @@ class Router(Resource):
 
     def route(self, method: str, path: str, handler: Handler) -> None:
         """Add a route: ``path`` like ``/v2/models/{name}/infer`` (``{x}`` is a variable)."""
-        pattern = tuple(
-            None if part.startswith("{") else part for part in path.strip("/").split("/")
-        ) if path != "/" else ("",)
+        pattern = (
+            tuple(None if part.startswith("{") else part for part in path.strip("/").split("/"))
+            if path != "/"
+            else ("",)
+        )
         self._routes.append((method.encode(), pattern, handler))
 
     def _match(self, request: server.Request) -> tuple[Handler, list[str]]:

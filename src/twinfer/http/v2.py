@@ -78,8 +78,7 @@ class KServeAPI:
         if version is not None and version != kserve.MODEL_VERSION:
             raise TwinferError(
                 ErrorCode.UNKNOWN_MODEL,
-                f"model {name!r} has no version {version!r} "
-                f"(versions: [{kserve.MODEL_VERSION!r}])",
+                f"model {name!r} has no version {version!r} (versions: [{kserve.MODEL_VERSION!r}])",
             )
 
     async def model_metadata(
@@ -128,7 +127,11 @@ class KServeAPI:
 
         if _json_elements(decoded, result) > THREAD_ELEMENTS:
             chunks, header = await deferToThreadPool(
-                self._reactor, self._pool, kserve.encode_infer_response, name, decoded,
+                self._reactor,
+                self._pool,
+                kserve.encode_infer_response,
+                name,
+                decoded,
                 result.outputs,
             )
         else:
@@ -140,7 +143,6 @@ class KServeAPI:
             chunks,
             {"Content-Type": "application/octet-stream", kserve.HEADER_LENGTH: str(header)},
         )
-
 
     async def _decode(self, request: LimitedRequest) -> kserve.InferRequest:
         """The request body as tensors; large JSON is parsed in the codec pool."""
@@ -180,4 +182,3 @@ def _json_elements(request: kserve.InferRequest, result: InferResult) -> int:
         if not (request.binary_output if binary is None else binary):
             total += array.size
     return total
-

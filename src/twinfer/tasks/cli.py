@@ -40,8 +40,8 @@ _COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 3
 def add_arguments(subparsers: Any) -> None:
     """Add the ``classify`` and ``detect`` subcommands to an argparse subparsers object."""
     for task, summary in (
-        ("classify", "classify an image with an image model (task = \"classify\")"),
-        ("detect", "detect objects in an image with an image model (task = \"detect\")"),
+        ("classify", 'classify an image with an image model (task = "classify")'),
+        ("detect", 'detect objects in an image with an image model (task = "detect")'),
     ):
         parser = subparsers.add_parser(task, help=summary, description=summary)
         parser.add_argument("model", help="name of the served model")

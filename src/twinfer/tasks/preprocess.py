@@ -162,8 +162,7 @@ def decode_image(
         if width * height > max_pixels:
             raise TwinferError(
                 ErrorCode.INVALID_INPUT,
-                f"image of {width}x{height} pixels is larger than the limit of "
-                f"{max_pixels} pixels",
+                f"image of {width}x{height} pixels is larger than the limit of {max_pixels} pixels",
             )
         if opened.format == "JPEG":
             opened.draft("RGB", (network_hw[1], network_hw[0]))
