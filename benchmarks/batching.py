@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import Server, benchmark_app, log, machine, run_bench  # noqa: E402
 
-from twinfer.builtin import onnx_light_model_path  # noqa: E402
+from twinfer.engines.builtin import onnx_light_model_path  # noqa: E402
 
 BATCHING_CONFIG = """
 [[devices]]

@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 from twisted.internet import defer, endpoints, task
 
-from twinfer.backend import Engine
 from twinfer.client import connect
 from twinfer.config import loads_config
+from twinfer.engines.openvino import Engine
 from twinfer.errors import TwinferError
+from twinfer.frontends.binary import TwinferFactory
 from twinfer.registry import LoadedModel, build_dispatcher, load_models, openvino_engine
 from twinfer.scheduling import DeviceError
-from twinfer.server import TwinferFactory
 
 CONFIG = """
 [[devices]]

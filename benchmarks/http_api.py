@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from twinfer import kserve
+from twinfer.frontends.http import kserve
 
 CONFIG = """
 [server]

@@ -760,7 +760,7 @@ def main(argv: Sequence[str]) -> int:
         print(json.dumps(python_loop(argv[1], float(argv[2]))))
         return 0
     args = parse_args(argv)
-    from twinfer.builtin import onnx_light_model_path
+    from twinfer.engines.builtin import onnx_light_model_path
 
     started = time.monotonic()
     results: dict[str, Any] = {

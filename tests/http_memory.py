@@ -1,6 +1,6 @@
 """Helpers for the HTTP front end's tests in memory: no sockets, no threads, no sleeps.
 
-:class:`MemoryHTTPTestCase` builds a real :class:`~twinfer.http.site.TwinferSite`
+:class:`MemoryHTTPTestCase` builds a real :class:`~twinfer.frontends.http.site.TwinferSite`
 over a real data plane and dispatcher whose one worker never takes a job by
 itself (the tests take jobs from the queue and answer them by hand, as in
 test_protocol), with a :class:`~twisted.internet.task.Clock` as the site's
@@ -25,11 +25,11 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 from test_protocol import HandOperatedWorker
-from twinfer import builtin
-from twinfer.backend import Signature
 from twinfer.dataplane import DataPlane, Session
-from twinfer.http.site import Router, TwinferSite
-from twinfer.http.v2 import KServeAPI
+from twinfer.engines import builtin
+from twinfer.engines.openvino import Signature
+from twinfer.frontends.http.site import Router, TwinferSite
+from twinfer.frontends.http.v2 import KServeAPI
 from twinfer.scheduling import Dispatcher, Job, JobQueue, ModelEntry
 
 

@@ -21,8 +21,8 @@ from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 from support import ServerTestCase, config_from
-from twinfer.backend import Engine
-from twinfer.http import HTTPFrontEnd
+from twinfer.engines.openvino import Engine
+from twinfer.frontends.http import HTTPFrontEnd
 from twinfer.registry import EngineFactory, LoadedModel, openvino_engine
 from twistd_process import TWISTD_TINY_CONFIG, with_server_table
 

@@ -9,8 +9,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 
 from support import ServerTestCase
-from twinfer.console import PROMPT, ConsoleFactory, make_portal
-from twinfer.control import Controller
+from twinfer.frontends.console import PROMPT, ConsoleFactory, make_portal
+from twinfer.ops.control import Controller
 
 _ENDINGS = (PROMPT, b"Username: ", b"Password: ")
 

@@ -17,8 +17,8 @@ import openvino as ov
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from twinfer import builtin
-from twinfer.backend import Engine, OpenVINOEngine, Signature
+from twinfer.engines import builtin
+from twinfer.engines.openvino import Engine, OpenVINOEngine, Signature
 from twinfer.scheduling import DeviceError, Job
 
 

@@ -19,10 +19,10 @@ from twisted.trial import unittest
 
 from twinfer.config import Config, loads_config
 from twinfer.dataplane import DataPlane
+from twinfer.frontends.binary import TwinferFactory
 from twinfer.netutil import enable_direct_reads
 from twinfer.registry import EngineFactory, build_dispatcher, load_models, openvino_engine
 from twinfer.scheduling import Dispatcher
-from twinfer.server import TwinferFactory
 
 TINY_CONFIG = """
 [[devices]]

@@ -10,8 +10,8 @@ import openvino as ov
 import openvino.opset13 as ops
 from PIL import Image
 
-from twinfer.backend import OpenVINOEngine, Signature
 from twinfer.config import loads_config
+from twinfer.engines.openvino import OpenVINOEngine, Signature
 from twinfer.tasks import ImageTask, prepare
 
 

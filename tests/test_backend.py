@@ -12,7 +12,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from support import save_identity_model
-from twinfer import backend, builtin
+from twinfer.engines import builtin
+from twinfer.engines import openvino as backend
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.wire.messages import DType, TensorSpec
 

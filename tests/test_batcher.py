@@ -9,8 +9,8 @@ import pytest
 from twisted.internet.task import Clock
 
 from scheduling_support import BreakableDevice, rows, tiny_engine, tiny_job
-from twinfer import builtin
-from twinfer.backend import OpenVINOEngine, Signature
+from twinfer.engines import builtin
+from twinfer.engines.openvino import OpenVINOEngine, Signature
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.scheduling import Batcher, BatchPolicy, InferResult, Job, JobQueue
 from twinfer.scheduling.batcher import SKIPPED, execute, run_batch

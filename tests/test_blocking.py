@@ -19,7 +19,7 @@ from twinfer.blocking import (
     ReplyTimeout,
     parse_endpoint,
 )
-from twinfer.builtin import tiny_reference
+from twinfer.engines.builtin import tiny_reference
 from twinfer.errors import ErrorCode, LocalProtocolError, TwinferError
 from twinfer.wire.decode import decode_message
 from twinfer.wire.encode import encode_bytes

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from twinfer import cli
-from twinfer.builtin import tiny_reference
+from twinfer.engines.builtin import tiny_reference
 from twistd_process import ServerProcess
 
 

@@ -29,13 +29,13 @@ from tasks_support import blank_png
 from test_protocol import HandOperatedWorker
 from test_tasks_server import CONFIG as IMAGE_CONFIG
 from test_tasks_server import _write_models
-from twinfer import builtin
-from twinfer.backend import Signature
 from twinfer.client import connect
-from twinfer.control import Controller
 from twinfer.dataplane import DataPlane
+from twinfer.engines import builtin
+from twinfer.engines.openvino import Signature
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.metrics import make_registry
+from twinfer.ops.control import Controller
+from twinfer.ops.metrics import make_registry
 from twinfer.outcomes import OK, outcome
 from twinfer.scheduling import Dispatcher, InferResult, JobQueue, ModelEntry
 

@@ -11,13 +11,13 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 
 from support import ServerTestCase
-from twinfer import builtin
-from twinfer.backend import Engine
 from twinfer.client import TwinferClient, connect
+from twinfer.engines import builtin
+from twinfer.engines.openvino import Engine
 from twinfer.errors import ErrorCode, TwinferError
+from twinfer.frontends.binary import TwinferProtocol
 from twinfer.netutil import DirectReadServer
 from twinfer.registry import LoadedModel, openvino_engine
-from twinfer.server import TwinferProtocol
 from twinfer.wire.decode import decode_message
 from twinfer.wire.encode import encode_bytes
 from twinfer.wire.frames import FrameDecoder

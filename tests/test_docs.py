@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from twinfer.builtin import tiny_reference
+from twinfer.engines.builtin import tiny_reference
 from twinfer.wire.decode import decode_message
 from twinfer.wire.encode import encode_bytes
 from twinfer.wire.frames import FrameDecoder

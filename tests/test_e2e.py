@@ -11,9 +11,10 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from certs import TLSFiles, make_tls_files
-from twinfer import builtin, cli
+from twinfer import cli
 from twinfer.client import connect
 from twinfer.config import default_config
+from twinfer.engines import builtin
 from twinfer.errors import ErrorCode, TwinferError
 from twistd_process import TWISTD_TINY_CONFIG, ServerProcess, StartTwistd, launch_twistd
 

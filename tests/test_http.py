@@ -29,11 +29,11 @@ from http_support import (
     write_image_models,
 )
 from tasks_support import blank_png
-from twinfer.builtin import tiny_reference
 from twinfer.client import connect
-from twinfer.control import job_settled
+from twinfer.engines.builtin import tiny_reference
 from twinfer.errors import ErrorCode
-from twinfer.http import STATUS_BY_CODE, status_for
+from twinfer.frontends.http import STATUS_BY_CODE, status_for
+from twinfer.ops.control import job_settled
 from waiting import queue_depth_reaches
 
 
@@ -492,7 +492,7 @@ class SeedImageTests(HTTPServerTestCase):
 
 
 def test_the_body_buffer_behaves_as_the_file_twisted_web_expects() -> None:
-    from twinfer.http.site import _Body
+    from twinfer.frontends.http.site import _Body
 
     body = _Body()
     body.write(b"hello ")

@@ -8,7 +8,7 @@ import pytest
 
 from twinfer import tap
 from twinfer.config import DEFAULT_MAX_FRAME_SIZE, ConfigError, loads_config
-from twinfer.http import HTTPFrontEnd
+from twinfer.frontends.http import HTTPFrontEnd
 
 MODELS = """
 [[devices]]

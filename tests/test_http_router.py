@@ -14,9 +14,9 @@ from twisted.internet.defer import Deferred
 from twisted.web.server import Request
 
 from http_memory import MemoryHTTPTestCase, request_bytes
-from twinfer.builtin import tiny_reference
+from twinfer.engines.builtin import tiny_reference
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.http.site import HTTPError, Response
+from twinfer.frontends.http.site import HTTPError, Response
 from twinfer.outcomes import outcome
 from twinfer.scheduling import InferResult
 

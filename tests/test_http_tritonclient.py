@@ -22,8 +22,10 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from http_support import HTTPServerTestCase
-from twinfer import backend, http, kserve
-from twinfer.builtin import tiny_reference
+from twinfer.engines import openvino as backend
+from twinfer.engines.builtin import tiny_reference
+from twinfer.frontends import http
+from twinfer.frontends.http import kserve
 from twistd_process import SQUEEZENET_MODEL, TWISTD_TINY_CONFIG, with_server_table
 
 T = TypeVar("T")

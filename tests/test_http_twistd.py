@@ -12,7 +12,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from twinfer.blocking import BlockingClient
-from twinfer.builtin import tiny_reference
+from twinfer.engines.builtin import tiny_reference
 from twistd_process import TWISTD_TINY_CONFIG, ServerProcess, StartTwistd, with_server_table
 
 CONFIG = with_server_table(TWISTD_TINY_CONFIG, http_max_body_size=1048576)

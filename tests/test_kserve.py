@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from twinfer import kserve
 from twinfer.errors import ErrorCode, TwinferError
+from twinfer.frontends.http import kserve
 from twinfer.wire.messages import DType, Metadata, TensorSpec
 
 

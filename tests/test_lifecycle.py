@@ -18,13 +18,13 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from support import TINY_CONFIG, config_from
-from twinfer.control import Controller
 from twinfer.dataplane import DataPlane
-from twinfer.http.site import Router, TwinferSite
-from twinfer.lifecycle import ServingService, close_connections
+from twinfer.frontends.binary import TwinferFactory
+from twinfer.frontends.http.site import Router, TwinferSite
+from twinfer.ops.control import Controller
+from twinfer.ops.lifecycle import ServingService, close_connections
 from twinfer.registry import build_dispatcher, load_models
 from twinfer.scheduling import Dispatcher
-from twinfer.server import TwinferFactory
 
 
 def connect(factory: Any) -> tuple[Any, StringTransport]:

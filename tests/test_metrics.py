@@ -26,14 +26,14 @@ from http_memory import Connection, request_bytes
 from scheduling_support import HandRunner, tiny_engine, tiny_signature
 from support import config_from
 from twinfer.config import ServerConfig
-from twinfer.control import Controller
 from twinfer.dataplane import DataPlane
 from twinfer.errors import TwinferError
-from twinfer.http.site import Router, TwinferSite
-from twinfer.http.v2 import KServeAPI
-from twinfer.metrics import HealthResource, make_registry
+from twinfer.frontends.binary import TwinferFactory, TwinferProtocol
+from twinfer.frontends.http.site import Router, TwinferSite
+from twinfer.frontends.http.v2 import KServeAPI
+from twinfer.ops.control import Controller
+from twinfer.ops.metrics import HealthResource, make_registry
 from twinfer.scheduling import Dispatcher, JobQueue, ModelEntry, Worker
-from twinfer.server import TwinferFactory, TwinferProtocol
 from twinfer.wire.encode import encode_bytes
 from twinfer.wire.messages import Hello
 

@@ -8,8 +8,8 @@ from twisted.logger import Logger, LogLevel
 
 from ops_support import OpsServerTestCase
 from twinfer.client import connect
-from twinfer.console import LogLevels, hash_password, table, verify_password
 from twinfer.errors import TwinferError
+from twinfer.frontends.console import LogLevels, hash_password, table, verify_password
 
 
 def test_password_hash_round_trip() -> None:

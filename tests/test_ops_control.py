@@ -10,9 +10,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 
 from ops_support import OpsServerTestCase
-from twinfer.backend import Engine
-from twinfer.builtin import tiny_reference
 from twinfer.client import connect
+from twinfer.engines.builtin import tiny_reference
+from twinfer.engines.openvino import Engine
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.registry import openvino_engine
 from twinfer.wire.messages import AdminRequest

@@ -13,13 +13,13 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from twinfer import builtin
-from twinfer.backend import Signature
 from twinfer.config import ServerConfig
 from twinfer.dataplane import DataPlane
+from twinfer.engines import builtin
+from twinfer.engines.openvino import Signature
 from twinfer.errors import ErrorCode
+from twinfer.frontends.binary import TwinferFactory, TwinferProtocol
 from twinfer.scheduling import Dispatcher, InferResult, Job, JobQueue, ModelEntry, WorkerState
-from twinfer.server import TwinferFactory, TwinferProtocol
 from twinfer.wire.decode import decode_message
 from twinfer.wire.encode import encode_bytes
 from twinfer.wire.frames import HEADER, HEADER_SIZE, MAGIC, FrameDecoder

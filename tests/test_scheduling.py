@@ -11,9 +11,9 @@ import openvino.opset13 as ops
 from twisted.internet import defer, reactor
 
 from support import ServerTestCase
-from twinfer import builtin
-from twinfer.backend import Engine, OpenVINOEngine, Signature
 from twinfer.client import TwinferClient, connect
+from twinfer.engines import builtin
+from twinfer.engines.openvino import Engine, OpenVINOEngine, Signature
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.registry import LoadedModel, openvino_engine
 from twinfer.scheduling import DeviceError, WorkerState

@@ -22,7 +22,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from twinfer import tap
-from twinfer.listening import CannotListen, ListeningService
+from twinfer.ops.listening import CannotListen, ListeningService
 from twistd_process import TWISTD_TINY_CONFIG
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tasks_support import png
-from twinfer.backend import OpenVINOEngine, Signature
+from twinfer.engines.openvino import OpenVINOEngine, Signature
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.tasks.config import PreprocessConfig
 from twinfer.tasks.preprocess import build_model, decode_image

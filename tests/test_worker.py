@@ -16,8 +16,8 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from scheduling_support import BreakableDevice, HandRunner, outcome, rows, tiny_engine, tiny_job
-from twinfer import builtin
-from twinfer.backend import Engine
+from twinfer.engines import builtin
+from twinfer.engines.openvino import Engine
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.scheduling import (
     PIPELINE_DEPTH,

@@ -7,10 +7,10 @@ The package is layered so that each module has one reason to change:
   (no Twisted import);
 - :mod:`twinfer.config`, :mod:`twinfer.taskconfig` — the TOML configuration,
   structured into attrs classes by cattrs (:mod:`twinfer.schema`);
-- :mod:`twinfer.backend` — OpenVINO: reading, compiling, validating, running;
+- :mod:`twinfer.engines.openvino` — OpenVINO: reading, compiling, validating, running;
 - :mod:`twinfer.scheduling` — routing, bounded job queues, dynamic batching
   and one single-thread worker per device replica;
-- :mod:`twinfer.server` — the Twisted ``Protocol``/``Factory`` adapter over
+- :mod:`twinfer.frontends.binary` — the Twisted ``Protocol``/``Factory`` adapter over
   :class:`twinfer.wire.connection.Connection`;
 - :mod:`twinfer.tap` — ``twistd`` options and service construction;
 - :mod:`twinfer.client`, :mod:`twinfer.blocking`, :mod:`twinfer.cli` — clients.

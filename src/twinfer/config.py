@@ -130,7 +130,7 @@ class ModelConfig:
 
     name: Name
     #: A model file (IR ``.xml``, ``.onnx``, ``.tflite``, ``.pdmodel``) or
-    #: ``builtin:NAME`` (see :mod:`twinfer.builtin`).
+    #: ``builtin:NAME`` (see :mod:`twinfer.engines.builtin`).
     path: str
     #: Names of the devices that serve it; may be left out when there is one device.
     devices: Annotated[tuple[str, ...], non_empty, unique] = ()

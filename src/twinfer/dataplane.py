@@ -43,9 +43,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twinfer.errors import ErrorCode, TwinferError
+from twinfer.ops.stats import Stats
 from twinfer.outcomes import outcome
 from twinfer.scheduling import Dispatcher, InferResult
-from twinfer.stats import Stats
 
 __all__ = ["DataPlane", "FrontendState", "ImagePredictions", "Session", "load_tasks"]
 

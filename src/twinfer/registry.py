@@ -15,9 +15,9 @@ import attrs
 import openvino as ov
 from twisted.internet.interfaces import IReactorFromThreads
 
-from twinfer import backend
-from twinfer.backend import Engine, OpenVINOEngine, Signature
 from twinfer.config import AUTO, QUEUE_SHARED, Config, DeviceConfig, ModelConfig
+from twinfer.engines import openvino as backend
+from twinfer.engines.openvino import Engine, OpenVINOEngine, Signature
 from twinfer.scheduling import BatchPolicy, Dispatcher, JobQueue, ModelEntry, Worker
 from twinfer.tasks import prepare
 

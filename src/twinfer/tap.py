@@ -4,7 +4,7 @@ Modelled on ``twisted.web.tap``: :class:`Options` parses and validates the
 command line and the configuration (a bad config stops ``twistd`` with one
 message naming the key); :func:`makeService` loads the models and returns a
 :class:`TwinferService`: the serving service (workers, graceful drain), the
-HTTP front end's codec pool, and one :class:`~twinfer.listening.ListeningService`
+HTTP front end's codec pool, and one :class:`~twinfer.ops.listening.ListeningService`
 per port (binary protocol, HTTP, debug console, metrics), bound in
 ``privilegedStartService``.
 """
@@ -26,10 +26,10 @@ from twisted.python import usage
 import twinfer
 from twinfer.config import Config, ConfigError, default_config, load_config
 from twinfer.dataplane import DataPlane
-from twinfer.lifecycle import ServingService
-from twinfer.listening import CannotListen, ListeningService
+from twinfer.frontends.binary import TwinferFactory
+from twinfer.ops.lifecycle import ServingService
+from twinfer.ops.listening import CannotListen, ListeningService
 from twinfer.registry import build_dispatcher, load_models, replica_counts
-from twinfer.server import TwinferFactory
 
 log = Logger()
 
@@ -144,7 +144,7 @@ class Options(usage.Options):
         if self["drain-timeout"] < 0:
             raise usage.UsageError("--drain-timeout must be 0 or more seconds")
         if self["debug-credentials"]:
-            from twinfer.console import read_credentials
+            from twinfer.frontends.console import read_credentials
 
             try:
                 read_credentials(self["debug-credentials"])
@@ -313,7 +313,7 @@ def makeService(options: Options) -> TwinferService:
     _listen(top, reactor, "binary", options["port"], factory, direct_reads=True)
     if options["http-port"]:
         # Imported only when asked for: twisted.web is not needed otherwise.
-        from twinfer.http import HTTPFrontEnd
+        from twinfer.frontends.http import HTTPFrontEnd
 
         front = HTTPFrontEnd(dataplane, config, reactor)
         front.setServiceParent(top)
@@ -345,7 +345,7 @@ def _add_operations_services(
     reactor: Any,
 ) -> None:
     """Add the serving (graceful drain), console and metrics services to ``top``."""
-    from twinfer.control import Controller
+    from twinfer.ops.control import Controller
 
     controller = Controller(config, dataplane, reactor, config_path=options["config"])
     factory.controller = controller
@@ -355,7 +355,7 @@ def _add_operations_services(
     ).setServiceParent(top)
     if options["debug-port"]:
         from twinfer.compat import twistd_log_observer
-        from twinfer.console import ConsoleFactory, LogLevels, make_portal
+        from twinfer.frontends.console import ConsoleFactory, LogLevels, make_portal
 
         portal = make_portal(options["debug-credentials"]) if options["debug-credentials"] else None
         levels = LogLevels()
@@ -366,7 +366,7 @@ def _add_operations_services(
         console = ConsoleFactory(controller, portal, levels)
         _listen(top, reactor, "console", options["debug-port"], console, label="debug console")
     if options["metrics-port"]:
-        from twinfer.metrics import make_site
+        from twinfer.ops.metrics import make_site
 
         site: Any = make_site(controller)
         _listen(top, reactor, "metrics", options["metrics-port"], site, label="metrics")

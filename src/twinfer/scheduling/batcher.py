@@ -33,7 +33,7 @@ import attrs
 import numpy as np
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from twinfer.backend import Engine
+from twinfer.engines.openvino import Engine
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.scheduling.queueing import InferResult, Job
 

@@ -35,7 +35,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from twinfer.backend import Engine, Signature
+from twinfer.engines.openvino import Engine, Signature
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.scheduling.batcher import BatchPolicy
 from twinfer.scheduling.queueing import Job, JobQueue

@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from twinfer.backend import Engine
+from twinfer.engines.openvino import Engine
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.scheduling.batcher import SKIPPED, Batcher, BatchPolicy, execute
 from twinfer.scheduling.queueing import InferResult, Job, JobQueue

@@ -18,7 +18,7 @@ import openvino as ov
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
-from twinfer.backend import Engine
+from twinfer.engines.openvino import Engine
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.scheduling import Dispatcher
 from twinfer.tasks import decoders
@@ -32,7 +32,7 @@ PredictionDict = dict[str, Any]
 
 
 def _output_name(port: ov.Output, index: int) -> str:
-    # The same naming rule as twinfer.backend's Signature (unnamed: output_i).
+    # The same naming rule as twinfer.engines.openvino's Signature (unnamed: output_i).
     try:
         return str(port.any_name)
     except RuntimeError:

@@ -7,7 +7,7 @@ messages with their request id, the completed handshake, or the peer's
 violations of the protocol.  Messages
 to send go in through ``send_*`` methods and come out as chunks of bytes
 (:meth:`~Connection.data_to_send`).  It does no I/O: the Twisted server
-(:mod:`twinfer.server`), the Twisted client (:mod:`twinfer.client`) and the
+(:mod:`twinfer.frontends.binary`), the Twisted client (:mod:`twinfer.client`) and the
 blocking client (:mod:`twinfer.blocking`) move its bytes.
 
 What it owns (see ``docs/protocol.md`` §2, §5 and §7):

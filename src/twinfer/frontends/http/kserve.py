@@ -3,7 +3,7 @@
 Nothing here imports Twisted: these functions turn request bodies into numpy
 inputs and results back into response bodies, and raise
 :class:`~twinfer.errors.TwinferError` (with the same codes as the binary
-protocol) for anything malformed.  :mod:`twinfer.http` does the I/O.
+protocol) for anything malformed.  :mod:`twinfer.frontends.http` does the I/O.
 
 Two tensor encodings are supported, per tensor:
 

@@ -2,7 +2,7 @@
 
 Every inference goes through :meth:`twinfer.dataplane.DataPlane.infer`: the
 same admission, queues, limits and counting as the binary protocol.  The body <-> tensor
-mapping is :mod:`twinfer.kserve`; this module only routes and schedules it:
+mapping is :mod:`twinfer.frontends.http.kserve`; this module only routes and schedules it:
 
 * JSON documents above :data:`THREAD_THRESHOLD` bytes are parsed, and JSON
   outputs above :data:`THREAD_ELEMENTS` elements are serialised, in the HTTP
@@ -27,10 +27,10 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.web import http
 
-from twinfer import kserve
 from twinfer.dataplane import DataPlane
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.http.site import HTTPError, LimitedRequest, Response, Router, session_of
+from twinfer.frontends.http import kserve
+from twinfer.frontends.http.site import HTTPError, LimitedRequest, Response, Router, session_of
 from twinfer.scheduling import InferResult
 
 #: JSON headers larger than this many bytes are parsed in the codec pool.

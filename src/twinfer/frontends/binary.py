@@ -49,7 +49,7 @@ from twinfer.wire.messages import (
 )
 
 if TYPE_CHECKING:
-    from twinfer.control import Controller
+    from twinfer.ops.control import Controller
 
 log = Logger()
 
@@ -350,7 +350,7 @@ class TwinferFactory(Factory):
 
     # Set by twinfer.tap for the operations features (class defaults keep the
     # factory usable on its own, as the tests' in-process servers use it).
-    #: Runtime control and health (:class:`twinfer.control.Controller`), if any.
+    #: Runtime control and health (:class:`twinfer.ops.control.Controller`), if any.
     controller: Controller | None = None
     #: Whether ADMIN_REQUEST messages are obeyed (``--allow-admin``).
     allow_admin = False

@@ -17,7 +17,7 @@ import attrs
 import numpy as np
 import openvino as ov
 
-from twinfer import builtin
+from twinfer.engines import builtin
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.wire.messages import DType, Metadata, TensorSpec
 

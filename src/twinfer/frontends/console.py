@@ -13,7 +13,7 @@ line starting with ``error:``; the session stays open.
 
 Credentials file: one ``user:password`` per line, where the password is
 ``pbkdf2_sha256$ITERATIONS$SALT$HEX`` (see :func:`hash_password`; run
-``python -m twinfer.console USER`` to make a line) or, discouraged, plain
+``python -m twinfer.frontends.console USER`` to make a line) or, discouraged, plain
 text.  ``#`` starts a comment.  The file is re-read at each login, and
 hashes are checked in a pool thread, never on the reactor.
 """
@@ -48,8 +48,8 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 import twinfer
-from twinfer.control import Controller
 from twinfer.errors import ErrorCode, TwinferError
+from twinfer.ops.control import Controller
 from twinfer.scheduling import WorkerState
 
 log = Logger()
@@ -566,12 +566,15 @@ def make_portal(credentials_file: str | Path) -> Portal:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m twinfer.console USER``: print a credentials line (password from stdin)."""
+    """``python -m twinfer.frontends.console USER``: print a credentials line
+    (the password is read from stdin)."""
     import getpass
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or ":" in args[0]:
-        print("usage: python -m twinfer.console USER  (prints USER:HASH)", file=sys.stderr)
+        print(
+            "usage: python -m twinfer.frontends.console USER  (prints USER:HASH)", file=sys.stderr
+        )
         return 2
     password = getpass.getpass() if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
     print(f"{args[0]}:{hash_password(password)}")

@@ -1,7 +1,7 @@
 """Prometheus metrics and HTTP health checks, served on ``--metrics-port``.
 
 Nothing here runs on the request path: :class:`TwinferCollector` turns the
-plain counters kept by :mod:`twinfer.stats` and the state of the dispatcher
+plain counters kept by :mod:`twinfer.ops.stats` and the state of the dispatcher
 into metric families when Prometheus scrapes.  ``prometheus_client``'s
 Twisted resource renders in a reactor pool thread; the collector only takes
 snapshots (list copies, integer reads), which the GIL makes consistent per
@@ -31,8 +31,8 @@ from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from twinfer.control import Controller
-from twinfer.stats import Histogram
+from twinfer.ops.control import Controller
+from twinfer.ops.stats import Histogram
 
 
 class TwinferCollector(Collector):

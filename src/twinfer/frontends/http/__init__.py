@@ -7,9 +7,9 @@ path).
 thread pool that encodes and decodes large JSON tensors off the reactor
 thread; ``twistd twinfer --http-port ENDPOINT`` listens with it.
 
-Modules: :mod:`twinfer.http.site` (limits, routing, error mapping),
-:mod:`twinfer.http.v2` (KServe v2), :mod:`twinfer.http.rest` (the seed API);
-the tensor mapping itself is the sans-I/O :mod:`twinfer.kserve`.
+Modules: :mod:`twinfer.frontends.http.site` (limits, routing, error mapping),
+:mod:`twinfer.frontends.http.v2` (KServe v2), :mod:`twinfer.frontends.http.rest` (the seed API);
+the tensor mapping itself is the sans-I/O :mod:`twinfer.frontends.http.kserve`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from twisted.python.threadpool import ThreadPool
 
 from twinfer.config import Config
 from twinfer.dataplane import DataPlane
-from twinfer.http.rest import SeedAPI
-from twinfer.http.site import STATUS_BY_CODE, Router, TwinferSite, status_for
-from twinfer.http.v2 import KServeAPI
+from twinfer.frontends.http.rest import SeedAPI
+from twinfer.frontends.http.site import STATUS_BY_CODE, Router, TwinferSite, status_for
+from twinfer.frontends.http.v2 import KServeAPI
 
 __all__ = ["HTTPFrontEnd", "STATUS_BY_CODE", "status_for"]
 

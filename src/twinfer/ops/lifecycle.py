@@ -35,9 +35,9 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from twinfer.compat import exit_normally
-from twinfer.control import Controller, job_settled
 from twinfer.dataplane import DataPlane
 from twinfer.errors import ErrorCode, TwinferError
+from twinfer.ops.control import Controller, job_settled
 from twinfer.scheduling import Job
 
 log = Logger()

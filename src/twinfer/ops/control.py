@@ -33,8 +33,6 @@ from twisted.internet.defer import Deferred, DeferredLock, fail, gatherResults, 
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from twinfer import backend
-from twinfer.backend import Engine
 from twinfer.config import (
     AUTO,
     Config,
@@ -43,6 +41,8 @@ from twinfer.config import (
     load_config,
 )
 from twinfer.dataplane import DataPlane, Session
+from twinfer.engines import openvino as backend
+from twinfer.engines.openvino import Engine
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.registry import (
     EngineFactory,

@@ -32,7 +32,7 @@ import twinfer
 from twinfer.config import Config
 from twinfer.dataplane import DataPlane
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.http.site import HTTPError, LimitedRequest, Response, Router, session_of
+from twinfer.frontends.http.site import HTTPError, LimitedRequest, Response, Router, session_of
 
 #: Content types ``POST /inference`` accepts.
 IMAGE_TYPES = ("image/jpeg", "image/png")
