@@ -76,3 +76,27 @@ def test_image_dump_decodes_to_the_image_request() -> None:
     with Image.open(io.BytesIO(bytes(request.image))) as image:
         assert (image.format, image.size) == ("PNG", (1, 1))
         assert image.getpixel((0, 0)) == (255, 255, 255)
+
+
+ARCHITECTURE_MD = Path(__file__).parent.parent / "docs" / "architecture.md"
+
+
+def test_the_outcome_table_in_architecture_md_is_the_code_table() -> None:
+    """Every row of the documented outcome table says what twinfer.outcomes says."""
+    from twinfer.errors import ErrorCode
+    from twinfer.outcomes import OK, outcome
+
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in ARCHITECTURE_MD.read_text("utf-8").splitlines()
+        if line.startswith("| `")
+    ]
+    documented: set[str] = set()
+    for names, _binary, http, grpc, retryable in (r for r in rows if len(r) == 5):
+        for name in re.findall(r"`(\w+)`", names):
+            result = OK if name == "OK" else outcome(ErrorCode[name])
+            assert str(result.http_status) == http, name
+            assert f"`{result.grpc_status}`" == grpc, name
+            assert result.retryable == (retryable == "yes"), name
+            documented.add(name)
+    assert documented == {"OK"} | {code.name for code in ErrorCode}

@@ -76,7 +76,7 @@ class TwinferCollector(Collector):
             ),
             "latency": HistogramMetricFamily(
                 "twinfer_request_seconds",
-                "End-to-end time from request decoded to reply written.",
+                "Time from a request reaching the data plane to its outcome (reply or error).",
                 labels=["model"],
             ),
             "batch": HistogramMetricFamily(
