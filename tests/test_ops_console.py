@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import numpy as np
 from twisted.internet import reactor
 from twisted.logger import Logger, LogLevel
@@ -9,7 +13,7 @@ from twisted.logger import Logger, LogLevel
 from ops_support import OpsServerTestCase
 from twinfer.client import connect
 from twinfer.errors import TwinferError
-from twinfer.frontends.console import LogLevels, hash_password, table, verify_password
+from twinfer.frontends.console import LogLevels, hash_password, main, table, verify_password
 
 
 def test_password_hash_round_trip() -> None:
@@ -19,6 +23,22 @@ def test_password_hash_round_trip() -> None:
     assert not verify_password("s3cret!", stored)
     assert not verify_password("x", "pbkdf2_sha256$broken")
     assert verify_password("plain", "plain") and not verify_password("plain", "other")
+
+
+def test_python_m_prints_a_credentials_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "twinfer.frontends.console", "alice"],
+        input="s3cret\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    user, stored = result.stdout.strip().split(":", 1)
+    assert user == "alice"
+    assert stored.startswith("pbkdf2_sha256$300000$")
+    assert verify_password("s3cret", stored) and not verify_password("s3cret!", stored)
+    assert main(["alice:x"]) == 2  # a user name cannot hold the separator
 
 
 def test_table_aligns_columns() -> None:
@@ -102,6 +122,7 @@ class ConsoleTests(OpsServerTestCase):
             "undrain",
             "loglevel",
             "quit",
+            "frontends",
         ):
             self.assertIn(f"\r\n{name}", help_text)
 
@@ -111,6 +132,19 @@ class ConsoleTests(OpsServerTestCase):
         self.assertRegex(status, r"ok\s+5\r\n")
         self.assertRegex(status, r"errors\s+1\r\n")
         self.assertRegex(status, r"state\s+ready")
+        # Per front end, under the totals: the binary client, and no request in flight.
+        self.assertRegex(status, r"connections\s+1\r\n  binary\s+1\r\nconsole sessions\s+1\r\n")
+        self.assertRegex(status, r"in flight\s+0\r\n  binary\s+0\r\nrequests")
+
+        frontends = (await client.send("frontends")).splitlines()
+        self.assertEqual(
+            re.split(r"\s{2,}", frontends[0]),
+            ["FRONTEND", "CONNECTIONS", "IN FLIGHT", "ANSWERED", "OUTCOMES", "PROTOCOL ERRORS"],
+        )
+        self.assertEqual(
+            frontends[1].split(), ["binary", "1", "0", "6", "OK:5,INVALID_SHAPE:1", "-"]
+        )
+        self.assertEqual(frontends[2:], ["twinfer> "])
 
         models = await client.send("models")
         self.assertRegex(models, r"tiny\s+cpu\s+0\s+x:f32\[\?,4\]\s+6\s+1\s+builtin:tiny")
@@ -129,6 +163,8 @@ class ConsoleTests(OpsServerTestCase):
         self.assertIn("tiny: 6 requests, 1 errors", stats)
         self.assertRegex(stats, r"INVALID_SHAPE\s+1")
         self.assertRegex(stats, r"OK\s+5")
+        # The same counts by front end: all of them came over the binary protocol.
+        self.assertRegex(stats, r"CODE\s+COUNT\s+BINARY\r\nINVALID_SHAPE\s+1\s+1\r\nOK\s+5\s+5\r\n")
         self.assertRegex(stats, r"end-to-end(\s+[\d.]+){3}\s+6")
         self.assertRegex(stats, r"compute(\s+[\d.]+){3}\s+5")
 

@@ -5,7 +5,9 @@ A command takes the session and its arguments and returns the reply's text
 :class:`UsageError` for wrong arguments or :class:`~twinfer.errors.TwinferError`
 for a refusal; the session (:mod:`.protocol`) turns all of them into lines.
 Commands read the server through the session's
-:class:`~twinfer.ops.control.Controller`.
+:class:`~twinfer.ops.control.Controller`: request counts and front ends from
+its data plane (:class:`~twinfer.dataplane.DataPlane`, the one place every
+front end's requests are counted), devices and queues from its dispatcher.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
 
 import twinfer
+from twinfer.dataplane import DataPlane, FrontendState
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.frontends.console.text import duration, ms, table
+from twinfer.frontends.console.text import counts, duration, ms, table
+from twinfer.ops.stats import Stats
 from twinfer.scheduling import WorkerState
 
 if TYPE_CHECKING:
@@ -37,6 +41,22 @@ def _nargs(args: list[str], low: int, high: int | None = None) -> None:
         raise UsageError(f"expected {low}{'' if high == low else f'-{high}'} argument(s)")
 
 
+def _frontends(plane: DataPlane) -> list[FrontendState]:
+    """The data plane's front ends, by name."""
+    return sorted(plane.frontends.values(), key=lambda state: state.name)
+
+
+def outcomes_by_frontend(stats: Stats, model: str | None = None) -> dict[str, dict[str, int]]:
+    """Requests answered, ``{front end: {outcome: count}}``, over every model
+    (unknown ones included) or for ``model`` only."""
+    by_frontend: dict[str, dict[str, int]] = {}
+    for (name, code, frontend), n in list(stats.requests.items()):
+        if model is None or name == model:
+            outcomes = by_frontend.setdefault(frontend, {})
+            outcomes[code] = outcomes.get(code, 0) + n
+    return by_frontend
+
+
 def cmd_help(session: ConsoleProtocol, args: list[str]) -> str:
     _nargs(args, 0)
     return table(("COMMAND", "DESCRIPTION"), [(u, d) for _, u, d in COMMANDS.values()])
@@ -47,14 +67,17 @@ def cmd_status(session: ConsoleProtocol, args: list[str]) -> str:
     c = session.factory.controller
     stats = c.stats
     health = c.health()
+    frontends = _frontends(c.dataplane)
     errors = sum(n for code, n in stats.totals.items() if code != "OK")
     rows = [
         ("version", twinfer.__version__),
         ("uptime", duration(time.monotonic() - stats.started)),
         ("state", "ready" if health.ready else f"not ready: {health.detail}"),
         ("connections", len(c.connections())),
+        *((f"  {state.name}", len(state.sessions)) for state in frontends),
         ("console sessions", len(session.factory.sessions)),
         ("in flight", c.inflight()),
+        *((f"  {state.name}", state.inflight) for state in frontends),
         ("requests", stats.answered),
         ("ok", stats.totals.get("OK", 0)),
         ("errors", errors),
@@ -63,6 +86,29 @@ def cmd_status(session: ConsoleProtocol, args: list[str]) -> str:
         ("control", c.busy_with or "idle"),
     ]
     return table(("FIELD", "VALUE"), rows)
+
+
+def cmd_frontends(session: ConsoleProtocol, args: list[str]) -> str:
+    _nargs(args, 0)
+    plane = session.factory.controller.dataplane
+    answered = outcomes_by_frontend(plane.stats)
+    states = {state.name: state for state in _frontends(plane)}
+    rows = []
+    for name in sorted(set(states) | set(answered)):
+        state = states.get(name)
+        outcomes = answered.get(name, {})
+        rows.append(
+            (
+                name or "-",
+                len(state.sessions) if state else 0,
+                state.inflight if state else 0,
+                sum(outcomes.values()),
+                counts(outcomes),
+                counts(state.protocol_errors) if state else "-",
+            )
+        )
+    header = ("FRONTEND", "CONNECTIONS", "IN FLIGHT", "ANSWERED", "OUTCOMES", "PROTOCOL ERRORS")
+    return table(header, rows)
 
 
 def cmd_models(session: ConsoleProtocol, args: list[str]) -> str:
@@ -150,7 +196,15 @@ def cmd_stats(session: ConsoleProtocol, args: list[str]) -> str:
             raise TwinferError(ErrorCode.UNKNOWN_MODEL, f"no model {name!r} (models: {known})")
         return f"{name}: no requests yet"
     lines = [f"{name}: {model_stats.count} requests, {model_stats.errors} errors"]
-    lines.append(table(("CODE", "COUNT"), sorted(model_stats.codes.items())))
+    # The outcomes again by the front end that answered them.
+    by_frontend = outcomes_by_frontend(c.stats, name)
+    frontends = sorted(by_frontend)
+    header = ("CODE", "COUNT", *((f.upper() or "-") for f in frontends))
+    rows = [
+        (code, n, *(by_frontend[f].get(code, 0) for f in frontends))
+        for code, n in sorted(model_stats.codes.items())
+    ]
+    lines.append(table(header, rows))
     rows = []
     for label, histogram in (
         ("queue", model_stats.queue),
@@ -222,10 +276,15 @@ def cmd_quit(session: ConsoleProtocol, args: list[str]) -> None:
 COMMANDS: dict[str, tuple[Any, str, str]] = {
     "help": (cmd_help, "help", "this list"),
     "status": (cmd_status, "status", "uptime, connections, in-flight requests, totals"),
+    "frontends": (
+        cmd_frontends,
+        "frontends",
+        "per front end: connections, in flight, answers by outcome, protocol errors",
+    ),
     "models": (cmd_models, "models", "served models, their devices, inputs and counts"),
     "devices": (cmd_devices, "devices", "device workers: state, current job, jobs, busy %"),
     "queues": (cmd_queues, "queues", "queue depth per model and device, oldest wait"),
-    "stats": (cmd_stats, "stats MODEL", "requests, errors by code, time percentiles"),
+    "stats": (cmd_stats, "stats MODEL", "requests, errors by code and front end, percentiles"),
     "load": (cmd_load, "load NAME PATH [DEV1,DEV2]", "compile and serve a new model"),
     "unload": (cmd_unload, "unload NAME", "stop serving a model (queued: UNAVAILABLE)"),
     "reload": (cmd_reload, "reload NAME [PATH]", "recompile a model and swap it in"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -31,3 +31,9 @@ def ms(seconds: float) -> str:
     """Milliseconds with sensible precision."""
     value = seconds * 1000
     return f"{value:.3f}" if value < 1 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def counts(by_name: Mapping[str, int]) -> str:
+    """``OK:5,INVALID_SHAPE:1``: ``OK`` first, then by name; ``-`` when empty."""
+    names = sorted(by_name, key=lambda name: (name != "OK", name))
+    return ",".join(f"{name}:{by_name[name]}" for name in names) or "-"
