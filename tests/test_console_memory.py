@@ -1,9 +1,11 @@
-"""The debug console in memory: its view of every front end.
+"""The debug console in memory: its telnet handling and its view of every front end.
 
 The console session is a real :class:`ConsoleProtocol` over a
-``StringTransport``, over a Controller and a real data plane whose one
-device worker runs its thread by hand (as in test_metrics), with the real
-binary and HTTP front ends over StringTransports.  The same console over a TCP socket is in
+``StringTransport``, logging in through a real portal with an in-memory
+checker (no pool thread).  For the front ends, a Controller over a real
+data plane whose one device worker runs its thread by hand (as in
+test_metrics), with the real binary and HTTP front ends over
+StringTransports.  The same console over a TCP socket is in
 test_ops_console.py.
 """
 
@@ -13,11 +15,17 @@ import json
 import re
 
 import numpy as np
+from twisted.conch.telnet import DO, DONT, ECHO, IAC, IP, NOP, SB, SE, WILL, WONT
+from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from http_memory import Connection, request_bytes
 from scheduling_support import HandRunner, tiny_engine, tiny_signature
@@ -25,7 +33,8 @@ from support import config_from
 from twinfer.config import ServerConfig
 from twinfer.dataplane import DataPlane
 from twinfer.frontends.binary import TwinferFactory, TwinferProtocol
-from twinfer.frontends.console import PROMPT, ConsoleFactory
+from twinfer.frontends.console import PROMPT, ConsoleFactory, ConsoleRealm
+from twinfer.frontends.console.telnet import TelnetInput
 from twinfer.frontends.http.site import Router, TwinferSite
 from twinfer.frontends.http.v2 import KServeAPI
 from twinfer.ops.control import Controller
@@ -46,6 +55,7 @@ queue_size = 4
 """
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
+LOGGED_IN = b"\r\nLogged in. Type 'help' for the commands.\r\n" + PROMPT
 
 
 def infer_request(x: np.ndarray, model: str = "tiny") -> bytes:
@@ -63,7 +73,9 @@ class ConsoleSession:
         protocol = factory.buildProtocol(address)
         assert protocol is not None
         self.protocol = protocol
-        self.transport = StringTransport(peerAddress=address)
+        # Lenient: the session resumes reading after its last failed login
+        # has already closed the connection, which a real transport allows.
+        self.transport = StringTransport(peerAddress=address, lenient=True)
         self.protocol.makeConnection(self.transport)
 
     def output(self) -> bytes:
@@ -83,6 +95,101 @@ class ConsoleSession:
         reply = self.send(line.encode() + b"\r\n")
         assert reply.endswith(PROMPT), reply
         return reply[: -len(PROMPT)].decode()
+
+
+class TelnetInputTests(unittest.SynchronousTestCase):
+    def test_commands_are_removed_wherever_they_are_split(self) -> None:
+        stream = (
+            b"st" + IAC + DO + ECHO + b"at" + IAC + NOP + b"us"
+            + IAC + SB + b"\x18\x00xterm" + IAC + IAC + b"\x01" + IAC + SE
+            + IAC + IAC + b"\r\n"
+        )  # fmt: skip
+        expected = b"status\xff\r\n"
+        assert TelnetInput().feed(stream) == expected
+        telnet = TelnetInput()
+        data = b"".join(telnet.feed(stream[i : i + 1]) for i in range(len(stream)))
+        assert data == expected
+        assert not telnet.interrupted
+
+    def test_an_interrupt_drops_what_follows(self) -> None:
+        telnet = TelnetInput()
+        assert telnet.feed(b"sta" + IAC) == b"sta"
+        assert telnet.feed(IP + b"tus\r\n") == b""
+        assert telnet.interrupted
+        assert telnet.feed(b"help\r\n") == b""
+
+
+@implementer(ICredentialsChecker)
+class SlowChecker:
+    """Answers a login when the test fires :attr:`answer` (as a pool thread would)."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self) -> None:
+        self.answer: Deferred[bytes] = Deferred()
+
+    def requestAvatarId(self, credentials: object) -> Deferred[bytes]:
+        return self.answer
+
+
+class ConsoleLoginTests(unittest.SynchronousTestCase):
+    def setUp(self) -> None:
+        checker = InMemoryUsernamePasswordDatabaseDontUse(admin=b"letmein")
+        portal = Portal(ConsoleRealm(), [checker])  # type: ignore[arg-type]
+        controller = Controller(
+            config_from(CONFIG), DataPlane(Dispatcher({}, [], clock=Clock()), tasks=None), Clock()
+        )
+        self.console = ConsoleSession(ConsoleFactory(controller, portal))
+        assert self.console.output().endswith(b"debug console\r\nUsername: ")
+
+    def test_the_password_is_not_echoed_by_a_telnet_client(self) -> None:
+        console = self.console
+        # Echo off just before the password prompt...
+        assert console.send(b"admin\r\n") == IAC + WILL + ECHO + b"Password: "
+        # ...the client agrees (IAC DO ECHO) and types the password; the
+        # server echoes nothing (telnet shows nothing) and turns the echo back
+        # on as soon as the password's line is in.
+        reply = console.send(IAC + DO, ECHO + b"letm", b"ein\r\n")
+        assert reply == IAC + WONT + ECHO + LOGGED_IN
+        # The client's agreement, even split, is not part of a command.
+        assert console.send(IAC, DONT + ECHO + b"quit\r\n") == b"bye\r\n"
+        assert console.transport.disconnecting
+
+    def test_a_client_that_does_not_negotiate_logs_in_too(self) -> None:
+        console = self.console  # nc: sees the three bytes, answers nothing
+        assert console.send(b"admin\r\n").endswith(b"Password: ")
+        assert console.send(b"letmein\r\n") == IAC + WONT + ECHO + LOGGED_IN
+        assert "COMMAND" in console.command("help")
+
+    def test_echo_is_back_on_after_a_failed_login(self) -> None:
+        console = self.console
+        for attempt in range(3):
+            assert console.send(b"admin\r\n") == IAC + WILL + ECHO + b"Password: "
+            reply = console.send(IAC + DO + ECHO + b"wrong\r\n")
+            last = attempt == 2
+            expected = (
+                b"Login incorrect. Goodbye.\r\n" if last else b"Login incorrect.\r\nUsername: "
+            )
+            assert reply == IAC + WONT + ECHO + b"\r\n" + expected
+            console.send(IAC + DONT + ECHO)
+        assert console.transport.disconnecting
+
+    def test_lines_typed_during_the_login_check_run_after_it(self) -> None:
+        slow = SlowChecker()
+        controller = self.console.protocol.factory.controller
+        console = ConsoleSession(ConsoleFactory(controller, Portal(ConsoleRealm(), [slow])))
+        console.output()
+        console.send(b"admin\r\n")
+        # The password and the next command in one packet, the telnet answer split.
+        assert console.send(IAC + DO + ECHO + b"letmein\r\nhe", b"lp\r\n") == IAC + WONT + ECHO
+        slow.answer.callback(b"admin")  # the check is done: then the buffered line runs
+        reply = console.output()
+        assert reply.startswith(LOGGED_IN + b"COMMAND")
+        assert reply.endswith(PROMPT)
+
+    def test_telnet_interrupt_closes_the_session_at_once(self) -> None:
+        assert self.console.send(b"adm" + IAC + IP) == b""
+        assert self.console.transport.disconnecting
 
 
 class ConsoleFrontendTests(unittest.SynchronousTestCase):

@@ -8,6 +8,8 @@ The package, one module per job:
   realm and portal, and ``python -m twinfer.frontends.console USER``
   (:mod:`.__main__`) to make a credentials line;
 * :mod:`.levels`: the log-level filter the ``loglevel`` command sets;
+* :mod:`.telnet`: the bits of telnet a line protocol needs (the password's
+  echo, the client's commands dropped from the input);
 * :mod:`.text`: tables and numbers as text.
 
 What other modules use is re-exported here.

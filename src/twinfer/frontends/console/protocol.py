@@ -5,17 +5,17 @@ given).  With ``--debug-credentials FILE`` a session starts with a login
 checked through a ``twisted.cred`` portal (:mod:`.auth`); without one
 (loopback only) the session starts logged in.
 
-Plain lines in, plain text out: no telnet option negotiation, so ``nc``
-works as well as ``telnet`` (telnet's own IAC commands, e.g. from Ctrl-C,
-are stripped from lines; an interrupt closes the session).  Every reply ends
-with the ``twinfer> `` prompt.  A line is one command of :data:`.commands.COMMANDS`;
+Plain lines in, plain text out.  Telnet's commands are removed from the
+input before it is split into lines, and an interrupt (Ctrl-C at
+``telnet``) or Ctrl-D closes the session; the password prompt turns the
+client's echo off and on again (:mod:`.telnet`).  Every reply ends with the
+``twinfer> `` prompt.  A line is one command of :data:`.commands.COMMANDS`;
 unknown commands and wrong arguments get one line starting with
 ``error:``, and the session stays open.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from twisted.cred import credentials, error
@@ -31,6 +31,7 @@ from twinfer.errors import TwinferError
 from twinfer.frontends.console.auth import ConsoleUser, IConsoleUser
 from twinfer.frontends.console.commands import COMMANDS, UsageError
 from twinfer.frontends.console.levels import LogLevels
+from twinfer.frontends.console.telnet import HIDE_INPUT, SHOW_INPUT, TelnetInput
 from twinfer.frontends.console.text import one_line
 from twinfer.ops.control import Controller
 
@@ -39,8 +40,8 @@ log = Logger()
 PROMPT = b"twinfer> "
 #: Failed logins before the connection is closed.
 MAX_LOGIN_ATTEMPTS = 3
-_IAC = re.compile(rb"\xff[\xfb-\xfe].|\xff\xfa.*?\xff\xf0|\xff[\xf0-\xfa]", re.S)
-_INTERRUPT = (b"\xff\xf4", b"\xff\xed", b"\x04")  # IAC IP, IAC SUSP, Ctrl-D
+#: Ctrl-D in a line ends the session (telnet's own interrupts: :mod:`.telnet`).
+_END_OF_INPUT = b"\x04"
 
 
 class ConsoleProtocol(LineReceiver):
@@ -56,6 +57,7 @@ class ConsoleProtocol(LineReceiver):
         self.state = "user"
         self.user = ""
         self.attempts = 0
+        self.telnet = TelnetInput()
 
     def connectionMade(self) -> None:
         self.peer = self.transport.getPeer()
@@ -71,20 +73,32 @@ class ConsoleProtocol(LineReceiver):
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self.factory.sessions.discard(self)
 
+    def dataReceived(self, data: bytes) -> None:
+        if self.telnet.interrupted:
+            return  # closing
+        text = self.telnet.feed(data)
+        if self.telnet.interrupted:
+            self.transport.loseConnection()
+            return
+        # Even b"": resumeProducing() feeds that to split the lines buffered
+        # while paused.
+        super().dataReceived(text)
+
     def lineLengthExceeded(self, line: bytes) -> None:
         self.transport.write(b"error: line too long\r\n")
         self.transport.loseConnection()
 
     def lineReceived(self, raw: bytes) -> None:
-        if any(code in raw for code in _INTERRUPT):
+        if _END_OF_INPUT in raw:
             self.transport.loseConnection()
             return
-        line = _IAC.sub(b"", raw).rstrip(b"\r").decode("utf-8", "replace").strip()
+        line = raw.rstrip(b"\r").decode("utf-8", "replace").strip()
         if self.state == "user":
             self.user = line
             self.state = "password"
-            self.transport.write(b"Password: ")
+            self.transport.write(HIDE_INPUT + b"Password: ")
         elif self.state == "password":
+            self.transport.write(SHOW_INPUT)
             self._login(line)
         elif self.state == "command":
             self._command(line)
