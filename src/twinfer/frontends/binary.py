@@ -12,6 +12,7 @@ copying: the reactor thread only parses, queues and writes.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -143,6 +144,15 @@ class TwinferProtocol(Protocol):
         self._connection.close()
         if self.session is not None:
             self.session.close()  # queued jobs never run; running ones' results are dropped
+
+    def go_away(self, reason: str) -> bool:
+        """Send ``GOAWAY`` (the last request id this connection will answer,
+        and ``reason``); returns whether it was sent (not before the
+        handshake, and only once)."""
+        if self._closing or self._connection.send_goaway(reason) is None:
+            return False
+        self._flush()
+        return True
 
     # -- messages -----------------------------------------------------------
 
@@ -364,6 +374,24 @@ class TwinferFactory(Factory):
         #: Connections not being read because a queue is saturated.
         self.paused_for_load: set[TwinferProtocol] = set()
         self.dispatcher.on_relieved.append(self._relieved)
+        _FACTORIES.add(self)
+
+    def go_away(self, reason: str) -> int:
+        """Tell every client connected here that the server is going away
+        (``GOAWAY``: the last request id each connection will answer, and
+        ``reason``); returns how many connections were told.
+
+        Requests in flight are still answered; the data plane answers new
+        inference ``UNAVAILABLE`` while it drains.
+        """
+        return sum(connection.go_away(reason) for connection in list(self.connections))
+
+    @classmethod
+    def go_away_all(cls, dataplane: DataPlane, reason: str) -> int:
+        """:meth:`go_away` on every binary factory serving ``dataplane`` (the
+        graceful drain knows the data plane, not the factories); returns how
+        many connections were told."""
+        return sum(f.go_away(reason) for f in list(_FACTORIES) if f.dataplane is dataplane)
 
     def is_busiest(self, connection: TwinferProtocol) -> bool:
         """Whether ``connection`` has at least its fair share of the requests in flight."""
@@ -375,3 +403,7 @@ class TwinferFactory(Factory):
         paused, self.paused_for_load = self.paused_for_load, set()
         for connection in paused:
             connection.resume_reading("load")
+
+
+# Every factory alive, so that the drain can reach those over its data plane.
+_FACTORIES: weakref.WeakSet[TwinferFactory] = weakref.WeakSet()
