@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
-
-import numpy as np
 
 from support import TINY_CONFIG, config_from
 from twinfer.dataplane import DataPlane
