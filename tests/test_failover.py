@@ -186,7 +186,14 @@ class ClientPoolTests(unittest.TestCase):
         self.assertEqual(len(other.received()), 1)  # re-sent there
         other.lose()
         error = self.failureResultOf(d, TwinferError).value
-        self.assertIn("after the request was re-sent", error.message)
+        first_name, other_name = (f"tcp:{p.host}:9000" for p in (first, other))
+        self.assertTrue(
+            error.message.startswith(
+                f"connection to {first_name} lost and the retry failed: "
+                f"connection to {other_name} lost: "
+            ),
+            error.message,
+        )
         self.assertEqual(client.resent, 1)
 
     def test_a_server_error_on_the_retry_is_the_answer(self) -> None:

@@ -199,6 +199,12 @@ class ServingServiceDrainTests(unittest.TestCase):
         [(rid, error)] = frames(transport)
         assert isinstance(error, Error)
         self.assertEqual((rid, error.code), (3, 111))  # UNAVAILABLE
+        # A client that connects while the server drains is told at once.
+        newcomer, new_transport = connect(factory)
+        newcomer.dataReceived(encode_bytes(0, Hello()))
+        self.assertEqual(
+            [m for _, m in frames(new_transport)][1:], [GoAway(0, "the server is shutting down")]
+        )
         self.clock.advance(0.5)
         for protocol in list(factory.connections):
             lose(protocol)

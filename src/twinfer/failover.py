@@ -155,7 +155,12 @@ class ClientPool:
             reason=goaway.reason,
         )
         if not self._closed:
-            Deferred.fromCoroutine(self._replace(self._endpoint_of[protocol]))
+            index = self._endpoint_of[protocol]
+            if goaway.last_request_id == 0:
+                # Told to go before any request was taken (it connected to
+                # a node already draining): try the next endpoint first.
+                index = (index + 1) % len(self.endpoints)
+            Deferred.fromCoroutine(self._replace(index))
         self._retire_if_idle(protocol)
 
     def _retire_if_idle(self, protocol: ClientProtocol) -> None:
@@ -172,9 +177,13 @@ class ClientPool:
 
     # -- requests -----------------------------------------------------------------
 
-    def _pick(self) -> ClientProtocol | None:
+    def _pick(self, avoid: int | None = None) -> ClientProtocol | None:
+        """The usable connection with the fewest requests in flight, on another
+        endpoint than ``avoid`` if there is one."""
         usable = [p for p in self.protocols if p.usable]
-        return min(usable, key=lambda p: p.in_flight) if usable else None
+        elsewhere = [p for p in usable if self._endpoint_of.get(p) != avoid]
+        candidates = elsewhere or usable
+        return min(candidates, key=lambda p: p.in_flight) if candidates else None
 
     def request(self, message: Message) -> Deferred[Message]:
         """Send ``message`` on the least busy usable connection (opening one
@@ -183,7 +192,7 @@ class ClientPool:
         protocol = self._pick()
         if protocol is not None:
             return self._send_on(protocol, message, resent=False)
-        return Deferred.fromCoroutine(self._send_when_connected(message, 0, resent=False))
+        return Deferred.fromCoroutine(self._send_when_connected(message, 0, None, resent=False))
 
     def _send_on(
         self, protocol: ClientProtocol, message: Message, resent: bool
@@ -192,13 +201,18 @@ class ClientPool:
         d.addBoth(self._settled, protocol, message, resent)
         return d
 
-    async def _send_when_connected(self, message: Message, start: int, resent: bool) -> Message:
+    async def _send_when_connected(
+        self, message: Message, start: int, avoid: int | None, resent: bool
+    ) -> Message:
+        """Send on a usable connection (on another endpoint than ``avoid`` if
+        one is up), waiting for those being opened, else opening one from
+        endpoint ``start`` on."""
         if self._closed:
             raise TwinferError(ErrorCode.UNAVAILABLE, "the client was closed")
-        protocol = self._pick()
+        protocol = self._pick(avoid)
         if protocol is None and self._opening:
             await DeferredList([_observe(d) for d in list(self._opening)])
-            protocol = self._pick()
+            protocol = self._pick(avoid)
         if protocol is None:
             protocol = await self._replace(start)
         if protocol is None:
@@ -230,19 +244,17 @@ class ClientPool:
                 )
             )
         if resent:
-            return Failure(
-                ConnectionDropped(
-                    ErrorCode.UNAVAILABLE, f"{what} after the request was re-sent: {error.message}"
-                )
-            )
+            return Failure(ConnectionDropped(ErrorCode.UNAVAILABLE, f"{what}: {error.message}"))
         self.resent += 1
         retry = Deferred.fromCoroutine(
-            self._send_when_connected(message, (index + 1) % len(self.endpoints), resent=True)
+            self._send_when_connected(
+                message, (index + 1) % len(self.endpoints), index, resent=True
+            )
         )
 
         def failed(failure: Failure) -> Failure:
             if failure.check(*_MOVED):
-                why = failure.getErrorMessage()
+                why = failure.value.message
                 return Failure(
                     TwinferError(ErrorCode.UNAVAILABLE, f"{what} and the retry failed: {why}")
                 )

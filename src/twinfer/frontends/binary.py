@@ -29,7 +29,7 @@ from twinfer.errors import CodecError, ErrorCode, TwinferError
 from twinfer.netutil import set_no_delay
 from twinfer.scheduling import InferResult
 from twinfer.wire.connection import Connection, Role
-from twinfer.wire.events import MessageReceived, ProtocolViolation
+from twinfer.wire.events import HandshakeComplete, MessageReceived, ProtocolViolation
 from twinfer.wire.messages import (
     AdminReply,
     AdminRequest,
@@ -57,6 +57,8 @@ log = Logger()
 AGENT = f"twinfer/{twinfer.__version__}"
 #: This front end's name in the data plane's counts and the metrics' labels.
 FRONTEND = "binary"
+#: The reason in the GOAWAY of a server that shuts down.
+GOING_AWAY = "the server is shutting down"
 
 
 @implementer(IPushProducer)
@@ -162,6 +164,10 @@ class TwinferProtocol(Protocol):
                 self._HANDLERS[type(event.message)](self, event.request_id, event.message)
             elif isinstance(event, ProtocolViolation):
                 self._violation(event)
+            elif isinstance(event, HandshakeComplete) and self.factory.dataplane.draining:
+                # Connected while the server drains (a balancer or a client
+                # that has not noticed yet): tell it to go elsewhere at once.
+                self._connection.send_goaway(GOING_AWAY)
         self._flush()
 
     def _violation(self, event: ProtocolViolation) -> None:

@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twinfer.compat import exit_normally
 from twinfer.dataplane import DataPlane
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.frontends.binary import TwinferFactory
+from twinfer.frontends.binary import GOING_AWAY, TwinferFactory
 from twinfer.ops.control import Controller, job_settled
 from twinfer.scheduling import Job
 
@@ -115,7 +115,7 @@ class ServingService(service.Service):
         controller = self.controller
         dispatcher = controller.dispatcher
         controller.begin_drain()  # every front end: UNAVAILABLE for new requests
-        TwinferFactory.go_away_all(controller.dataplane, "the server is shutting down")
+        TwinferFactory.go_away_all(controller.dataplane, GOING_AWAY)
         dispatcher.stop_accepting()  # anything else that submits: UNAVAILABLE too
         jobs = self.pending_jobs()
         log.info(
