@@ -123,6 +123,25 @@ class ClientPoolTests(unittest.TestCase):
         np.testing.assert_array_equal(self.successResultOf(accepted)["y"], X * 2)
         self.assertTrue(old.transport.disconnecting)  # retired once its replies are in
 
+    def test_a_node_that_sends_every_new_connection_away_is_retried_with_backoff(self) -> None:
+        client, [first] = self.start(["tcp:lb:9000"], connections=1)
+        first.send(0, GoAway(0, "the server is shutting down"))  # before any request
+        self.assertEqual(len(self.reactor.tcpClients), 1)  # not at once
+        self.reactor.advance(0.05)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        second = Peer(self.reactor, 1)
+        second.send(0, GoAway(0, "the server is shutting down"))  # the same node again
+        self.reactor.advance(0.05)
+        self.assertEqual(len(self.reactor.tcpClients), 2)  # waits twice as long now
+        self.reactor.advance(0.05)
+        self.assertEqual(len(self.reactor.tcpClients), 3)
+        third = Peer(self.reactor, 2)
+        d = client.ping()
+        [(rid, _)] = third.received()
+        third.send(rid, Pong())
+        self.successResultOf(d)
+        self.assertTrue(first.transport.disconnecting and second.transport.disconnecting)
+
     def test_a_lost_connection_resends_inference_once_and_never_admin(self) -> None:
         client, [a, b] = self.start(["tcp:a:9000", "tcp:b:9000"], connections=2)
         infer = client.infer("tiny", {"x": X})

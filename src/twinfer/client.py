@@ -383,11 +383,11 @@ async def _connect(reactor: Any, endpoint: IStreamClientEndpoint) -> TwinferClie
 
 
 async def _connect_pool(
-    endpoints: list[tuple[str, IStreamClientEndpoint]], connections: int
+    reactor: Any, endpoints: list[tuple[str, IStreamClientEndpoint]], connections: int
 ) -> TwinferClient:
     from twinfer.failover import ClientPool
 
-    return TwinferClient(await ClientPool(endpoints, connections).start())
+    return TwinferClient(await ClientPool(endpoints, connections, clock=reactor).start())
 
 
 def parse_servers(servers: str) -> list[str]:
@@ -432,4 +432,4 @@ def connect(
     if not listed:
         raise ValueError("connect() needs at least one endpoint")
     named = [(e, make(e)) if isinstance(e, str) else (repr(e), e) for e in listed]
-    return Deferred.fromCoroutine(_connect_pool(named, connections))
+    return Deferred.fromCoroutine(_connect_pool(reactor, named, connections))

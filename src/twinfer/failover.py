@@ -42,6 +42,9 @@ log = Logger()
 
 #: Requests that may be sent again: they change nothing on the server.
 IDEMPOTENT: tuple[type, ...] = (InferRequest, ImageRequest)
+#: Seconds before replacing a connection sent away at once, doubled each time in a row.
+BACKOFF = 0.05
+MAX_BACKOFF = 2.0
 #: Failures after which a request never reached a device or its reply is lost.
 _MOVED = (ConnectionDropped, GoneAway, Unreachable)
 
@@ -68,8 +71,14 @@ class ClientPool:
     """
 
     def __init__(
-        self, endpoints: Sequence[tuple[str, IStreamClientEndpoint]], connections: int = 1
+        self,
+        endpoints: Sequence[tuple[str, IStreamClientEndpoint]],
+        connections: int = 1,
+        clock: Any = None,
     ) -> None:
+        """``clock`` (an ``IReactorTime``, usually the reactor) paces the
+        replacement of connections that are sent away as soon as they open;
+        without one they are replaced at once."""
         if not endpoints:
             raise ValueError("a client pool needs at least one endpoint")
         self.endpoints = list(endpoints)
@@ -85,6 +94,12 @@ class ClientPool:
         self._opening: list[Deferred[ClientProtocol | None]] = []
         self._errors: dict[int, str] = {}
         self._closed = False
+        self._clock = clock
+        # GOAWAYs in a row that came before any request was taken (a node
+        # that drains but still accepts connections, or a balancer sending
+        # us back to it): each waits twice as long before reconnecting.
+        self._sent_away = 0
+        self._delayed: list[Any] = []  # replacements waiting for their time
 
     # -- connections ------------------------------------------------------------
 
@@ -158,10 +173,23 @@ class ClientPool:
             index = self._endpoint_of[protocol]
             if goaway.last_request_id == 0:
                 # Told to go before any request was taken (it connected to
-                # a node already draining): try the next endpoint first.
+                # a node already draining): try the next endpoint first,
+                # and not in a tight loop.
                 index = (index + 1) % len(self.endpoints)
-            Deferred.fromCoroutine(self._replace(index))
+                self._sent_away += 1
+            else:
+                self._sent_away = 0
+            delay = min(MAX_BACKOFF, BACKOFF * 2 ** (self._sent_away - 1))
+            if self._sent_away and self._clock is not None:
+                self._delayed = [c for c in self._delayed if c.active()]
+                self._delayed.append(self._clock.callLater(delay, self._replace_now, index))
+            else:
+                self._replace_now(index)
         self._retire_if_idle(protocol)
+
+    def _replace_now(self, index: int) -> None:
+        if not self._closed:
+            Deferred.fromCoroutine(self._replace(index))
 
     def _retire_if_idle(self, protocol: ClientProtocol) -> None:
         """Close a connection the server is leaving once its replies are in."""
@@ -223,7 +251,10 @@ class ClientPool:
         self, result: Any, protocol: ClientProtocol, message: Message, resent: bool
     ) -> Any:
         self._retire_if_idle(protocol)
-        if self._closed or not isinstance(result, Failure) or not result.check(*_MOVED):
+        if not isinstance(result, Failure):
+            self._sent_away = 0  # a server took a request: no longer being sent away
+            return result
+        if self._closed or not result.check(*_MOVED):
             return result
         error: TwinferError = result.value  # type: ignore[assignment]
         index = self._endpoint_of.get(protocol, 0)
@@ -278,5 +309,8 @@ class ClientPool:
         """Close every connection; fires with ``None`` once they are closed.
         Requests in flight fail with ``UNAVAILABLE`` and are not re-sent."""
         self._closed = True
+        for call in self._delayed:
+            if call.active():
+                call.cancel()
         closing = [p.close() for p in list(self.protocols)]
         return DeferredList(closing).addCallback(lambda _: None)
