@@ -19,6 +19,7 @@ from twinfer.wire.messages import (
     DType,
     Error,
     GetMetadata,
+    GoAway,
     Hello,
     InferReply,
     InferRequest,
@@ -83,6 +84,7 @@ messages = st.one_of(
         st.lists(names, max_size=3).map(tuple),
     ),
     st.builds(Error, st.integers(0, 65535), st.text(max_size=200)),
+    st.builds(GoAway, request_ids, st.text(max_size=200)),
 )
 
 
@@ -329,3 +331,9 @@ def test_receiving_in_place_matches_feeding(
 def test_buffer_filled_without_a_buffer_is_a_programming_error() -> None:
     with pytest.raises(ValueError):
         FrameDecoder().buffer_filled(1)
+
+
+def test_goaway_layout_is_the_last_request_id_then_the_reason() -> None:
+    data = encode_bytes(0, GoAway(7, "bye"))
+    assert data[2] == 0x04  # the type byte
+    assert data[HEADER_SIZE:] == struct.pack("<QH", 7, 3) + b"bye"

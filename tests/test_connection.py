@@ -13,6 +13,7 @@ from twinfer.wire.decode import decode_message
 from twinfer.wire.encode import encode_bytes
 from twinfer.wire.events import (
     Event,
+    GoAwayReceived,
     HandshakeComplete,
     MessageReceived,
     ProtocolViolation,
@@ -23,6 +24,7 @@ from twinfer.wire.messages import (
     Cancel,
     Error,
     GetMetadata,
+    GoAway,
     Hello,
     ImageRequest,
     InferReply,
@@ -433,6 +435,45 @@ def test_client_and_server_connections_talk_to_each_other() -> None:
     assert isinstance(reply, MessageReceived) and reply.request_id == request_id
     assert reply.handle == "mine" and isinstance(reply.message, InferReply)
     np.testing.assert_array_equal(reply.message.outputs["y"], X * 2)
+
+
+def test_goaway_names_the_last_request_and_the_client_then_refuses_new_requests() -> None:
+    c = Connection(Role.CLIENT, agent="c")
+    s = Connection(Role.SERVER, agent="s")
+    assert s.send_goaway("too early") is None  # no HELLO yet: nothing can be sent
+    c.start_handshake()
+    first = c.send_request(InferRequest("tiny", {"x": X}), "first")
+    second = c.send_request(Ping(), "second")
+    s.receive_data(b"".join(bytes(chunk) for chunk in c.data_to_send()))
+    assert [type(e) for e in s.events()] == [HandshakeComplete, MessageReceived, MessageReceived]
+    s.data_to_send()  # the HELLO
+    assert s.send_goaway("the server is shutting down") == GoAway(
+        second, "the server is shutting down"
+    )
+    assert s.send_goaway("again") is None  # once per connection
+    assert sent(s) == [(0, GoAway(second, "the server is shutting down"))]
+    # A request already on its way when the server said so.
+    late = c.send_request(Ping(), "late")
+    c.receive_data(encode_bytes(0, Hello(1, 1, 4096, "s")) + encode_bytes(0, s.going_away))
+    done, going = c.events()
+    assert isinstance(done, HandshakeComplete)
+    assert going == GoAwayReceived(0, GoAway(second, "the server is shutting down"))
+    assert c.going_away == going.goaway and not c.closed
+    with pytest.raises(LocalProtocolError) as e:
+        c.send_request(Ping())
+    assert e.value.code is ErrorCode.UNAVAILABLE and "going away" in e.value.message
+    # The requests in flight are still answered, and cancels still go out.
+    assert set(c.in_flight) == {first, second, late}
+    c.data_to_send()
+    [reply] = receive(c, encode_bytes(first, InferReply({"y": X})))
+    assert isinstance(reply, MessageReceived) and reply.handle == "first"
+    assert c.cancel(late) and sent(c) == [(late, Cancel())]
+
+
+def test_goaway_from_a_client_is_refused_by_the_server() -> None:
+    connection = server()
+    event = violation(receive(connection, encode_bytes(0, GoAway(0, "x"))))
+    assert event.error.code is ErrorCode.UNSUPPORTED_MESSAGE and not connection.closed
 
 
 def test_version_negotiation_picks_the_highest_common_version() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -25,6 +26,20 @@ from twinfer.ops.control import Controller
 from twinfer.ops.lifecycle import ServingService, close_connections
 from twinfer.registry import build_dispatcher, load_models
 from twinfer.scheduling import Dispatcher
+from twinfer.wire.decode import decode_message
+from twinfer.wire.encode import encode_bytes
+from twinfer.wire.frames import FrameDecoder
+from twinfer.wire.messages import (
+    Error,
+    GoAway,
+    Hello,
+    InferRequest,
+    ListModels,
+    Message,
+    ModelList,
+    Ping,
+    Pong,
+)
 
 
 def connect(factory: Any) -> tuple[Any, StringTransport]:
@@ -41,6 +56,13 @@ def tiny_dispatcher() -> Dispatcher:
 
     config = config_from(TINY_CONFIG)
     return build_dispatcher(config, load_models(config), reactor)
+
+
+def frames(transport: StringTransport) -> list[tuple[int, Message]]:
+    """The frames written to ``transport`` since the last call, decoded."""
+    found = FrameDecoder().feed(transport.value())
+    transport.clear()
+    return [(f.request_id, decode_message(f)) for f in found]
 
 
 def lose(protocol: Any) -> None:
@@ -154,4 +176,36 @@ class ServingServiceDrainTests(unittest.TestCase):
 
     def test_without_connections_there_is_no_linger(self) -> None:
         d = Deferred.fromCoroutine(self.service.shutdown())
+        self.successResultOf(d)
+
+    def test_binary_clients_are_told_to_go_away_with_their_last_request_id(self) -> None:
+        factory = TwinferFactory(self.plane)
+        talking, transport = connect(factory)
+        talking.dataReceived(
+            encode_bytes(0, Hello()) + encode_bytes(1, Ping()) + encode_bytes(2, ListModels())
+        )
+        self.assertEqual([type(m) for _, m in frames(transport)], [Hello, Pong, ModelList])
+        _, silent = connect(factory)  # no HELLO yet: no GOAWAY can be sent
+        other_plane = DataPlane(self.dispatcher, tasks=None)
+        _, elsewhere = connect(TwinferFactory(other_plane))
+        elsewhere.clear()
+        d = Deferred.fromCoroutine(self.service.shutdown())
+        self.assertEqual(frames(transport), [(0, GoAway(2, "the server is shutting down"))])
+        self.assertEqual(silent.value(), b"")
+        self.assertEqual(elsewhere.value(), b"")  # another data plane does not drain
+        # A request the client sent before it read GOAWAY: refused, never run.
+        x = np.ones((1, 4), np.float32)
+        talking.dataReceived(encode_bytes(3, InferRequest("tiny", {"x": x})))
+        [(rid, error)] = frames(transport)
+        assert isinstance(error, Error)
+        self.assertEqual((rid, error.code), (3, 111))  # UNAVAILABLE
+        # A client that connects while the server drains is told at once.
+        newcomer, new_transport = connect(factory)
+        newcomer.dataReceived(encode_bytes(0, Hello()))
+        self.assertEqual(
+            [m for _, m in frames(new_transport)][1:], [GoAway(0, "the server is shutting down")]
+        )
+        self.clock.advance(0.5)
+        for protocol in list(factory.connections):
+            lose(protocol)
         self.successResultOf(d)

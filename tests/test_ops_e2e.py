@@ -17,7 +17,8 @@ from twisted.web.client import Agent, readBody
 
 from ops_support import ConsoleClient
 from twinfer.client import connect
-from twinfer.errors import ErrorCode, TwinferError
+from twinfer.errors import ErrorCode, LocalProtocolError, TwinferError
+from twinfer.failover import ClientPool
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
 
@@ -161,7 +162,9 @@ class TwistdTests(unittest.TestCase):
         url = f"tcp:127.0.0.1:{proc.ports['binary']}"
         clients = [await connect(reactor, url) for _ in range(3)]
         image = np.zeros((1, 3, 224, 224), np.float32)
-        counts = {"sent": 0, "ok": 0, "unavailable": 0, "lost": 0, "other": 0}
+        # "refused": refused by the client itself after the server's GOAWAY
+        # (never sent, so the server does not count them).
+        counts = {"sent": 0, "ok": 0, "unavailable": 0, "refused": 0, "lost": 0, "other": 0}
         stopped: set[int] = set()
         done: list[Deferred[None]] = []
         first_replies: Deferred[None] = Deferred()
@@ -184,6 +187,9 @@ class TwistdTests(unittest.TestCase):
                 error = failure.value
                 if isinstance(error, TwinferError) and "connection to the server" in error.message:
                     counts["lost"] += 1
+                elif isinstance(error, LocalProtocolError) and error.code == ErrorCode.UNAVAILABLE:
+                    counts["refused"] += 1
+                    stopped.add(index)
                 elif isinstance(error, TwinferError) and error.code == ErrorCode.UNAVAILABLE:
                     counts["unavailable"] += 1
                     stopped.add(index)
@@ -211,15 +217,64 @@ class TwistdTests(unittest.TestCase):
         self.assertEqual(exit_code, 0, proc.output)
         self.assertEqual(counts["lost"], 0, counts)
         self.assertEqual(counts["other"], 0, counts)
-        self.assertEqual(counts["ok"] + counts["unavailable"], counts["sent"], counts)
-        self.assertGreater(counts["unavailable"], 0, counts)  # new requests were refused
+        served = counts["ok"] + counts["unavailable"]
+        self.assertEqual(served + counts["refused"], counts["sent"], counts)
+        # New requests were refused (by the server, or by the client after GOAWAY).
+        self.assertGreater(counts["unavailable"] + counts["refused"], 0, counts)
         stopped_line = r"twinfer stopped: (\d+) inference requests answered \((.*)\)"
         match = re.search(stopped_line, proc.output)
         self.assertIsNotNone(match, proc.output)
         assert match is not None
-        self.assertEqual(int(match.group(1)), counts["sent"])  # the server agrees
+        self.assertEqual(int(match.group(1)), served)  # the server agrees
         self.assertIn(f"OK={counts['ok']}", match.group(2))
-        self.assertIn(f"UNAVAILABLE={counts['unavailable']}", match.group(2))
+        if counts["unavailable"]:
+            self.assertIn(f"UNAVAILABLE={counts['unavailable']}", match.group(2))
+
+    async def test_sigterm_moves_a_multi_endpoint_client_without_losing_a_request(self) -> None:
+        first = await self.start("--drain-timeout", "20")
+        first_process = self.transport
+        second = await self.start()
+        endpoints = [f"tcp:127.0.0.1:{p.ports['binary']}" for p in (first, second)]
+        client = await connect(reactor, endpoints, connections=2)
+        self.addCleanup(client.close)
+        image = np.zeros((1, 3, 224, 224), np.float32)
+        total, window = 120, 8
+        state = {"sent": 0, "done": 0}
+        failures: list[Any] = []
+        finished: Deferred[None] = Deferred()
+
+        def send() -> None:
+            state["sent"] += 1
+            d = client.infer("squeezenet", {"data_0": image})
+            d.addErrback(failures.append)
+            d.addBoth(settled)
+
+        def settled(_: Any) -> None:
+            state["done"] += 1
+            if state["sent"] < total:
+                send()
+                if state["done"] == total // 4:
+                    first_process.signalProcess("TERM")  # under load
+            if state["done"] == total:
+                finished.callback(None)
+
+        for _ in range(window):
+            send()
+        await finished
+        self.assertEqual(await first.ended, 0, first.output)
+        self.assertEqual(failures, [])  # every request answered, none lost
+        self.assertEqual(state["sent"], total)
+        # The drained node answered what it had accepted; the rest went to the other.
+        stopped_line = r"twinfer stopped: (\d+) inference requests answered \((.*)\)"
+        match = re.search(stopped_line, first.output)
+        assert match is not None, first.output
+        self.assertGreater(int(match.group(1)), 0)
+        refused = re.search(r"UNAVAILABLE=(\d+)", match.group(2))
+        # Each request the draining node refused was re-sent (once) to the other.
+        self.assertEqual(int(refused.group(1)) if refused else 0, client.resent)
+        pool = client.protocol
+        assert isinstance(pool, ClientPool)
+        self.assertTrue(all(p.usable for p in pool.protocols))
 
     async def test_metrics_move_and_health(self) -> None:
         proc = await self.start("--metrics-port", "tcp:0:interface=127.0.0.1")

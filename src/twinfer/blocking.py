@@ -22,6 +22,13 @@ pipelines.  Tensor data is written straight from the arrays' memory
 (``sendmsg`` on TCP) and replies are received into one reusable buffer, from
 which the frame decoder makes the only copy.
 
+Several endpoints (``BlockingClient.connect("tcp:a:9000,tcp:b:9000")``, or a
+list): the client uses the first that answers and moves on when its
+connection is lost or its server sends ``GOAWAY``, re-sending the inference
+it had in flight once (inference is idempotent; other requests are never
+re-sent).  :attr:`BlockingClient.resent` counts them.  The socket handling
+lives in :mod:`twinfer.blocking_net`.
+
 Errors: an ``ERROR`` from the server raises :class:`~twinfer.errors.TwinferError`
 with its code; failing to reach the server raises :class:`ConnectFailed`, a
 dropped connection :class:`ConnectionLost` (both ``UNAVAILABLE``) and a reply
@@ -31,10 +38,7 @@ that does not come in time :class:`ReplyTimeout` (``DEADLINE_EXCEEDED``).
 from __future__ import annotations
 
 import collections
-import contextlib
-import selectors
 import socket
-import ssl
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
@@ -42,14 +46,23 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-import twinfer
+from twinfer.blocking_net import (
+    AGENT,
+    Channel,
+    ConnectFailed,
+    ConnectionLost,
+    ReplyTimeout,
+    TransportError,
+    open_socket,
+    parse_endpoint,
+    split_endpoints,
+)
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.wire.connection import Connection, Role
-from twinfer.wire.events import HandshakeComplete, MessageReceived, ProtocolViolation, ServerClosing
 from twinfer.wire.messages import (
     Error,
     GetMetadata,
     Hello,
+    ImageRequest,
     InferReply,
     InferRequest,
     ListModels,
@@ -61,59 +74,28 @@ from twinfer.wire.messages import (
     Pong,
 )
 
-AGENT = f"twinfer-blocking/{twinfer.__version__}"
+#: Requests that may be sent again: they change nothing on the server.
+_IDEMPOTENT = (InferRequest, ImageRequest)
+__all__ = [
+    "AGENT",
+    "DEFAULT_SERVER",
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_WINDOW",
+    "BlockingClient",
+    "ConnectFailed",
+    "ConnectionLost",
+    "ReplyTimeout",
+    "TransportError",
+    "parse_endpoint",
+    "split_endpoints",
+]
 DEFAULT_SERVER = "tcp:127.0.0.1:9000"
 #: Seconds to wait for the connection, the handshake and each reply.
 DEFAULT_TIMEOUT = 30.0
 #: Requests :meth:`BlockingClient.infer_many` keeps in flight at once.
 DEFAULT_WINDOW = 64
 
-_RECV_SIZE = 256 * 1024
-# Linux's IOV_MAX; sendmsg rejects longer chunk lists.
-_IOV_MAX = 1024
-# Largest slice handed to one SSL write (it then maps to a few TLS records).
-_TLS_WRITE = 256 * 1024
 M = TypeVar("M")
-
-
-class TransportError(TwinferError):
-    """The server could not be reached or stopped answering; it did not send this error."""
-
-
-class ConnectFailed(TransportError):
-    """No connection could be made (refused, unresolvable, TLS verification failed...).
-
-    ``__cause__`` holds the underlying :class:`OSError` or :class:`ssl.SSLError`.
-    """
-
-
-class ConnectionLost(TransportError):
-    """The connection dropped; requests still waiting for a reply are lost."""
-
-
-class ReplyTimeout(TransportError, TimeoutError):
-    """A reply did not arrive within the client's ``timeout``.
-
-    The requests concerned are cancelled on the server and their late replies
-    dropped, so the client stays usable.
-    """
-
-
-def parse_endpoint(endpoint: str) -> tuple[str, str, int]:
-    """Split ``tcp:HOST:PORT`` or ``tls:HOST:PORT`` into (kind, host, port).
-
-    ``HOST`` may be an IPv6 address in brackets (``tcp:[::1]:9000``).
-    Raises ``ValueError`` naming the problem.
-    """
-    kind, _, rest = endpoint.partition(":")
-    host, _, port = rest.rpartition(":")
-    if kind not in ("tcp", "tls") or not host or not port.isdigit() or int(port) > 0xFFFF:
-        raise ValueError(
-            f"bad server endpoint {endpoint!r}: expected tcp:HOST:PORT or tls:HOST:PORT"
-        )
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return kind, host, int(port)
 
 
 def _expect(message: Message, kind: type[M]) -> M:
@@ -124,7 +106,7 @@ def _expect(message: Message, kind: type[M]) -> M:
     return message
 
 
-class BlockingClient:
+class BlockingClient(Channel):
     """One blocking connection to a twinfer server.  Get one from :meth:`connect`.
 
     Mirrors :class:`twinfer.client.TwinferClient`, returning values instead of
@@ -137,74 +119,116 @@ class BlockingClient:
         *,
         endpoint: str = "",
         timeout: float | None = DEFAULT_TIMEOUT,
+        endpoints: Sequence[str] = (),
+        ca_file: str | None = None,
     ) -> None:
         """Wrap a connected socket (plain or ``ssl``) that has not sent anything yet.
 
         Most code should call :meth:`connect`, which also does the handshake.
+        ``endpoints`` (with ``endpoint`` among them) are where the client may
+        move to when the connection is lost or the server goes away.
         """
         self.endpoint = endpoint or repr(sock.getpeername())
+        #: Every endpoint the client may use, in order.
+        self.endpoints = list(endpoints) or [self.endpoint]
+        self.ca_file = ca_file
         #: Seconds to wait for each call's replies; ``None`` waits forever.
         self.timeout = timeout
-        #: The server's HELLO (protocol version, frame limit, agent), after the handshake.
-        self.server: Hello | None = None
-        self._sock: socket.socket | None = sock
-        self._tls = isinstance(sock, ssl.SSLSocket)
-        sock.setblocking(False)
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(sock, selectors.EVENT_READ)
-        self._connection = Connection(Role.CLIENT, agent=AGENT)
-        self._recv_buffer = bytearray(_RECV_SIZE)
-        self._recv_view = memoryview(self._recv_buffer)
-        # Chunks not yet written, in order; frames are never interleaved.
-        self._out: collections.deque[memoryview] = collections.deque()
-        # Replies that arrived for requests being waited for.
-        self._replies: dict[int, Message] = {}
-        self._lost: TwinferError | None = None
+        #: Inference requests sent a second time after a lost connection or a GOAWAY.
+        self.resent = 0
+        super().__init__(sock)
 
     # -- connecting ---------------------------------------------------------
 
     @classmethod
     def connect(
         cls,
-        endpoint: str = DEFAULT_SERVER,
+        endpoint: str | Sequence[str] = DEFAULT_SERVER,
         *,
         ca_file: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> BlockingClient:
         """Connect to ``tcp:HOST:PORT`` or ``tls:HOST:PORT`` and do the handshake.
 
+        ``endpoint`` may also list several, comma-separated or as a list: the
+        first that answers is used, and the client moves to the next when
+        its connection is lost or its server sends ``GOAWAY`` (to the same
+        one first then: through a balancer that is another node), re-sending
+        the inference it had in flight once (never other requests).
         For ``tls:`` the server's certificate must be valid for HOST and chain
         to ``ca_file`` (a PEM bundle; default: the system's trust store).
         ``timeout`` bounds the connection, the handshake and every later call.
-        Raises :class:`ConnectFailed` when the server cannot be reached and
+        Raises :class:`ConnectFailed` when no server can be reached and
         :class:`TwinferError` when it refuses the handshake.
         """
-        kind, host, port = parse_endpoint(endpoint)
-        try:
-            sock = socket.create_connection((host, port), timeout=timeout)
-        except OSError as e:
-            raise ConnectFailed(
-                ErrorCode.UNAVAILABLE, f"cannot connect to {endpoint}: {_os_reason(e)}"
-            ) from e
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if kind == "tls":
-                context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
-                # Handshake while the socket is still blocking (with the timeout).
-                sock = context.wrap_socket(sock, server_hostname=host)
-        except (OSError, ssl.SSLError) as e:
-            sock.close()
-            reason = e.verify_message if isinstance(e, ssl.SSLCertVerificationError) else e
-            raise ConnectFailed(
-                ErrorCode.UNAVAILABLE, f"TLS handshake with {endpoint} failed: {reason}"
-            ) from e
-        client = cls(sock, endpoint=endpoint, timeout=timeout)
-        try:
-            client.handshake()
-        except BaseException:
-            client.close()
-            raise
-        return client
+        endpoints = split_endpoints(endpoint if isinstance(endpoint, str) else list(endpoint))
+        failures: list[ConnectFailed] = []
+        for name in endpoints:
+            try:
+                sock = open_socket(name, ca_file, timeout)
+            except ConnectFailed as e:
+                failures.append(e)
+                continue
+            client = cls(sock, endpoint=name, timeout=timeout, endpoints=endpoints, ca_file=ca_file)
+            try:
+                client.handshake()
+            except BaseException:
+                client.close()
+                raise
+            return client
+        if len(failures) == 1:
+            raise failures[0]
+        raise ConnectFailed(
+            ErrorCode.UNAVAILABLE, "; ".join(f.message for f in failures)
+        ) from failures[-1].__cause__
+
+    def _move(self, start: int, why: str) -> None:
+        """Leave this connection for a new one, to ``endpoints[start]`` or the
+        next that answers; raises :class:`ConnectionLost` (``why`` and the
+        reasons) when none does, and the client is then closed."""
+        self._close_socket()
+        reasons = []
+        for step in range(len(self.endpoints)):
+            name = self.endpoints[(start + step) % len(self.endpoints)]
+            try:
+                sock = open_socket(name, self.ca_file, self.timeout)
+            except ConnectFailed as e:
+                reasons.append(e.message)
+                continue
+            self.endpoint = name
+            self._attach(sock)
+            try:
+                self.handshake()
+            except TwinferError as e:
+                self._close_socket()
+                reasons.append(f"{name}: {e}")
+                continue
+            return
+        self._lost = ConnectionLost(ErrorCode.UNAVAILABLE, f"{why} and the retry failed")
+        raise ConnectionLost(
+            ErrorCode.UNAVAILABLE, f"{why} and the retry failed: {'; '.join(reasons)}"
+        )
+
+    def _next_endpoint(self) -> int:
+        return (self.endpoints.index(self.endpoint) + 1) % len(self.endpoints)
+
+    def _leave_if_going_away(self) -> None:
+        """After the server's GOAWAY, once nothing is in flight here, move to a
+        new connection to the same endpoint (through a balancer: another node)."""
+        going = self._connection.going_away
+        if going is not None and not self._connection.in_flight and self._lost is None:
+            self._move(self.endpoints.index(self.endpoint), f"{self.endpoint} went away")
+
+    def _refused_by_goaway(self, request_id: int, reply: Message) -> bool:
+        """Whether ``reply`` refuses a request the server never worked on:
+        ``UNAVAILABLE`` for an id above the last its ``GOAWAY`` accepted."""
+        going = self._connection.going_away
+        return (
+            going is not None
+            and request_id > going.last_request_id
+            and isinstance(reply, Error)
+            and reply.code == ErrorCode.UNAVAILABLE
+        )
 
     def handshake(self) -> Hello:
         """Send HELLO and wait for the server's; returns it (also kept as :attr:`server`).
@@ -284,22 +308,48 @@ class BlockingClient:
         wanted = tuple(outputs or ())
         pending = iter(inputs)
         results: list[dict[str, np.ndarray] | None] = []
-        in_flight: dict[int, int] = {}  # request id -> index in results
+        # request id -> (index in results, the request, whether it is a re-send)
+        in_flight: dict[int, tuple[int, InferRequest, bool]] = {}
+        again: collections.deque[tuple[int, InferRequest]] = collections.deque()
         exhausted = False
         try:
             while True:
-                while not exhausted and len(in_flight) < window:
+                going_away = self._connection.going_away is not None
+                while (again or not exhausted) and len(in_flight) < window and not going_away:
+                    if again:
+                        index, request = again.popleft()
+                        in_flight[self._queue(request)] = (index, request, True)
+                        continue
                     item = next(pending, None)
                     if item is None:
                         exhausted = True
                         break
                     request = InferRequest(model, dict(item), wanted, timeout_ms, 0)
-                    in_flight[self._queue(request)] = len(results)
+                    in_flight[self._queue(request)] = (len(results), request, False)
                     results.append(None)
                 if not in_flight:
+                    if going_away and (again or not exhausted):
+                        self._leave_if_going_away()
+                        continue
                     break
-                request_id, message = self._wait_one(in_flight, self.timeout)
-                index = in_flight.pop(request_id)
+                try:
+                    request_id, message = self._wait_one(in_flight, self.timeout)
+                except ConnectionLost as e:
+                    lost, in_flight = list(in_flight.values()), {}
+                    why = f"connection to {self.endpoint} lost"
+                    if any(resent for _, _, resent in lost):
+                        raise ConnectionLost(
+                            ErrorCode.UNAVAILABLE, f"{why} after re-sending: {e.message}"
+                        ) from e
+                    self._move(self._next_endpoint(), why)
+                    again.extend((index, request) for index, request, _ in lost)
+                    self.resent += len(lost)
+                    continue
+                index, request, resent = in_flight.pop(request_id)
+                if not resent and self._refused_by_goaway(request_id, message):
+                    again.append((index, request))
+                    self.resent += 1
+                    continue
                 results[index] = dict(_expect(_check(message), InferReply).outputs)
         finally:
             # After an error or a timeout: stop the requests still running.
@@ -326,18 +376,6 @@ class BlockingClient:
             self._lost = ConnectionLost(ErrorCode.UNAVAILABLE, "the client was closed")
         self._close_socket()
 
-    def _close_socket(self) -> None:
-        self._connection.close()
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            self._selector.close()
-            sock.close()
-
-    @property
-    def closed(self) -> bool:
-        """Whether the connection is closed (by :meth:`close` or because it dropped)."""
-        return self._sock is None
-
     def __enter__(self) -> BlockingClient:
         return self
 
@@ -352,157 +390,41 @@ class BlockingClient:
     # -- requests and replies -------------------------------------------------
 
     def _call(self, message: Message) -> Message:
-        """Send ``message`` and wait for its reply; an ``ERROR`` reply is raised."""
-        return _check(self._wait_one([self._queue(message)], self.timeout)[1])
+        """Send ``message`` and wait for its reply; an ``ERROR`` reply is raised.
 
-    def _queue(self, message: Message) -> int:
-        """Encode ``message`` and append it to the outgoing chunks; returns its id.
-
-        A request that cannot be sent (larger than the server accepts, say)
-        raises :class:`~twinfer.errors.LocalProtocolError` and sends nothing.
+        Inference lost with its connection, or refused by a server going
+        away, is sent once more on a new connection (see :meth:`connect`).
         """
+        self._leave_if_going_away()
         if self._lost is not None:
             raise self._closed_error()
-        request_id = self._connection.send_request(message)
-        self._take_output()
-        return request_id
-
-    def _take_output(self) -> None:
-        """Move the connection's queued chunks to the outgoing queue."""
-        chunks = self._connection.data_to_send()
-        self._out.extend(memoryview(c).cast("B") for c in chunks if len(c))
-
-    def _closed_error(self) -> TwinferError:
-        lost = self._lost
-        assert lost is not None
-        if isinstance(lost, ConnectionLost):
-            return ConnectionLost(
-                lost.code, f"the connection to {self.endpoint} is closed ({lost.message})"
-            )
-        return lost
-
-    def _abandon(self, request_ids: Iterable[int]) -> None:
-        """Cancel requests whose replies nobody waits for any more."""
-        if self._lost is not None or self._sock is None:
-            return
-        cancelled = [
-            request_id
-            for request_id in request_ids
-            # (A reply not taken yet is dropped; a late one will be by the connection.)
-            if self._replies.pop(request_id, None) is None and self._connection.cancel(request_id)
-        ]
-        if not cancelled:
-            return
-        self._take_output()
-        # Send the cancels now if the socket takes them; never block for it.
-        # (A lost connection is reported by the next call, not from here.)
-        with contextlib.suppress(TransportError):
-            self._pump(0.0)
-
-    def _wait_one(self, request_ids: Iterable[int], timeout: float | None) -> tuple[int, Message]:
-        """Write and read until one of ``request_ids`` is answered; return (id, reply).
-
-        The reply may be an :class:`Error`.  When ``timeout`` passes first,
-        the requests are cancelled and :class:`ReplyTimeout` is raised.
-        """
-        ids = set(request_ids)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            for request_id in ids:
-                message = self._replies.pop(request_id, None)
-                if message is not None:
-                    return request_id, message
-            remaining = None
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self._abandon(ids)
-                    raise ReplyTimeout(
-                        ErrorCode.DEADLINE_EXCEEDED,
-                        f"no reply from {self.endpoint} within {timeout:g} s",
-                    )
-            self._pump(remaining)
-
-    def _pump(self, timeout: float | None) -> None:
-        """Wait up to ``timeout`` s for the socket, then write and read what it allows."""
-        sock = self._sock
-        if sock is None or self._lost is not None:
-            raise self._closed_error()
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._out else 0)
-        self._selector.modify(sock, events)
-        # Decrypted bytes already inside the SSL object do not wake select().
-        if self._tls and sock.pending():  # type: ignore[attr-defined]
-            ready = selectors.EVENT_READ
-        else:
-            ready = 0
-            for _key, mask in self._selector.select(timeout):
-                ready |= mask
+        request_id = self._queue(message)
         try:
-            if ready & selectors.EVENT_WRITE:
-                self._write(sock)
-            if ready & selectors.EVENT_READ:
-                self._read(sock)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-            pass  # not ready after all; the next round waits again
-        except OSError as e:
-            self._connection_lost(_os_reason(e))
+            reply = self._wait_one([request_id], self.timeout)[1]
+        except ConnectionLost as e:
+            why = f"connection to {self.endpoint} lost"
+            if not isinstance(message, _IDEMPOTENT):
+                raise ConnectionLost(
+                    ErrorCode.UNAVAILABLE,
+                    f"{why} with a {type(message).__name__} in flight; it is not re-sent "
+                    f"(only inference is): {e.message}",
+                ) from e
+            self._move(self._next_endpoint(), why)
+            return self._call_again(message, why)
+        if isinstance(message, _IDEMPOTENT) and self._refused_by_goaway(request_id, reply):
+            why = f"{self.endpoint} went away before it accepted the request"
+            self._move(self.endpoints.index(self.endpoint), why)
+            return self._call_again(message, why)
+        return _check(reply)
 
-    def _write(self, sock: socket.socket) -> None:
-        out = self._out
-        while out:
-            if self._tls:
-                # SSLSocket has no sendmsg; a failed write must be retried
-                # with the same slice, which the next round does.
-                sent = sock.send(out[0][:_TLS_WRITE])
-            else:
-                sent = sock.sendmsg([out[i] for i in range(min(len(out), _IOV_MAX))])
-            while sent:
-                head = out[0]
-                if sent >= len(head):
-                    sent -= len(head)
-                    out.popleft()
-                else:
-                    out[0] = head[sent:]
-                    sent = 0
-
-    def _read(self, sock: socket.socket) -> None:
-        received = sock.recv_into(self._recv_buffer)
-        if received == 0:
-            self._connection_lost("the server closed the connection")
-        self._connection.receive_data(self._recv_view[:received])
-        for event in self._connection.events():
-            if isinstance(event, MessageReceived):
-                self._replies[event.request_id] = event.message
-            elif isinstance(event, HandshakeComplete):
-                self.server = event.hello
-            elif isinstance(event, ServerClosing):
-                self._server_closing(event)
-            elif isinstance(event, ProtocolViolation):
-                self._connection_lost(f"bad data from the server: {event.error}")
-
-    def _server_closing(self, event: ServerClosing) -> None:
-        """The server sent a connection-level error and closes the connection."""
-        error = event.error
-        if self.server is None:
-            # The handshake was refused: connect() (or handshake()) raises it.
-            self._lost = ConnectionLost(ErrorCode.UNAVAILABLE, str(error))
-            self._close_socket()
-            raise TwinferError(error.code, error.message)
-        if event.request_id in self._replies:
-            # The caller gets this error itself; later calls get UNAVAILABLE.
-            self._lost = ConnectionLost(ErrorCode.UNAVAILABLE, str(error))
-            self._close_socket()
-            return
-        self._connection_lost(f"the server closed the connection: {error}")
-
-    def _connection_lost(self, reason: str) -> None:
-        self._lost = ConnectionLost(ErrorCode.UNAVAILABLE, reason)
-        pending = len(self._connection.close())
-        self._close_socket()
-        detail = f" with {pending} request(s) unanswered" if pending else ""
-        raise ConnectionLost(
-            ErrorCode.UNAVAILABLE, f"connection to {self.endpoint} lost{detail}: {reason}"
-        )
+    def _call_again(self, message: Message, why: str) -> Message:
+        self.resent += 1
+        try:
+            return _check(self._wait_one([self._queue(message)], self.timeout)[1])
+        except ConnectionLost as e:
+            raise ConnectionLost(
+                ErrorCode.UNAVAILABLE, f"{why} and the retry failed: {e.message}"
+            ) from e
 
 
 def _check(message: Message) -> Message:
@@ -510,9 +432,3 @@ def _check(message: Message) -> Message:
     if isinstance(message, Error):
         raise TwinferError(message.code, message.message)
     return message
-
-
-def _os_reason(error: OSError) -> str:
-    if isinstance(error, socket.timeout | TimeoutError):
-        return "timed out"
-    return error.strerror or str(error) or type(error).__name__

@@ -11,7 +11,8 @@
     twinfer bench ...            (when twinfer.bench is installed)
 
 Every subcommand takes ``--server ENDPOINT`` (``tcp:HOST:PORT`` or
-``tls:HOST:PORT``, default ``tcp:127.0.0.1:9000``), ``--ca-file`` for
+``tls:HOST:PORT``, default ``tcp:127.0.0.1:9000``, or several separated by
+commas: see :meth:`twinfer.blocking.BlockingClient.connect`), ``--ca-file`` for
 ``tls:`` and ``--timeout``.  Exit status: 0 on success, 2 for an error the
 server reported or a bad argument/input file, 3 when the server cannot be
 reached or stops answering.  Users never see a traceback for these.
@@ -37,7 +38,7 @@ from twinfer.blocking import (
     BlockingClient,
     ConnectFailed,
     TransportError,
-    parse_endpoint,
+    split_endpoints,
 )
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.wire.messages import Metadata, TensorSpec
@@ -250,7 +251,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 def _endpoint(value: str) -> str:
     try:
-        parse_endpoint(value)
+        split_endpoints(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return value
@@ -264,7 +265,9 @@ def _common_options() -> argparse.ArgumentParser:
         default=DEFAULT_SERVER,
         type=_endpoint,
         metavar="ENDPOINT",
-        help=f"tcp:HOST:PORT or tls:HOST:PORT (default: {DEFAULT_SERVER})",
+        help="tcp:HOST:PORT or tls:HOST:PORT, or several separated by commas (the first "
+        "that answers is used; inference is re-sent once on the next when a connection "
+        f"is lost or its server goes away) (default: {DEFAULT_SERVER})",
     )
     group.add_argument(
         "--ca-file",

@@ -24,8 +24,8 @@ the rules of the protocol live in a client-side
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from typing import Any, TypeVar, cast
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 from twisted.internet import defer
@@ -40,13 +40,20 @@ import twinfer
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.netutil import set_no_delay
 from twinfer.wire.connection import Connection, Role
-from twinfer.wire.events import HandshakeComplete, MessageReceived, ProtocolViolation, ServerClosing
+from twinfer.wire.events import (
+    GoAwayReceived,
+    HandshakeComplete,
+    MessageReceived,
+    ProtocolViolation,
+    ServerClosing,
+)
 from twinfer.wire.messages import (
     AdminReply,
     AdminRequest,
     Error,
     GetHealth,
     GetMetadata,
+    GoAway,
     Health,
     Hello,
     ImageRequest,
@@ -63,9 +70,26 @@ from twinfer.wire.messages import (
     Predictions,
 )
 
+if TYPE_CHECKING:
+    from twinfer.failover import ClientPool
+
 AGENT = f"twinfer-client/{twinfer.__version__}"
 DEFAULT_SERVER = "tcp:127.0.0.1:9000"
 M = TypeVar("M")
+
+
+class ConnectionDropped(TwinferError):
+    """``UNAVAILABLE``: the connection closed while the request was in flight
+    (the server may or may not have run it)."""
+
+
+class GoneAway(TwinferError):
+    """``UNAVAILABLE`` for a request the server never worked on: it arrived
+    after the server's ``GOAWAY`` (its id is above the last one answered)."""
+
+
+class Unreachable(TwinferError):
+    """``UNAVAILABLE``: no connection could be made to any endpoint."""
 
 
 class ClientProtocol(Protocol):
@@ -81,6 +105,9 @@ class ClientProtocol(Protocol):
         self.server_hello = Hello()
         #: Fires with the server's HELLO once the handshake is done.
         self.handshake: Deferred[Hello] = Deferred()
+        #: Fires with the server's ``GOAWAY`` if it sends one (then no new
+        #: request may be sent here; those in flight are still answered).
+        self.goaway: Deferred[GoAway] = Deferred()
 
     def connectionMade(self) -> None:
         set_no_delay(self.transport)
@@ -93,9 +120,11 @@ class ClientProtocol(Protocol):
             if isinstance(event, MessageReceived):
                 d: Deferred[Message] = event.handle
                 if isinstance(event.message, Error):
-                    d.errback(TwinferError(event.message.code, event.message.message))
+                    d.errback(self._error(event.request_id, event.message))
                 else:
                     d.callback(event.message)
+            elif isinstance(event, GoAwayReceived):
+                self.goaway.callback(event.goaway)
             elif isinstance(event, HandshakeComplete):
                 self.server_hello = event.hello
                 self.handshake.callback(event.hello)
@@ -107,10 +136,22 @@ class ClientProtocol(Protocol):
                 self._fail_all(TwinferError(error.code, message))
                 self.transport.loseConnection()
 
+    def _error(self, request_id: int, error: Error) -> TwinferError:
+        """The exception for an ``ERROR`` reply: :class:`GoneAway` for an
+        ``UNAVAILABLE`` the server sent to a request it never accepted."""
+        going = self._connection.going_away
+        if (
+            going is not None
+            and request_id > going.last_request_id
+            and error.code == ErrorCode.UNAVAILABLE
+        ):
+            return GoneAway(error.code, error.message)
+        return TwinferError(error.code, error.message)
+
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self._lost = reason
         self._fail_all(
-            TwinferError(
+            ConnectionDropped(
                 ErrorCode.UNAVAILABLE,
                 f"connection to the server lost: {reason.getErrorMessage()}",
             )
@@ -170,10 +211,35 @@ class ClientProtocol(Protocol):
         self.transport.loseConnection()
         return d
 
+    def when_closed(self) -> Deferred[None]:
+        """Fires with ``None`` once the connection is closed (``connectionLost``),
+        whoever closed it."""
+        if self._lost is not None:
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred()
+        self._closed_waiters.append(d)
+        return d
+
     @property
     def in_flight(self) -> int:
         """Requests sent and not yet answered."""
         return len(self._connection.in_flight)
+
+    @property
+    def going_away(self) -> GoAway | None:
+        """The server's ``GOAWAY``, once received."""
+        return self._connection.going_away
+
+    @property
+    def usable(self) -> bool:
+        """Whether new requests can be sent here: connected, the handshake
+        done, and the server has not said it is going away."""
+        return (
+            self._lost is None
+            and self.handshake.called
+            and not self._connection.closed
+            and self._connection.going_away is None
+        )
 
 
 def _expect(message: Message, kind: type[M]) -> M:
@@ -185,12 +251,20 @@ def _expect(message: Message, kind: type[M]) -> M:
 
 
 class TwinferClient:
-    """A connection to a twinfer server.  Get one from :func:`connect`."""
+    """A connection (or a pool of them) to twinfer servers.  Get one from :func:`connect`."""
 
-    def __init__(self, protocol: ClientProtocol) -> None:
+    def __init__(self, protocol: ClientProtocol | ClientPool) -> None:
+        #: What requests go through: one :class:`ClientProtocol`, or a
+        #: :class:`~twinfer.failover.ClientPool` of connections that move.
         self.protocol = protocol
         #: The server's HELLO: its protocol version, frame limit and agent.
         self.server: Hello = protocol.server_hello
+
+    @property
+    def resent(self) -> int:
+        """Requests sent a second time after a lost connection or a ``GOAWAY``
+        (always 0 for a single connection, which never re-sends)."""
+        return getattr(self.protocol, "resent", 0)
 
     def infer_reply(
         self,
@@ -308,20 +382,54 @@ async def _connect(reactor: Any, endpoint: IStreamClientEndpoint) -> TwinferClie
     return TwinferClient(protocol)
 
 
+async def _connect_pool(
+    reactor: Any, endpoints: list[tuple[str, IStreamClientEndpoint]], connections: int
+) -> TwinferClient:
+    from twinfer.failover import ClientPool
+
+    return TwinferClient(await ClientPool(endpoints, connections, clock=reactor).start())
+
+
+def parse_servers(servers: str) -> list[str]:
+    """Split ``"tcp:a:9000,tcp:b:9000"`` (the ``--server`` option) into endpoints."""
+    return [s.strip() for s in servers.split(",") if s.strip()]
+
+
 def connect(
     reactor: Any,
-    endpoint: str | IStreamClientEndpoint = DEFAULT_SERVER,
+    endpoint: str | IStreamClientEndpoint | Sequence[str | IStreamClientEndpoint] = DEFAULT_SERVER,
     *,
+    connections: int = 1,
     trust_root: str | Certificate | None = None,
     client_certificate: PrivateCertificate | None = None,
 ) -> Deferred[TwinferClient]:
     """Connect and handshake; fires with a :class:`TwinferClient`.
 
     ``endpoint`` is ``"tcp:HOST:PORT"``, ``"tls:HOST:PORT"`` (see
-    :func:`client_endpoint`) or any ``IStreamClientEndpoint``.
+    :func:`client_endpoint`) or any ``IStreamClientEndpoint``: one
+    connection, which fails its requests when it closes.
+
+    A list of them (even of one: a balancer), or ``connections`` above 1,
+    makes a client that moves (:class:`twinfer.failover.ClientPool`): it
+    opens ``connections`` connections round-robin over the endpoints, sends
+    each request on the least busy one, follows a server's ``GOAWAY`` to a
+    new connection and re-sends in-flight inference once when a connection
+    is lost (never admin requests); :attr:`TwinferClient.resent` counts the
+    re-sent requests.  It fires once at least one connection is up, and
+    fails with :class:`Unreachable` when none could be made.
     """
-    if isinstance(endpoint, str):
-        endpoint = client_endpoint(
-            reactor, endpoint, trust_root=trust_root, client_certificate=client_certificate
+
+    def make(description: str) -> IStreamClientEndpoint:
+        return client_endpoint(
+            reactor, description, trust_root=trust_root, client_certificate=client_certificate
         )
-    return Deferred.fromCoroutine(_connect(reactor, endpoint))
+
+    if isinstance(endpoint, str | IStreamClientEndpoint) and connections <= 1:
+        if isinstance(endpoint, str):
+            endpoint = make(endpoint)
+        return Deferred.fromCoroutine(_connect(reactor, endpoint))
+    listed = [endpoint] if isinstance(endpoint, str | IStreamClientEndpoint) else list(endpoint)
+    if not listed:
+        raise ValueError("connect() needs at least one endpoint")
+    named = [(e, make(e)) if isinstance(e, str) else (repr(e), e) for e in listed]
+    return Deferred.fromCoroutine(_connect_pool(reactor, named, connections))

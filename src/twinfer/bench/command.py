@@ -66,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-s",
         "--server",
         default=DEFAULT_SERVER,
-        help=f"server endpoint: tcp:HOST:PORT or tls:HOST:PORT (default {DEFAULT_SERVER})",
+        help="server endpoint: tcp:HOST:PORT or tls:HOST:PORT, or several separated by "
+        "commas (connections are spread over them; inference lost with a connection "
+        f"or refused by a GOAWAY is re-sent once) (default {DEFAULT_SERVER})",
     )
     parser.add_argument(
         "--ca-file",
@@ -113,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=1,
         metavar="K",
-        help="spread the concurrency over K connections (default 1)",
+        help="spread the concurrency over K connections, round-robin over the servers (default 1)",
     )
     parser.add_argument(
         "--processes",

@@ -24,12 +24,11 @@ import numpy as np
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError
-from twisted.python.failure import Failure
 
 from twinfer.bench.inputs import make_inputs
 from twinfer.bench.loop import ClosedLoop
 from twinfer.bench.report import Progress, Samples, merge
-from twinfer.client import TwinferClient, connect
+from twinfer.client import TwinferClient, Unreachable, connect, parse_servers
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.wire.messages import InferRequest
 
@@ -50,6 +49,8 @@ class BenchError(Exception):
 
 def _describe(error: BaseException) -> tuple[int, str]:
     """The exit status and message for a failure to set a run up."""
+    if isinstance(error, Unreachable):
+        return EXIT_UNREACHABLE, f"cannot reach the server: {error.message}"
     if isinstance(error, TwinferError):
         if error.code == ErrorCode.UNAVAILABLE:
             return EXIT_UNREACHABLE, str(error)
@@ -76,6 +77,7 @@ def split(total: int, parts: int) -> list[int]:
 class Share:
     """What one load-generating process does for one concurrency point."""
 
+    #: One endpoint, or several separated by commas.
     server: str
     model: str
     users: int
@@ -97,18 +99,16 @@ def close_all(clients: Iterable[TwinferClient]) -> None:
 
 
 async def open_clients(reactor: Any, share: Share) -> list[TwinferClient]:
-    """Open ``share.connections`` connections (handshakes done); fires with the clients."""
-    ds = [
-        connect(reactor, share.server, trust_root=share.trust_root)
-        for _ in range(share.connections)
-    ]
-    results: list[tuple[bool, Any]] = await defer.DeferredList(ds, consumeErrors=True)
-    clients: list[TwinferClient] = [c for ok, c in results if ok]
-    failures: list[Failure] = [f for ok, f in results if not ok]
-    if failures:
-        close_all(clients)
-        failures[0].raiseException()
-    return clients
+    """Open ``share.connections`` connections spread over ``share.server``'s
+    endpoints (comma-separated), handshakes done, as one client that moves
+    (:class:`~twinfer.failover.ClientPool`); fires with ``[client]``."""
+    client = await connect(
+        reactor,
+        parse_servers(share.server),
+        connections=share.connections,
+        trust_root=share.trust_root,
+    )
+    return [client]
 
 
 async def prepare(reactor: Any, share: Share) -> tuple[list[TwinferClient], InferRequest]:

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twinfer.bench.report import Samples
 from twinfer.client import ClientProtocol
 from twinfer.errors import ErrorCode, TwinferError
+from twinfer.failover import ClientPool
 from twinfer.wire.messages import InferReply, InferRequest
 
 
@@ -35,7 +36,9 @@ def _error_name(failure: Failure) -> str:
 class ClosedLoop:
     """C users, each keeping one request in flight, over some connections.
 
-    User ``i`` sends on connection ``i % len(protocols)``.  What counts as
+    User ``i`` sends on connection ``i % len(protocols)`` (a
+    :class:`~twinfer.failover.ClientPool` counts as one: it spreads its
+    users' requests over its own connections).  What counts as
     measured:
 
     - ``duration`` mode: requests completing in ``[t0, t0 + duration)``,
@@ -47,7 +50,7 @@ class ClosedLoop:
     def __init__(
         self,
         clock: Any,
-        protocols: Sequence[ClientProtocol],
+        protocols: Sequence[ClientProtocol | ClientPool],
         message: InferRequest,
         users: int,
         *,
@@ -75,6 +78,7 @@ class ClosedLoop:
         self._last_done = 0
         self._cpu0 = 0.0
         self._cpu1 = 0.0
+        self._resent0 = 0
         #: Completed requests so far (warmup included), for progress displays.
         self.completed = 0
         self.done: Deferred[Samples] = Deferred()
@@ -106,8 +110,12 @@ class ClosedLoop:
 
     def _mark_cpu(self) -> None:
         self._cpu0 = time.process_time()
+        self._resent0 = self._resent()
 
-    def _send(self, protocol: ClientProtocol) -> None:
+    def _resent(self) -> int:
+        return sum(p.resent for p in self._protocols if isinstance(p, ClientPool))
+
+    def _send(self, protocol: ClientProtocol | ClientPool) -> None:
         now = time.monotonic_ns()
         if self._t1 is not None and now >= self._t1:
             self._user_stopped()
@@ -127,7 +135,7 @@ class ClosedLoop:
             return self._t0 <= now < self._t1
         return sent >= self._t0
 
-    def _replied(self, reply: Any, protocol: ClientProtocol, sent: int) -> None:
+    def _replied(self, reply: Any, protocol: ClientProtocol | ClientPool, sent: int) -> None:
         now = time.monotonic_ns()
         self.completed += 1
         if type(reply) is not InferReply:
@@ -141,11 +149,11 @@ class ClosedLoop:
         # does not recurse.
         self._send(protocol)
 
-    def _failed(self, failure: Failure, protocol: ClientProtocol, sent: int) -> None:
+    def _failed(self, failure: Failure, protocol: ClientProtocol | ClientPool, sent: int) -> None:
         now = time.monotonic_ns()
         self.completed += 1
         self._count_error(_error_name(failure), sent, now)
-        if protocol.transport is None or not protocol.transport.connected:
+        if not protocol.usable:
             self._user_stopped()  # the connection is gone: this user cannot go on
         else:
             # A failure may fire synchronously (e.g. an encoding error):
@@ -171,5 +179,6 @@ class ClosedLoop:
                     start_ns=self._t0,
                     end_ns=end,
                     cpu_seconds=max(0.0, self._cpu1 - self._cpu0),
+                    resent=self._resent() - self._resent0,
                 )
             )

@@ -46,6 +46,8 @@ class Samples:
     end_ns: int
     #: CPU seconds (user + system) the client process used in the window.
     cpu_seconds: float = 0.0
+    #: Requests the client re-sent after a lost connection or a GOAWAY.
+    resent: int = 0
 
     @property
     def count(self) -> int:
@@ -77,6 +79,7 @@ def merge(parts: Sequence[Samples]) -> Samples:
         start_ns=min(p.start_ns for p in parts),
         end_ns=max(p.end_ns for p in parts),
         cpu_seconds=sum(p.cpu_seconds for p in parts),
+        resent=sum(p.resent for p in parts),
     )
 
 
@@ -123,6 +126,7 @@ def summarize(samples: Samples) -> dict[str, Any]:
         "compute_ms": percentiles(samples.compute_us, 1e-3),
         "overhead_ms": percentiles(overhead_us, 1e-3),
         "client_cpu_percent": 100.0 * samples.cpu_seconds / window,
+        "resent": samples.resent,
     }
 
 
@@ -158,6 +162,8 @@ def print_point(point: Mapping[str, Any], out: IO[str], *, header: bool) -> None
     print(format_row(point), file=out)
     for name, count in point["errors"].items():
         print(f"{'':>5} error {name}: {count}", file=out)
+    if point.get("resent"):
+        print(f"{'':>5} re-sent after a lost connection or GOAWAY: {point['resent']}", file=out)
     out.flush()
 
 

@@ -12,6 +12,7 @@ copying: the reactor thread only parses, queues and writes.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -28,7 +29,7 @@ from twinfer.errors import CodecError, ErrorCode, TwinferError
 from twinfer.netutil import set_no_delay
 from twinfer.scheduling import InferResult
 from twinfer.wire.connection import Connection, Role
-from twinfer.wire.events import MessageReceived, ProtocolViolation
+from twinfer.wire.events import HandshakeComplete, MessageReceived, ProtocolViolation
 from twinfer.wire.messages import (
     AdminReply,
     AdminRequest,
@@ -56,6 +57,8 @@ log = Logger()
 AGENT = f"twinfer/{twinfer.__version__}"
 #: This front end's name in the data plane's counts and the metrics' labels.
 FRONTEND = "binary"
+#: The reason in the GOAWAY of a server that shuts down.
+GOING_AWAY = "the server is shutting down"
 
 
 @implementer(IPushProducer)
@@ -144,6 +147,15 @@ class TwinferProtocol(Protocol):
         if self.session is not None:
             self.session.close()  # queued jobs never run; running ones' results are dropped
 
+    def go_away(self, reason: str) -> bool:
+        """Send ``GOAWAY`` (the last request id this connection will answer,
+        and ``reason``); returns whether it was sent (not before the
+        handshake, and only once)."""
+        if self._closing or self._connection.send_goaway(reason) is None:
+            return False
+        self._flush()
+        return True
+
     # -- messages -----------------------------------------------------------
 
     def _handle_events(self) -> None:
@@ -152,6 +164,10 @@ class TwinferProtocol(Protocol):
                 self._HANDLERS[type(event.message)](self, event.request_id, event.message)
             elif isinstance(event, ProtocolViolation):
                 self._violation(event)
+            elif isinstance(event, HandshakeComplete) and self.factory.dataplane.draining:
+                # Connected while the server drains (a balancer or a client
+                # that has not noticed yet): tell it to go elsewhere at once.
+                self._connection.send_goaway(GOING_AWAY)
         self._flush()
 
     def _violation(self, event: ProtocolViolation) -> None:
@@ -364,6 +380,24 @@ class TwinferFactory(Factory):
         #: Connections not being read because a queue is saturated.
         self.paused_for_load: set[TwinferProtocol] = set()
         self.dispatcher.on_relieved.append(self._relieved)
+        _FACTORIES.add(self)
+
+    def go_away(self, reason: str) -> int:
+        """Tell every client connected here that the server is going away
+        (``GOAWAY``: the last request id each connection will answer, and
+        ``reason``); returns how many connections were told.
+
+        Requests in flight are still answered; the data plane answers new
+        inference ``UNAVAILABLE`` while it drains.
+        """
+        return sum(connection.go_away(reason) for connection in list(self.connections))
+
+    @classmethod
+    def go_away_all(cls, dataplane: DataPlane, reason: str) -> int:
+        """:meth:`go_away` on every binary factory serving ``dataplane`` (the
+        graceful drain knows the data plane, not the factories); returns how
+        many connections were told."""
+        return sum(f.go_away(reason) for f in list(_FACTORIES) if f.dataplane is dataplane)
 
     def is_busiest(self, connection: TwinferProtocol) -> bool:
         """Whether ``connection`` has at least its fair share of the requests in flight."""
@@ -375,3 +409,7 @@ class TwinferFactory(Factory):
         paused, self.paused_for_load = self.paused_for_load, set()
         for connection in paused:
             connection.resume_reading("load")
+
+
+# Every factory alive, so that the drain can reach those over its data plane.
+_FACTORIES: weakref.WeakSet[TwinferFactory] = weakref.WeakSet()

@@ -5,8 +5,9 @@ during the reactor's "before shutdown" phase and waits for the Deferreds they
 return.  :class:`ServingService` uses that to drain:
 
 1. every front end is marked closing (new inference requests get
-   ``UNAVAILABLE``) and readiness turns false; the listening ports are
-   stopped by their own services at the same time;
+   ``UNAVAILABLE``) and readiness turns false; every binary client gets
+   ``GOAWAY`` (the last request its connection will answer); the listening
+   ports are stopped by their own services at the same time;
 2. jobs already queued or running are given up to ``drain_timeout`` seconds
    to finish and be answered;
 3. whatever is left is answered with ``UNAVAILABLE`` and the workers stop;
@@ -37,6 +38,7 @@ from twisted.logger import Logger
 from twinfer.compat import exit_normally
 from twinfer.dataplane import DataPlane
 from twinfer.errors import ErrorCode, TwinferError
+from twinfer.frontends.binary import GOING_AWAY, TwinferFactory
 from twinfer.ops.control import Controller, job_settled
 from twinfer.scheduling import Job
 
@@ -113,6 +115,7 @@ class ServingService(service.Service):
         controller = self.controller
         dispatcher = controller.dispatcher
         controller.begin_drain()  # every front end: UNAVAILABLE for new requests
+        TwinferFactory.go_away_all(controller.dataplane, GOING_AWAY)
         dispatcher.stop_accepting()  # anything else that submits: UNAVAILABLE too
         jobs = self.pending_jobs()
         log.info(

@@ -28,7 +28,7 @@ from typing import Any, TextIO
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from twisted.internet.defer import Deferred
 
-from twinfer.client import DEFAULT_SERVER, connect
+from twinfer.client import DEFAULT_SERVER, connect, parse_servers
 from twinfer.errors import TwinferError
 from twinfer.wire.messages import Prediction
 
@@ -114,7 +114,8 @@ async def image_command(reactor: Any, args: argparse.Namespace, out: TextIO) -> 
         print(f"twinfer: cannot read {args.image}: {e.strerror}", file=sys.stderr)
         return 2
     try:
-        client = await connect(reactor, args.server)
+        servers = parse_servers(args.server)
+        client = await connect(reactor, servers if len(servers) > 1 else args.server)
     except TwinferError as e:
         print(f"twinfer: {e}", file=sys.stderr)
         return 1

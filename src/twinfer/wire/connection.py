@@ -23,6 +23,9 @@ What it owns (see ``docs/protocol.md`` §2, §5 and §7):
   dropped).  Server: refuses a request whose id is still in flight; the
   adapter records its in-flight requests in :attr:`Connection.in_flight`
   and removes them when they are answered;
+- going away (``GOAWAY``, §7): a server announces the last request id it
+  will answer (:meth:`~Connection.send_goaway`); a client that received it
+  refuses to send new requests on the connection;
 - which errors close the connection (:attr:`ErrorCode.closes_connection`;
   before the handshake, every error does) and which concern one request.
 
@@ -54,6 +57,7 @@ from twinfer.wire.decode import decode_message
 from twinfer.wire.encode import encode_message
 from twinfer.wire.events import (
     Event,
+    GoAwayReceived,
     HandshakeComplete,
     MessageReceived,
     ProtocolViolation,
@@ -76,6 +80,7 @@ from twinfer.wire.messages import (
     Error,
     GetHealth,
     GetMetadata,
+    GoAway,
     Health,
     Hello,
     ImageRequest,
@@ -187,6 +192,10 @@ class Connection:
         self._ready: deque[Event] = deque()
         self._outbox: list[Chunk] = []
         self._next_id = 1
+        #: Server: the highest request id received from the client so far.
+        self.last_request_id = 0
+        #: The ``GOAWAY`` sent (server) or received (client), once there is one.
+        self.going_away: GoAway | None = None
 
     # -- state ------------------------------------------------------------------
 
@@ -256,6 +265,12 @@ class Connection:
         """
         self._require(Role.CLIENT, "send requests")
         self._require_sendable()
+        if self.going_away is not None:
+            raise LocalProtocolError(
+                ErrorCode.UNAVAILABLE,
+                f"the server is going away ({self.going_away.reason or 'no reason given'}): "
+                f"send new requests on another connection",
+            )
         if type(message) not in CLIENT_MESSAGES or isinstance(message, Cancel):
             raise LocalProtocolError(
                 ErrorCode.UNSUPPORTED_MESSAGE,
@@ -313,6 +328,23 @@ class Connection:
                 ErrorCode.UNSUPPORTED_MESSAGE, f"a server does not send {type(message).__name__}"
             )
         self._outbox += encode_message(request_id, message)
+
+    def send_goaway(self, reason: str) -> GoAway | None:
+        """(Server.) Queue ``GOAWAY`` (request id 0) naming the highest request
+        id received so far as the last one this server answers; returns it.
+
+        Only once per connection, and only once the handshake is done (a
+        connection still handshaking or closed gets none: ``None``).  The
+        connection goes on: requests still in flight are answered, and the
+        server answers what the client sends meanwhile as it likes
+        (``UNAVAILABLE`` for new inference while draining).
+        """
+        self._require(Role.SERVER, "send GOAWAY")
+        if self.state is not State.OPEN or self.going_away is not None:
+            return None
+        self.going_away = GoAway(self.last_request_id, reason)
+        self._outbox += encode_message(HELLO_REQUEST_ID, self.going_away)
+        return self.going_away
 
     def send_error(self, request_id: int, code: ErrorCode | int, message: str) -> None:
         """(Server.) Queue an ``ERROR`` answering request ``request_id``; see :meth:`send_reply`."""
@@ -438,6 +470,8 @@ class Connection:
             )
             self._violation(request_id, error, message)
         else:
+            if not isinstance(message, Cancel):
+                self.last_request_id = max(self.last_request_id, request_id)
             self._ready.append(MessageReceived(request_id, message))
 
     def _client_received(self, request_id: int, message: Message) -> None:
@@ -473,6 +507,10 @@ class Connection:
                 # The server may send frames up to its own limit.
                 self.max_frame_size = max(self.max_frame_size, message.max_frame_size)
                 self._ready.append(HandshakeComplete(request_id, message))
+            return
+        if isinstance(message, GoAway):
+            self.going_away = message
+            self._ready.append(GoAwayReceived(request_id, message))
             return
         if isinstance(message, Hello) or type(message) not in SERVER_MESSAGES:
             error = RemoteProtocolError(

@@ -19,6 +19,7 @@ import numpy as np
 from twinfer.errors import CodecError, ErrorCode
 from twinfer.wire.frames import (
     ERROR_FIXED,
+    GOAWAY_FIXED,
     HELLO_FIXED,
     HELLO_MAGIC,
     INFER_REPLY_FIXED,
@@ -40,6 +41,7 @@ from twinfer.wire.messages import (
     Error,
     GetHealth,
     GetMetadata,
+    GoAway,
     Health,
     Hello,
     ImageRequest,
@@ -370,6 +372,13 @@ def _decode_admin_reply(r: _Reader) -> AdminReply:
     return AdminReply(message)
 
 
+def _decode_goaway(r: _Reader) -> GoAway:
+    (last_request_id,) = r.unpack(GOAWAY_FIXED, "last request id")
+    reason = r.string("reason")
+    r.end()
+    return GoAway(last_request_id, reason)
+
+
 def _decode_error(r: _Reader) -> Error:
     (code,) = r.unpack(ERROR_FIXED, "error code")
     message = r.string("error message")
@@ -382,6 +391,7 @@ READERS: dict[MessageType, Callable[[_Reader], Message]] = {
     MessageType.HELLO: _decode_hello,
     MessageType.PING: _decode_empty(Ping),
     MessageType.PONG: _decode_empty(Pong),
+    MessageType.GOAWAY: _decode_goaway,
     MessageType.INFER_REQUEST: _decode_infer_request,
     MessageType.INFER_REPLY: _decode_infer_reply,
     MessageType.CANCEL: _decode_empty(Cancel),

@@ -20,6 +20,7 @@ import numpy as np
 from twinfer.errors import CodecError, ErrorCode
 from twinfer.wire.frames import (
     ERROR_FIXED,
+    GOAWAY_FIXED,
     HELLO_FIXED,
     HELLO_MAGIC,
     INFER_REPLY_FIXED,
@@ -40,6 +41,7 @@ from twinfer.wire.messages import (
     Error,
     GetHealth,
     GetMetadata,
+    GoAway,
     Health,
     Hello,
     ImageRequest,
@@ -175,6 +177,13 @@ def _write_error(message: Error) -> list[Chunk]:
     return [ERROR_FIXED.pack(message.code) + _string(text, "error message")]
 
 
+def _write_goaway(message: GoAway) -> list[Chunk]:
+    if not 0 <= message.last_request_id < 2**64:
+        raise CodecError(ErrorCode.MALFORMED_FRAME, "GOAWAY: last request id is not a u64")
+    text = message.reason.encode("utf-8")[:MAX_STR].decode("utf-8", "ignore")
+    return [GOAWAY_FIXED.pack(message.last_request_id) + _string(text, "reason")]
+
+
 def _write_get_metadata(message: GetMetadata) -> list[Chunk]:
     return [_string(message.model, "model")]
 
@@ -232,6 +241,7 @@ WRITERS: dict[type, tuple[MessageType, Callable[[Any], list[Chunk]]]] = {
     Hello: (MessageType.HELLO, _write_hello),
     Ping: (MessageType.PING, _write_empty),
     Pong: (MessageType.PONG, _write_empty),
+    GoAway: (MessageType.GOAWAY, _write_goaway),
     InferRequest: (MessageType.INFER_REQUEST, _write_infer_request),
     InferReply: (MessageType.INFER_REPLY, _write_infer_reply),
     Cancel: (MessageType.CANCEL, _write_empty),

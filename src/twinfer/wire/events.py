@@ -2,7 +2,8 @@
 
 Each carries the request id of the frame it came from.  A server sees
 :class:`HandshakeComplete`, :class:`MessageReceived` (the requests) and
-:class:`ProtocolViolation`; a client also :class:`ServerClosing`.
+:class:`ProtocolViolation`; a client also :class:`ServerClosing` and
+:class:`GoAwayReceived`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import attrs
 
 from twinfer.errors import RemoteProtocolError, TwinferError
-from twinfer.wire.messages import Hello, Message
+from twinfer.wire.messages import GoAway, Hello, Message
 
 
 @attrs.frozen
@@ -66,4 +67,18 @@ class ServerClosing:
     error: TwinferError
 
 
-Event = HandshakeComplete | MessageReceived | ProtocolViolation | ServerClosing
+@attrs.frozen
+class GoAwayReceived:
+    """(Client only.) The server sent ``GOAWAY``: it answers the requests in
+    flight up to ``goaway.last_request_id`` and accepts no new ones.
+
+    The connection stays open for those replies (requests above the last id
+    may be answered ``UNAVAILABLE``: the server never worked on them), but
+    :meth:`Connection.send_request` now refuses new requests.
+    """
+
+    request_id: int
+    goaway: GoAway
+
+
+Event = HandshakeComplete | MessageReceived | ProtocolViolation | ServerClosing | GoAwayReceived

@@ -57,6 +57,8 @@ HELLO_MAGIC = b"TWNF"
 INFER_REQUEST_FIXED = struct.Struct("<IBBBB")
 #: INFER_REPLY: queue_us compute_us n_out (then 3 reserved bytes).
 INFER_REPLY_FIXED = struct.Struct("<IIBxxx")
+#: GOAWAY: the last request id the server answers (then the reason string).
+GOAWAY_FIXED = struct.Struct("<Q")
 #: ERROR: the code (then the message string).
 ERROR_FIXED = struct.Struct("<H")
 

@@ -25,6 +25,7 @@ class MessageType(enum.IntEnum):
     HELLO = 0x01
     PING = 0x02
     PONG = 0x03
+    GOAWAY = 0x04
     INFER_REQUEST = 0x10
     INFER_REPLY = 0x11
     CANCEL = 0x12
@@ -137,6 +138,19 @@ class Ping:
 @attrs.frozen
 class Pong:
     """Answer to :class:`Ping`."""
+
+
+@attrs.frozen
+class GoAway:
+    """(Server to client, request id 0.) The server is going away: it answers
+    the requests it has accepted on this connection, up to and including
+    ``last_request_id``, and nothing new; the client should send new requests
+    on another connection."""
+
+    #: The highest request id the server accepted on this connection (0: none).
+    last_request_id: int
+    #: Why, for people: "the server is shutting down".
+    reason: str = ""
 
 
 @attrs.frozen(eq=False)
@@ -310,6 +324,7 @@ Message = (
     Hello
     | Ping
     | Pong
+    | GoAway
     | InferRequest
     | InferReply
     | Cancel
