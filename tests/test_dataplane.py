@@ -142,6 +142,14 @@ class DataPlaneTests(unittest.SynchronousTestCase):
             ("tiny", "UNAVAILABLE", "binary"): 1,
         }
 
+    def test_drain_listeners_hear_the_drain_once(self) -> None:
+        heard: list[str] = []
+        self.plane.on_drain(lambda: heard.append("binary"))
+        self.plane.on_drain(lambda: heard.append("http"))
+        self.plane.begin_drain()
+        self.plane.begin_drain()
+        assert heard == ["binary", "http"] and self.plane.draining
+
     def test_cancel_and_close_answer_cancelled_and_withdraw_the_jobs(self) -> None:
         first = self.plane.infer(self.session, 1, "tiny", {"x": X})
         second = self.plane.infer(self.session, 2, "tiny", {"x": X})

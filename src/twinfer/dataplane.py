@@ -190,6 +190,7 @@ class DataPlane:
         self.frontends: dict[str, FrontendState] = {}
         #: Set when a graceful drain begins: new requests get UNAVAILABLE.
         self.draining = False
+        self._drain_listeners: list[Callable[[], object]] = []
 
     # -- front ends and their sessions ----------------------------------------
 
@@ -224,9 +225,19 @@ class DataPlane:
         """Requests queued or running, over every front end."""
         return sum(state.inflight for state in self.frontends.values())
 
+    def on_drain(self, listener: Callable[[], object]) -> None:
+        """Call ``listener`` (no arguments) when a drain begins, so that a
+        front end can tell its clients (the binary protocol's ``GOAWAY``)."""
+        self._drain_listeners.append(listener)
+
     def begin_drain(self) -> None:
-        """Refuse new requests (``UNAVAILABLE``); those in flight go on."""
+        """Refuse new requests (``UNAVAILABLE``); those in flight go on.
+        Every front end's drain listener hears it, once."""
+        if self.draining:
+            return
         self.draining = True
+        for listener in list(self._drain_listeners):
+            listener()
 
     # -- requests ---------------------------------------------------------------
 

@@ -12,7 +12,6 @@ copying: the reactor thread only parses, queues and writes.
 
 from __future__ import annotations
 
-import weakref
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -380,7 +379,8 @@ class TwinferFactory(Factory):
         #: Connections not being read because a queue is saturated.
         self.paused_for_load: set[TwinferProtocol] = set()
         self.dispatcher.on_relieved.append(self._relieved)
-        _FACTORIES.add(self)
+        # When the server begins to drain, every client hears it at once.
+        dataplane.on_drain(lambda: self.go_away(GOING_AWAY))
 
     def go_away(self, reason: str) -> int:
         """Tell every client connected here that the server is going away
@@ -392,13 +392,6 @@ class TwinferFactory(Factory):
         """
         return sum(connection.go_away(reason) for connection in list(self.connections))
 
-    @classmethod
-    def go_away_all(cls, dataplane: DataPlane, reason: str) -> int:
-        """:meth:`go_away` on every binary factory serving ``dataplane`` (the
-        graceful drain knows the data plane, not the factories); returns how
-        many connections were told."""
-        return sum(f.go_away(reason) for f in list(_FACTORIES) if f.dataplane is dataplane)
-
     def is_busiest(self, connection: TwinferProtocol) -> bool:
         """Whether ``connection`` has at least its fair share of the requests in flight."""
         total = sum(len(c.inflight) for c in self.connections)
@@ -409,7 +402,3 @@ class TwinferFactory(Factory):
         paused, self.paused_for_load = self.paused_for_load, set()
         for connection in paused:
             connection.resume_reading("load")
-
-
-# Every factory alive, so that the drain can reach those over its data plane.
-_FACTORIES: weakref.WeakSet[TwinferFactory] = weakref.WeakSet()

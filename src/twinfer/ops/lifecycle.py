@@ -38,7 +38,6 @@ from twisted.logger import Logger
 from twinfer.compat import exit_normally
 from twinfer.dataplane import DataPlane
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.frontends.binary import GOING_AWAY, TwinferFactory
 from twinfer.ops.control import Controller, job_settled
 from twinfer.scheduling import Job
 
@@ -114,8 +113,8 @@ class ServingService(service.Service):
         """Drain and stop; fires when every connection is closed."""
         controller = self.controller
         dispatcher = controller.dispatcher
-        controller.begin_drain()  # every front end: UNAVAILABLE for new requests
-        TwinferFactory.go_away_all(controller.dataplane, GOING_AWAY)
+        # Every front end: UNAVAILABLE for new requests; binary clients get GOAWAY.
+        controller.begin_drain()
         dispatcher.stop_accepting()  # anything else that submits: UNAVAILABLE too
         jobs = self.pending_jobs()
         log.info(
