@@ -4,6 +4,7 @@ node, the snapshot taken from a real controller, the one-line protocol on
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -315,3 +316,33 @@ class KeepOpenTests(unittest.SynchronousTestCase):
     def test_with_no_connection_it_stops_at_once(self) -> None:
         self.successResultOf(self.service.stopService())
         self.assertFalse(self.endpoint.port.listening)
+
+
+class AgentPortTests(unittest.TestCase):
+    """``--agent-port`` on real loopback sockets, in the service tree ``twistd`` runs."""
+
+    async def test_the_agent_port_answers_haproxy_over_tcp(self) -> None:
+        from twisted.internet import endpoints, reactor
+        from twisted.scripts import twistd
+
+        from haproxy_support import ask
+        from twinfer import tap
+        from twistd_process import TWISTD_TINY_CONFIG
+
+        config = Path(self.mktemp())
+        config.write_text(TWISTD_TINY_CONFIG)
+        options = twistd.ServerOptions()
+        options.parseOptions(
+            ["twinfer", f"--config={config}", "--port=tcp:0:interface=127.0.0.1"]
+            + ["--agent-port=tcp:0:interface=127.0.0.1"]
+        )
+        top = tap.makeService(options.subOptions)
+        self.assertEqual([s.name for s in top.listening_services()], ["agent", "binary"])
+        top.privilegedStartService()
+        top.startService()
+        self.addCleanup(top.stopService)
+        ports = await top.when_listening()
+        agent = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", int(ports["agent"]))
+        # HAProxy with agent-send writes a line first; the reply is the same.
+        self.assertEqual(await ask(agent, b""), "up ready 100%\n")
+        self.assertEqual(await ask(agent, b"twinfer_binary_nodes\n"), "up ready 100%\n")
