@@ -62,6 +62,7 @@ def test_twinfer_example_uses_every_key() -> None:
     keys = [
         "max_frame_size",
         "max_inflight_per_connection",
+        "agent_maxconn",
         "name",
         "target",
         "replicas",

@@ -105,6 +105,10 @@ class ServerConfig:
     http_timeout: PositiveInt = 60
     #: Model that ``POST /inference`` uses without ``?model=``; None: the first model.
     http_default_model: str | None = None
+    #: Connections a balancer should open to this node at once, advertised by
+    #: the HAProxy agent (``--agent-port``) as ``maxconn:N``; 0: none advertised.
+    #: Advisory: twinfer itself accepts connections beyond it.
+    agent_maxconn: Annotated[int, at_least(0)] = 0
 
 
 @attrs.frozen

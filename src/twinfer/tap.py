@@ -105,6 +105,13 @@ class Options(usage.Options):
             "Endpoint for Prometheus /metrics and /healthz, /readyz over HTTP (off unless given).",
         ],
         [
+            "agent-port",
+            None,
+            None,
+            "Endpoint of the HAProxy agent-check responder (off unless given): one line per "
+            "check, e.g. 'up ready 80%', 'drain' or 'down #reason' (see docs/operations.md).",
+        ],
+        [
             "drain-timeout",
             None,
             30.0,
@@ -370,3 +377,16 @@ def _add_operations_services(
 
         site: Any = make_site(controller)
         _listen(top, reactor, "metrics", options["metrics-port"], site, label="metrics")
+    if options["agent-port"]:
+        from twinfer.ops.agent import AgentFactory, drain_finished
+
+        agent = AgentFactory(controller, reactor)
+        _listen(
+            top,
+            reactor,
+            "agent",
+            endpoint_description(options["agent-port"]),
+            agent,
+            label="agent",
+            keep_open=lambda: drain_finished(dataplane),
+        )

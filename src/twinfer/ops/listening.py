@@ -15,6 +15,7 @@ drain closes and waits for.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -57,7 +58,9 @@ class ListeningService(StreamServerEndpointService):
     ``direct_reads``: receive into the protocol's frame buffers
     (:func:`twinfer.netutil.enable_direct_reads`).  ``endpoint``: listen on
     this endpoint rather than one parsed from ``description`` (which then
-    only names it).
+    only names it).  ``keep_open``: called when the service stops; the port
+    goes on listening until the Deferred it returns fires (the HAProxy agent
+    answers ``drain`` through the graceful drain this way).
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class ListeningService(StreamServerEndpointService):
         label: str = "",
         direct_reads: bool = False,
         endpoint: IStreamServerEndpoint | None = None,
+        keep_open: Callable[[], Deferred[Any]] | None = None,
     ) -> None:
         if endpoint is None:
             endpoint = endpoints.serverFromString(reactor, description)
@@ -78,6 +82,7 @@ class ListeningService(StreamServerEndpointService):
         self.description = description
         self.label = label
         self.direct_reads = direct_reads
+        self.keep_open = keep_open
         #: The listening port, once bound.
         self.port: IListeningPort | None = None
         self._error: CannotListen | None = None
@@ -88,6 +93,15 @@ class ListeningService(StreamServerEndpointService):
         super().privilegedStartService()
         if self._error is not None:
             raise self._error
+
+    def stopService(self) -> Deferred[None]:
+        """Stop listening (once ``keep_open``'s Deferred fires, if given)."""
+        if self.keep_open is None:
+            return super().stopService()  # type: ignore[no-any-return]
+        stopping = super().stopService
+        d = self.keep_open()
+        d.addErrback(lambda failure: log.failure("keeping {name} open", failure, name=self.name))
+        return d.addCallback(lambda _: stopping())
 
     def address(self) -> IAddress | None:
         """The address the port is bound to (None before it is)."""

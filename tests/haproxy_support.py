@@ -1,0 +1,271 @@
+"""Real ``twistd`` nodes behind a real HAProxy, for ``tests/test_haproxy.py``.
+
+- :class:`ChildProcess`: a child's output, its port file (a pipe on fd 3)
+  and its end, as Deferreds;
+- :func:`haproxy_command`: the admin socket's answer to one command (``show
+  stat``, ``show servers state``), parsed by :func:`parse_stat` and
+  :func:`parse_servers_state`;
+- :func:`until`: waits for a condition on HAProxy, which says nothing unless
+  asked: asked again every ``interval`` until a hard deadline;
+- :class:`Load`: pipelined inference over several connections through the
+  balancer, counting every answer.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+from twisted.internet import endpoints, protocol
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+
+from twinfer.client import TwinferClient, connect
+from twinfer.errors import ErrorCode, TwinferError
+
+#: The child's file descriptor that ``--port-file=/dev/fd/3`` writes to.
+PORT_FILE_FD = 3
+#: ``srv_admin_state`` bit of ``show servers state``: DRAIN forced (by the agent here).
+ADMIN_FORCED_DRAIN = 0x08
+
+
+class ChildProcess(protocol.ProcessProtocol):
+    """A child process: its output, its port file on fd 3 (``ready`` fires
+    when it is written, or fails if the child exits first), its end."""
+
+    def __init__(self, name: str, port_file: bool = True) -> None:
+        self.name = name
+        self.port_file = port_file
+        self.output = ""
+        #: Each port by name (``binary``, ``metrics``, ``agent``...), once listening.
+        self.ports: dict[str, int] = {}
+        self.ready: Deferred[None] = Deferred()
+        self.ended: Deferred[int | None] = Deferred()
+        self._port_file = b""
+        self._waiting: list[tuple[str, Deferred[None]]] = []
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == PORT_FILE_FD:
+            self._port_file += data
+            if b"\n" in self._port_file and not self.ready.called:
+                self.ports = json.loads(self._port_file.split(b"\n", 1)[0])
+                self.ready.callback(None)
+            return
+        self.output += data.decode("utf-8", "replace")
+        waiting, self._waiting = self._waiting, []
+        for text, d in waiting:
+            if text in self.output:
+                d.callback(None)
+            else:
+                self._waiting.append((text, d))
+
+    def wait_for(self, text: str) -> Deferred[None]:
+        """Fires once the child's output contains ``text``."""
+        d: Deferred[None] = Deferred()
+        self._waiting.append((text, d))
+        self.childDataReceived(1, b"")
+        return d
+
+    def processEnded(self, reason: Failure) -> None:
+        if self.port_file and not self.ready.called:
+            self.ready.errback(RuntimeError(f"{self.name} exited early:\n{self.output}"))
+        self.ended.callback(reason.value.exitCode)
+
+
+class _Reply(protocol.Protocol):
+    """Sends one line and collects everything up to the close."""
+
+    def __init__(self, line: bytes) -> None:
+        self.line = line
+        self.received = b""
+        self.done: Deferred[str] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.line)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.done.callback(self.received.decode("utf-8", "replace"))
+
+
+async def ask(endpoint: Any, line: bytes) -> str:
+    """Connect to ``endpoint``, send ``line``, return what comes back before the close."""
+    reply = await endpoint.connect(protocol.Factory.forProtocol(lambda: _Reply(line)))
+    return str(await reply.done)
+
+
+def haproxy_command(reactor: Any, socket_path: str, command: str) -> Deferred[str]:
+    """HAProxy's admin socket's answer to ``command``."""
+    endpoint = endpoints.UNIXClientEndpoint(reactor, socket_path)
+    return Deferred.fromCoroutine(ask(endpoint, command.encode() + b"\n"))
+
+
+def parse_stat(text: str, backend: str) -> dict[str, dict[str, str]]:
+    """``show stat``'s CSV: each server of ``backend`` by name, its fields by name."""
+    rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
+    return {
+        row["svname"]: row
+        for row in rows
+        if row["pxname"] == backend and row["svname"] not in ("FRONTEND", "BACKEND")
+    }
+
+
+def parse_servers_state(text: str) -> dict[str, dict[str, str]]:
+    """``show servers state BACKEND``: each server by name, its fields by name."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    header = next(line for line in lines if line.startswith("# be_id")).lstrip("# ").split()
+    rows = [dict(zip(header, line.split())) for line in lines if line[0].isdigit()]
+    return {row["srv_name"]: row for row in rows if len(row) == len(header)}
+
+
+async def until(
+    reactor: Any,
+    check: Callable[[], Awaitable[bool]],
+    what: str,
+    deadline: float = 30.0,
+    interval: float = 0.1,
+) -> None:
+    """Ask ``check`` again every ``interval`` seconds until it says True.
+
+    Only for the external HAProxy, which cannot tell us when its state
+    changes; fails with ``what`` after ``deadline`` seconds.
+    """
+    give_up = reactor.seconds() + deadline
+    while not await check():
+        if reactor.seconds() > give_up:
+            raise AssertionError(f"HAProxy: not {what} after {deadline}s")
+        await deferLater(reactor, interval, lambda: None)
+
+
+def sample(text: str, name: str) -> float:
+    """The value of one sample of a Prometheus page (0 if absent: a counter not yet counted)."""
+    found = re.search(re.escape(name) + r" ([0-9.e+-]+)\n", text)
+    return float(found.group(1)) if found else 0.0
+
+
+class _Connection:
+    """One client connection of a :class:`Load`, ``window`` requests in flight."""
+
+    def __init__(self, load: Load, client: TwinferClient) -> None:
+        self.load = load
+        self.client = client
+        self.inflight = 0
+        #: The server answered UNAVAILABLE (it drains) or the connection was lost.
+        self.refused = False
+        self.done: Deferred[bool] = Deferred()
+
+    def start(self) -> Deferred[bool]:
+        """Fires, once nothing is in flight any more, with whether the server refused."""
+        for _ in range(self.load.window):
+            self._send()
+        return self.done
+
+    def _send(self) -> None:
+        self.inflight += 1
+        self.load.counts["sent"] += 1
+        d = self.client.infer(self.load.model, self.load.inputs)
+        d.addBoth(self._answered)
+
+    def _answered(self, result: Any) -> None:
+        self.inflight -= 1
+        self.load.count(result)
+        if isinstance(result, Failure):
+            self.refused = True  # stop sending here: the server goes away
+        if not (self.refused or self.load.stopping):
+            self._send()
+        elif self.inflight == 0 and not self.done.called:
+            self.done.callback(self.refused)
+
+
+class Load:
+    """Pipelined inference through ``endpoint`` over ``connections`` connections.
+
+    Each connection keeps ``window`` requests in flight.  A connection whose
+    server answers ``UNAVAILABLE`` stops sending, waits for its last answers,
+    closes, waits for :attr:`reconnect_gate` (if set) and opens a new
+    connection; it does not send the refused request again.  ``counts``:
+    ``sent``, ``ok``, ``unavailable`` (refused by a draining node), ``lost``
+    (no answer: the connection closed under it) and ``other``.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        endpoint: str,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        connections: int = 6,
+        window: int = 4,
+    ) -> None:
+        self.reactor = reactor
+        self.endpoint = endpoint
+        self.model = model
+        self.inputs = inputs
+        self.connections = connections
+        self.window = window
+        self.counts: Counter[str] = Counter()
+        self.errors: list[str] = []
+        self.stopping = False
+        self.reconnect_gate: Deferred[None] | None = None
+        self.reconnections = 0
+        self._targets: list[tuple[int, Deferred[None]]] = []
+        self._runs: list[Deferred[None]] = []
+
+    async def start(self) -> None:
+        """Open the connections one after another (so that ``leastconn`` spreads
+        them) and start sending on each."""
+        for _ in range(self.connections):
+            client = await connect(self.reactor, self.endpoint)
+            self._runs.append(Deferred.fromCoroutine(self._run(client)))
+
+    async def _run(self, client: TwinferClient) -> None:
+        while True:
+            refused = await _Connection(self, client).start()
+            await client.close()
+            if not refused or self.stopping:
+                return
+            if self.reconnect_gate is not None:
+                await self.reconnect_gate
+            if self.stopping:
+                return
+            self.reconnections += 1
+            client = await connect(self.reactor, self.endpoint)
+
+    def count(self, result: Any) -> None:
+        if not isinstance(result, Failure):
+            self.counts["ok"] += 1
+        elif result.check(TwinferError) and "connection to the server" in str(result.value):
+            self.counts["lost"] += 1
+        elif result.check(TwinferError) and result.value.code == ErrorCode.UNAVAILABLE:  # type: ignore[union-attr]
+            self.counts["unavailable"] += 1
+        else:
+            self.counts["other"] += 1
+            self.errors.append(str(result.value))
+        targets, self._targets = self._targets, []
+        for target, d in targets:
+            if self.counts["ok"] >= target:
+                d.callback(None)
+            else:
+                self._targets.append((target, d))
+
+    def answered_ok(self, more: int) -> Deferred[None]:
+        """Fires once ``more`` further requests have been answered OK."""
+        d: Deferred[None] = Deferred()
+        self._targets.append((self.counts["ok"] + more, d))
+        return d
+
+    async def stop(self) -> None:
+        """Stop sending; returns once every request is answered and every connection closed."""
+        self.stopping = True
+        if self.reconnect_gate is not None and not self.reconnect_gate.called:
+            self.reconnect_gate.callback(None)
+        await gatherResults(self._runs)
