@@ -21,8 +21,9 @@ What it owns (see ``docs/protocol.md`` §2, §5 and §7):
 - request ids.  Client: allocates them and matches replies to the
   requests still in flight (late replies to cancelled requests are
   dropped).  Server: refuses a request whose id is still in flight; the
-  adapter records its in-flight requests in :attr:`Connection.in_flight`
-  and removes them when they are answered;
+  server's in-flight requests are recorded in :attr:`Connection.in_flight`
+  (the data plane's session for this connection keeps them there) and
+  removed when they are answered;
 - going away (``GOAWAY``, §7): a server announces the last request id it
   will answer (:meth:`~Connection.send_goaway`); a client that received it
   refuses to send new requests on the connection;
@@ -37,6 +38,11 @@ raises :class:`~twinfer.errors.LocalProtocolError` and sends nothing.
 Events are produced one at a time, so a server answers the frames received
 before a broken one before it answers the break itself (h11's
 ``receive_data``/``next_event`` design).
+
+The module is a little over 500 lines on purpose: it is the protocol's state
+machine for both roles, and splitting it would spread one set of rules over
+several files (h11's ``_connection.py`` is one module for the same reason).
+The message codecs and the events it uses live in their own modules.
 """
 
 from __future__ import annotations
