@@ -11,7 +11,10 @@ balancer) or for ``connections=K``.  It
   string (through a balancer that lands on another node; if it refuses, the
   next endpoints in turn) and closes the old connection once its replies are
   in; requests the server refused because they came after its ``GOAWAY``
-  are sent again on another connection;
+  are sent again on another connection (the server never ran them, so this
+  does not use up their one re-send below: through a balancer, the other
+  connection may be to the same draining node and refuse them too; at most
+  as many times as the pool has connections);
 - on a lost connection re-sends the inference and image requests that were
   in flight **once**, on another connection or a fresh one (inference is
   idempotent).  Other requests (admin above all: a ``load`` may have run)
@@ -20,7 +23,7 @@ balancer) or for ``connections=K``.  It
 
 So every request is answered exactly once, or fails with a
 :class:`~twinfer.errors.TwinferError` that says what happened.
-:attr:`ClientPool.resent` counts the requests sent a second time.
+:attr:`ClientPool.resent` counts the re-sends.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ class ClientPool:
         self.size = max(1, connections)
         #: Open connections (usable or finishing after GOAWAY), oldest first.
         self.protocols: list[ClientProtocol] = []
-        #: Requests sent a second time (after a lost connection or a GOAWAY).
+        #: Re-sends of requests (after a lost connection or a refusal after GOAWAY).
         self.resent = 0
         #: The HELLO of the first server connected to.
         self.server_hello = Hello()
@@ -219,18 +222,20 @@ class ClientPool:
         docstring for what happens when a connection goes."""
         protocol = self._pick()
         if protocol is not None:
-            return self._send_on(protocol, message, resent=False)
-        return Deferred.fromCoroutine(self._send_when_connected(message, 0, None, resent=False))
+            return self._send_on(protocol, message, resent=False, refused=0)
+        return Deferred.fromCoroutine(
+            self._send_when_connected(message, 0, None, resent=False, refused=0)
+        )
 
     def _send_on(
-        self, protocol: ClientProtocol, message: Message, resent: bool
+        self, protocol: ClientProtocol, message: Message, resent: bool, refused: int
     ) -> Deferred[Message]:
         d = protocol.request(message)
-        d.addBoth(self._settled, protocol, message, resent)
+        d.addBoth(self._settled, protocol, message, resent, refused)
         return d
 
     async def _send_when_connected(
-        self, message: Message, start: int, avoid: int | None, resent: bool
+        self, message: Message, start: int, avoid: int | None, resent: bool, refused: int
     ) -> Message:
         """Send on a usable connection (on another endpoint than ``avoid`` if
         one is up), waiting for those being opened, else opening one from
@@ -245,11 +250,14 @@ class ClientPool:
             protocol = await self._replace(start)
         if protocol is None:
             raise Unreachable(ErrorCode.UNAVAILABLE, f"no server could be reached: {self._why()}")
-        return await self._send_on(protocol, message, resent)
+        return await self._send_on(protocol, message, resent, refused)
 
     def _settled(
-        self, result: Any, protocol: ClientProtocol, message: Message, resent: bool
+        self, result: Any, protocol: ClientProtocol, message: Message, resent: bool, refused: int
     ) -> Any:
+        """``resent``: the request was already sent again after a lost
+        connection (it may have run); ``refused``: how many servers refused
+        it after their GOAWAY (it did not run there)."""
         self._retire_if_idle(protocol)
         if not isinstance(result, Failure):
             self._sent_away = 0  # a server took a request: no longer being sent away
@@ -274,12 +282,17 @@ class ClientPool:
                     f"(only inference is): {error.message}",
                 )
             )
-        if resent:
+        if isinstance(error, GoneAway) and refused < self.size:
+            # Never run: safe to send again without using up the one re-send.
+            resent_now, refused = resent, refused + 1
+        elif resent or isinstance(error, GoneAway):
             return Failure(ConnectionDropped(ErrorCode.UNAVAILABLE, f"{what}: {error.message}"))
+        else:
+            resent_now = True
         self.resent += 1
         retry = Deferred.fromCoroutine(
             self._send_when_connected(
-                message, (index + 1) % len(self.endpoints), index, resent=True
+                message, (index + 1) % len(self.endpoints), index, resent_now, refused
             )
         )
 
