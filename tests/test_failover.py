@@ -256,6 +256,27 @@ class ClientPoolTests(unittest.TestCase):
         self.assertIn("went away before it accepted the request", error.message)
         self.assertEqual(client.resent, 1)
 
+    def test_through_a_balancer_a_lost_request_is_resent_on_a_fresh_connection(self) -> None:
+        # A node behind the balancer dies: every connection to it is lost,
+        # one after the other.  The other connection may be to that node
+        # too, its loss not yet read, so the request waits for the
+        # replacement opened after the loss.
+        client, [a, b] = self.start(["tcp:lb:9000"], connections=2)
+        d = client.infer("tiny", {"x": X})
+        first = a if a.received() else b
+        other = b if first is a else a
+        first.lose()
+        self.assertEqual(other.received(), [])  # not there
+        self.assertEqual(len(self.reactor.tcpClients), 3)  # one replacement, no more
+        other.lose()  # it was on the dead node as well
+        self.assertNoResult(d)
+        fresh = Peer(self.reactor, 2)
+        [(rid, message)] = fresh.received()
+        self.assertIsInstance(message, InferRequest)
+        fresh.send(rid, InferReply({"y": X}))
+        np.testing.assert_array_equal(self.successResultOf(d)["y"], X)
+        self.assertEqual(client.resent, 1)
+
     def test_a_server_error_on_the_retry_is_the_answer(self) -> None:
         client, [a, b] = self.start(["tcp:a:9000", "tcp:b:9000"], connections=2)
         d = client.infer("tiny", {"x": X})
