@@ -7,8 +7,8 @@
   :func:`parse_servers_state`;
 - :func:`until`: waits for a condition on HAProxy, which says nothing unless
   asked: asked again every ``interval`` until a hard deadline;
-- :class:`Load`: pipelined inference over several connections through the
-  balancer, counting every answer.
+- :class:`Load`: pipelined inference through one failover client (several
+  connections through the balancer), counting every answer.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 from twisted.internet import endpoints, protocol
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from twinfer.client import TwinferClient, connect
+from twinfer.client import TwinferClient
 from twinfer.errors import ErrorCode, TwinferError
 
 #: The child's file descriptor that ``--port-file=/dev/fd/3`` writes to.
@@ -152,104 +152,61 @@ def sample(text: str, name: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-class _Connection:
-    """One client connection of a :class:`Load`, ``window`` requests in flight."""
-
-    def __init__(self, load: Load, client: TwinferClient) -> None:
-        self.load = load
-        self.client = client
-        self.inflight = 0
-        #: The server answered UNAVAILABLE (it drains) or the connection was lost.
-        self.refused = False
-        self.done: Deferred[bool] = Deferred()
-
-    def start(self) -> Deferred[bool]:
-        """Fires, once nothing is in flight any more, with whether the server refused."""
-        for _ in range(self.load.window):
-            self._send()
-        return self.done
-
-    def _send(self) -> None:
-        self.inflight += 1
-        self.load.counts["sent"] += 1
-        d = self.client.infer(self.load.model, self.load.inputs)
-        d.addBoth(self._answered)
-
-    def _answered(self, result: Any) -> None:
-        self.inflight -= 1
-        self.load.count(result)
-        if isinstance(result, Failure):
-            self.refused = True  # stop sending here: the server goes away
-        if not (self.refused or self.load.stopping):
-            self._send()
-        elif self.inflight == 0 and not self.done.called:
-            self.done.callback(self.refused)
-
-
 class Load:
-    """Pipelined inference through ``endpoint`` over ``connections`` connections.
+    """Pipelined inference through one client, ``in_flight`` requests at a time.
 
-    Each connection keeps ``window`` requests in flight.  A connection whose
-    server answers ``UNAVAILABLE`` stops sending, waits for its last answers,
-    closes, waits for :attr:`reconnect_gate` (if set) and opens a new
-    connection; it does not send the refused request again.  ``counts``:
-    ``sent``, ``ok``, ``unavailable`` (refused by a draining node), ``lost``
-    (no answer: the connection closed under it) and ``other``.
+    The client is a failover client (``connect(reactor, [balancer],
+    connections=K)``): it spreads the requests over its K connections and
+    moves them itself when a node drains or dies, so every request here is
+    sent once by this class.  ``counts``: ``sent``, ``ok``, ``unavailable``
+    (an ``UNAVAILABLE`` answer reached the caller), ``lost`` (the connection
+    went and the one re-send failed too) and ``other``; :attr:`errors` keeps
+    the messages of every failure.
     """
 
     def __init__(
-        self,
-        reactor: Any,
-        endpoint: str,
-        model: str,
-        inputs: dict[str, np.ndarray],
-        connections: int = 6,
-        window: int = 4,
+        self, client: TwinferClient, model: str, inputs: dict[str, np.ndarray], in_flight: int = 24
     ) -> None:
-        self.reactor = reactor
-        self.endpoint = endpoint
+        self.client = client
         self.model = model
         self.inputs = inputs
-        self.connections = connections
-        self.window = window
+        self.in_flight = in_flight
         self.counts: Counter[str] = Counter()
         self.errors: list[str] = []
         self.stopping = False
-        self.reconnect_gate: Deferred[None] | None = None
-        self.reconnections = 0
+        self._pending = 0
+        self._stopped: Deferred[None] = Deferred()
         self._targets: list[tuple[int, Deferred[None]]] = []
-        self._runs: list[Deferred[None]] = []
 
-    async def start(self) -> None:
-        """Open the connections one after another (so that ``leastconn`` spreads
-        them) and start sending on each."""
-        for _ in range(self.connections):
-            client = await connect(self.reactor, self.endpoint)
-            self._runs.append(Deferred.fromCoroutine(self._run(client)))
+    def start(self) -> None:
+        for _ in range(self.in_flight):
+            self._send()
 
-    async def _run(self, client: TwinferClient) -> None:
-        while True:
-            refused = await _Connection(self, client).start()
-            await client.close()
-            if not refused or self.stopping:
-                return
-            if self.reconnect_gate is not None:
-                await self.reconnect_gate
-            if self.stopping:
-                return
-            self.reconnections += 1
-            client = await connect(self.reactor, self.endpoint)
+    def _send(self) -> None:
+        self._pending += 1
+        self.counts["sent"] += 1
+        self.client.infer(self.model, self.inputs).addBoth(self._answered)
+
+    def _answered(self, result: Any) -> None:
+        self._pending -= 1
+        self.count(result)
+        if not self.stopping:
+            self._send()
+        elif self._pending == 0 and not self._stopped.called:
+            self._stopped.callback(None)
 
     def count(self, result: Any) -> None:
         if not isinstance(result, Failure):
             self.counts["ok"] += 1
-        elif result.check(TwinferError) and "connection to the server" in str(result.value):
-            self.counts["lost"] += 1
-        elif result.check(TwinferError) and result.value.code == ErrorCode.UNAVAILABLE:  # type: ignore[union-attr]
-            self.counts["unavailable"] += 1
         else:
-            self.counts["other"] += 1
-            self.errors.append(str(result.value))
+            message = str(result.value)
+            self.errors.append(message)
+            if result.check(TwinferError) and "lost" in message:
+                self.counts["lost"] += 1
+            elif result.check(TwinferError) and result.value.code == ErrorCode.UNAVAILABLE:  # type: ignore[union-attr]
+                self.counts["unavailable"] += 1
+            else:
+                self.counts["other"] += 1
         targets, self._targets = self._targets, []
         for target, d in targets:
             if self.counts["ok"] >= target:
@@ -263,9 +220,32 @@ class Load:
         self._targets.append((self.counts["ok"] + more, d))
         return d
 
-    async def stop(self) -> None:
-        """Stop sending; returns once every request is answered and every connection closed."""
+    def stop(self) -> Deferred[None]:
+        """Stop sending; fires once every request sent is answered (or failed)."""
         self.stopping = True
-        if self.reconnect_gate is not None and not self.reconnect_gate.called:
-            self.reconnect_gate.callback(None)
-        await gatherResults(self._runs)
+        if self._pending == 0 and not self._stopped.called:
+            self._stopped.callback(None)
+        return self._stopped
+
+
+def within(reactor: Any, d: Deferred[Any], seconds: float, what: str) -> Deferred[Any]:
+    """``d``'s result, or an :class:`AssertionError` naming ``what`` after ``seconds``.
+
+    ``d`` itself is left alone (not cancelled): a child's ``ended`` must stay
+    unfired so that the clean-up still kills it.
+    """
+    out: Deferred[Any] = Deferred()
+
+    def give_up() -> None:
+        out.errback(AssertionError(f"not {what} within {seconds}s"))
+
+    call = reactor.callLater(seconds, give_up)
+
+    def relay(result: Any) -> Any:
+        if not out.called:
+            call.cancel()
+            out.callback(result)
+        return None if isinstance(result, Failure) else result
+
+    d.addBoth(relay)
+    return out

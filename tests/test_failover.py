@@ -215,6 +215,68 @@ class ClientPoolTests(unittest.TestCase):
         )
         self.assertEqual(client.resent, 1)
 
+    def test_a_request_refused_after_goaway_twice_through_a_balancer_is_answered(self) -> None:
+        # Two connections through one balancer to the same draining node:
+        # the request the first refuses is re-sent on the second, which has
+        # not read its GOAWAY yet and refuses it too.  The node never ran it,
+        # so it goes on to a fresh connection and is answered.
+        client, [a, b] = self.start(["tcp:lb:9000"], connections=2)
+        d = client.infer("tiny", {"x": X})
+        first = a if a.received() else b
+        other = b if first is a else a
+        kept = client.ping()  # on the other connection, accepted before its GOAWAY
+        [(ping_id, _)] = other.received()
+        first.send(0, GoAway(0, "the server is shutting down"))
+        first.send(1, Error(ErrorCode.UNAVAILABLE, "the server is shutting down"))
+        [(again, _)] = other.received()  # re-sent there
+        other.send(0, GoAway(ping_id, "the server is shutting down"))
+        other.send(again, Error(ErrorCode.UNAVAILABLE, "the server is shutting down"))
+        self.assertNoResult(d)
+        fresh = Peer(self.reactor, len(self.reactor.tcpClients) - 1)
+        [(rid, message)] = fresh.received()
+        self.assertIsInstance(message, InferRequest)
+        fresh.send(rid, InferReply({"y": X}))
+        np.testing.assert_array_equal(self.successResultOf(d)["y"], X)
+        self.assertEqual(client.resent, 2)
+        other.send(ping_id, Pong())
+        self.successResultOf(kept)
+
+    def test_refusals_after_goaway_are_followed_at_most_once_per_connection(self) -> None:
+        client, [a] = self.start(["tcp:lb:9000"], connections=1)
+        d = client.infer("tiny", {"x": X})
+        a.received()
+        a.send(0, GoAway(0, "the server is shutting down"))
+        a.send(1, Error(ErrorCode.UNAVAILABLE, "the server is shutting down"))
+        self.reactor.advance(0.05)  # the replacement, after the back-off
+        b = Peer(self.reactor, 1)
+        [(rid, _)] = b.received()
+        b.send(0, GoAway(0, "the server is shutting down"))
+        b.send(rid, Error(ErrorCode.UNAVAILABLE, "the server is shutting down"))
+        error = self.failureResultOf(d, TwinferError).value
+        self.assertIn("went away before it accepted the request", error.message)
+        self.assertEqual(client.resent, 1)
+
+    def test_through_a_balancer_a_lost_request_is_resent_on_a_fresh_connection(self) -> None:
+        # A node behind the balancer dies: every connection to it is lost,
+        # one after the other.  The other connection may be to that node
+        # too, its loss not yet read, so the request waits for the
+        # replacement opened after the loss.
+        client, [a, b] = self.start(["tcp:lb:9000"], connections=2)
+        d = client.infer("tiny", {"x": X})
+        first = a if a.received() else b
+        other = b if first is a else a
+        first.lose()
+        self.assertEqual(other.received(), [])  # not there
+        self.assertEqual(len(self.reactor.tcpClients), 3)  # one replacement, no more
+        other.lose()  # it was on the dead node as well
+        self.assertNoResult(d)
+        fresh = Peer(self.reactor, 2)
+        [(rid, message)] = fresh.received()
+        self.assertIsInstance(message, InferRequest)
+        fresh.send(rid, InferReply({"y": X}))
+        np.testing.assert_array_equal(self.successResultOf(d)["y"], X)
+        self.assertEqual(client.resent, 1)
+
     def test_a_server_error_on_the_retry_is_the_answer(self) -> None:
         client, [a, b] = self.start(["tcp:a:9000", "tcp:b:9000"], connections=2)
         d = client.infer("tiny", {"x": X})

@@ -7,15 +7,25 @@ descriptors, ``fd@N``, so no port is guessed).  The nodes serve the builtin
 ``tiny`` model, with ``--metrics-port`` (HAProxy's ``/readyz`` check) and
 ``--agent-port`` (HAProxy's agent check).
 
-1. Load through HAProxy over six connections reaches all three nodes, and
-   the nodes' ``/metrics`` count exactly the requests the clients saw
-   answered.
+The load is one failover client, ``connect(reactor, [HAProxy],
+connections=6)``: a list of one endpoint, the balancer, so every connection
+it opens in place of one that went lands wherever HAProxy sends it.
+
+1. Load over its six connections reaches all three nodes, and the nodes'
+   ``/metrics`` count exactly the requests the client saw answered.
 2. Under load, one node gets SIGTERM: its agent answers ``drain`` (HAProxy's
    server state shows the agent's DRAIN), HAProxy sends it no new connection
-   (its session total stays put while the refused connections reconnect),
-   every request sent is answered, and the node exits 0.  Requests the
-   draining node refused with ``UNAVAILABLE`` on its still-open connections
-   are counted and reported (a client that re-sends them is another test's).
+   after that, the node exits 0, and every request is answered OK exactly
+   once: the requests the node refused after its GOAWAY were re-sent by the
+   client on its new connections (the node's ``UNAVAILABLE`` count equals
+   the client's ``resent``), so the caller sees no error and nothing is
+   lost.
+3. Still under load, another node gets ``kill -9``: the client's
+   connections to it are lost, it re-sends their in-flight inference once
+   through HAProxy (which retries and redispatches the new connections to
+   the remaining node, and whose health check marks the dead one DOWN), and
+   again every request is answered OK, 0 lost; the remaining node served,
+   and the number of re-sent requests is reported.
 
 Skipped, loudly, only when ``haproxy`` is not installed (``.ci/run``
 installs it).
@@ -47,6 +57,7 @@ from haproxy_support import (
     parse_stat,
     sample,
     until,
+    within,
 )
 from twinfer.client import connect
 from twistd_process import TWISTD_TINY_CONFIG
@@ -61,6 +72,8 @@ NODES = ("node1", "node2", "node3")
 BINARY_FD, HTTP_FD = 5, 6
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 OK_SAMPLE = 'twinfer_requests_total{code="OK",frontend="binary",model="tiny"}'
+#: The failover client's connections through HAProxy.
+CONNECTIONS = 6
 UNAVAILABLE_SAMPLE = 'twinfer_requests_total{code="UNAVAILABLE",frontend="binary",model="tiny"}'
 
 
@@ -185,9 +198,11 @@ class HAProxyTests(unittest.TestCase):
 
     # -- the test -------------------------------------------------------------------
 
-    async def test_three_nodes_serve_and_one_drains_out_of_haproxy_under_load(self) -> None:
+    async def test_three_nodes_serve_one_drains_one_is_killed_and_no_request_is_lost(
+        self,
+    ) -> None:
         nodes = {name: self.start_node(name) for name in NODES}
-        await gatherResults([node.ready for node in nodes.values()])
+        await within(reactor, gatherResults([n.ready for n in nodes.values()]), 60, "nodes up")
         haproxy = self.start_haproxy(nodes)
         await until(reactor, self.all_up, "all six servers UP with the agent's 'up'")
         x = np.ones((2, 4), np.float32)
@@ -197,30 +212,34 @@ class HAProxyTests(unittest.TestCase):
         code, _ = await self.get(f"http://127.0.0.1:{self.http_frontend}/v2/health/ready")
         self.assertEqual(code, 200)
 
+        # The failover client: six connections through the balancer.
+        client = await connect(reactor, [endpoint], connections=CONNECTIONS)
+        self.addCleanup(client.close)
+
         # 1. Six connections, balanced per connection: every node serves.
-        first = Load(reactor, endpoint, "tiny", {"x": x})
-        await first.start()
-        await first.answered_ok(600)
-        await first.stop()
+        first = Load(client, "tiny", {"x": x})
+        first.start()
+        await within(reactor, first.answered_ok(600), 60, "600 answers")
+        await within(reactor, first.stop(), 30, "the first load's last answers")
         served = {name: sample(await self.metrics(node), OK_SAMPLE) for name, node in nodes.items()}
         for name, count in served.items():
             self.assertGreater(count, 0, f"{name} served nothing: {served}")
         self.assertEqual(sum(served.values()), first.counts["ok"], served)
         self.assertEqual(first.counts["ok"], first.counts["sent"], first.counts)
+        self.assertEqual(client.resent, 0)
 
         # 2. Under load, SIGTERM the node with the most connections.
-        second = Load(reactor, endpoint, "tiny", {"x": x})
-        second.reconnect_gate = Deferred()  # reconnect once HAProxy heard "drain"
-        await second.start()
-        await second.answered_ok(300)
+        second = Load(client, "tiny", {"x": x})
+        second.start()
+        await within(reactor, second.answered_ok(300), 60, "300 answers before the drain")
         current = await self.stat()
         name = max(NODES, key=lambda n: int(current[n]["scur"]))
         draining = nodes[name]
-        others = [node for other, node in nodes.items() if other != name]
-        # An idle client of that node: the balanced clients close their
-        # connections as soon as they are refused, and a node left with no
-        # connection exits at once, before HAProxy's next agent check; this
-        # one keeps the drain going until its 0.5 s linger ends.
+        others = {other: node for other, node in nodes.items() if other != name}
+        # An idle client of that node: the failover client retires its
+        # connections there as soon as their replies are in, and a node left
+        # with no connection exits at once, before HAProxy's next agent
+        # check; this one keeps the drain going until its 0.5 s linger ends.
         idle = await connect(reactor, f"tcp:127.0.0.1:{draining.ports['binary']}")
         draining.transport.signalProcess("TERM")
 
@@ -235,37 +254,74 @@ class HAProxyTests(unittest.TestCase):
                 f"{e}\n--- {name}:\n{draining.output}\n--- haproxy:\n{haproxy.output}"
             ) from None
         sessions_then = int((await self.stat())[name]["stot"])
-        second.reconnect_gate.callback(None)
-        exit_code = await draining.ended
+        exit_code = await within(reactor, draining.ended, 30, f"{name} exited after SIGTERM")
         await idle.close()  # the node closed it: at once
         self.assertEqual(exit_code, 0, draining.output)
-        await second.answered_ok(300)  # the other two carry the load
-        await second.stop()
+        await within(reactor, second.answered_ok(300), 60, "300 answers after the drain")
+        await within(reactor, second.stop(), 30, "the second load's last answers")
 
         stat = await self.stat()
         self.assertEqual(int(stat[name]["stot"]), sessions_then, f"new connections to {name}")
         self.assertNotEqual(stat[name]["status"], "UP")
-        self.assertGreater(second.reconnections, 0)  # the drained node's connections moved
 
-        counts = second.counts
+        counts, resent_on_drain = second.counts, client.resent
+        stopped = self.stopped_line(draining)
         report = (
-            f"through HAProxy: sent {counts['sent']}, answered OK {counts['ok']}, "
-            f"refused UNAVAILABLE by the draining node {counts['unavailable']}, "
-            f"lost {counts['lost']}, other errors {counts['other']} {second.errors[:3]}; "
-            f"{second.reconnections} connection(s) moved off {name}"
+            f"drain of {name} through HAProxy: sent {counts['sent']}, answered OK "
+            f"{counts['ok']}, UNAVAILABLE seen by the caller {counts['unavailable']}, lost "
+            f"{counts['lost']}, other errors {counts['other']} {second.errors[:3]}; re-sent "
+            f"by the client {resent_on_drain} (refused by {name} after its GOAWAY: "
+            f"{stopped.get('UNAVAILABLE', 0)})"
         )
         print(report)
-        self.assertEqual(counts["lost"], 0, report)
-        self.assertEqual(counts["other"], 0, report)
-        self.assertEqual(counts["ok"] + counts["unavailable"], counts["sent"], report)
+        self.assertEqual(counts["ok"], counts["sent"], report)
+        self.assertEqual(second.errors, [], report)
+        # Every refusal the node counted came back to the client, which sent it again.
+        self.assertEqual(stopped.get("UNAVAILABLE", 0), resent_on_drain, report)
 
         # Every answer is accounted for by exactly one node.
-        stopped = self.stopped_line(draining)
-        self.assertEqual(stopped.get("UNAVAILABLE", 0), counts["unavailable"], report)
-        pages = [await self.metrics(node) for node in others]
-        for page in pages:
+        pages = {other: await self.metrics(node) for other, node in others.items()}
+        for page in pages.values():
             self.assertEqual(sample(page, UNAVAILABLE_SAMPLE), 0)
-        ok_total = stopped.get("OK", 0) + sum(sample(page, OK_SAMPLE) for page in pages)
+        ok_total = stopped.get("OK", 0) + sum(sample(page, OK_SAMPLE) for page in pages.values())
         self.assertEqual(ok_total, first.counts["ok"] + counts["ok"], report)
+
+        # 3. Still under load, kill -9 the live node with the most connections.
+        third = Load(client, "tiny", {"x": x})
+        third.start()
+        await within(reactor, third.answered_ok(300), 60, "300 answers before the kill")
+        current = await self.stat()
+        killed_name = max(others, key=lambda n: int(current[n]["scur"]))
+        killed = others[killed_name]
+        (remaining_name,) = set(others) - {killed_name}
+        remaining = others[remaining_name]
+        self.assertGreater(int(current[killed_name]["scur"]), 0, current[killed_name])
+        ok_before = sample(pages[remaining_name], OK_SAMPLE)
+        killed.transport.signalProcess("KILL")
+        await within(reactor, killed.ended, 30, f"{killed_name} dead after SIGKILL")
+
+        async def killed_down() -> bool:
+            return (await self.stat())[killed_name]["status"].startswith("DOWN")
+
+        await until(reactor, killed_down, f"{killed_name} DOWN by its health check")
+        await within(reactor, third.answered_ok(300), 60, "300 answers after the kill")
+        await within(reactor, third.stop(), 30, "the third load's last answers")
+
+        counts = third.counts
+        resent_on_kill = client.resent - resent_on_drain
+        served_after = sample(await self.metrics(remaining), OK_SAMPLE) - ok_before
+        report = (
+            f"kill -9 of {killed_name} through HAProxy: sent {counts['sent']}, answered OK "
+            f"{counts['ok']}, lost {counts['lost']}, UNAVAILABLE {counts['unavailable']}, "
+            f"other errors {counts['other']} {third.errors[:3]}; re-sent by the client "
+            f"{resent_on_kill}; {remaining_name} answered {served_after:.0f} since the kill"
+        )
+        print(report)
+        self.assertEqual(counts["ok"], counts["sent"], report)
+        self.assertEqual(third.errors, [], report)
+        # The killed node had requests in flight on its connections: they came back.
+        self.assertGreater(resent_on_kill, 0, report)
+        self.assertGreater(served_after, 0, report)
+        await client.close()
         haproxy.transport.signalProcess("TERM")
-        await haproxy.ended
+        await within(reactor, haproxy.ended, 30, "haproxy exited")

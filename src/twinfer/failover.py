@@ -11,21 +11,25 @@ balancer) or for ``connections=K``.  It
   string (through a balancer that lands on another node; if it refuses, the
   next endpoints in turn) and closes the old connection once its replies are
   in; requests the server refused because they came after its ``GOAWAY``
-  are sent again on another connection;
+  are sent again on another connection (the server never ran them, so this
+  does not use up their one re-send below: through a balancer, the other
+  connection may be to the same draining node and refuse them too; at most
+  as many times as the pool has connections);
 - on a lost connection re-sends the inference and image requests that were
-  in flight **once**, on another connection or a fresh one (inference is
-  idempotent).  Other requests (admin above all: a ``load`` may have run)
+  in flight **once**, on a connection to another endpoint or on a fresh one
+  (inference is idempotent; through a balancer, the other connections may
+  be to the same dead node).  Other requests (admin above all: a ``load`` may have run)
   are never re-sent: they fail with ``UNAVAILABLE`` naming the lost
   connection.
 
 So every request is answered exactly once, or fails with a
 :class:`~twinfer.errors.TwinferError` that says what happened.
-:attr:`ClientPool.resent` counts the requests sent a second time.
+:attr:`ClientPool.resent` counts the re-sends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -86,7 +90,7 @@ class ClientPool:
         self.size = max(1, connections)
         #: Open connections (usable or finishing after GOAWAY), oldest first.
         self.protocols: list[ClientProtocol] = []
-        #: Requests sent a second time (after a lost connection or a GOAWAY).
+        #: Re-sends of requests (after a lost connection or a refusal after GOAWAY).
         self.resent = 0
         #: The HELLO of the first server connected to.
         self.server_hello = Hello()
@@ -197,6 +201,10 @@ class ClientPool:
             protocol.close()
 
     def _closed_connection(self, _: None, protocol: ClientProtocol) -> None:
+        """Forget a closed connection and, if it was lost, open its replacement
+        (once: called again for the same connection, does nothing)."""
+        if protocol not in self._endpoint_of:
+            return
         index = self._endpoint_of.pop(protocol)
         self.protocols.remove(protocol)
         if protocol.going_away is None and not self._closed:
@@ -205,12 +213,14 @@ class ClientPool:
 
     # -- requests -----------------------------------------------------------------
 
-    def _pick(self, avoid: int | None = None) -> ClientProtocol | None:
+    def _pick(
+        self, avoid: int | None = None, stale: Collection[ClientProtocol] = ()
+    ) -> ClientProtocol | None:
         """The usable connection with the fewest requests in flight, on another
-        endpoint than ``avoid`` if there is one."""
+        endpoint than ``avoid`` if there is one, else one not in ``stale``."""
         usable = [p for p in self.protocols if p.usable]
         elsewhere = [p for p in usable if self._endpoint_of.get(p) != avoid]
-        candidates = elsewhere or usable
+        candidates = elsewhere or [p for p in usable if p not in stale]
         return min(candidates, key=lambda p: p.in_flight) if candidates else None
 
     def request(self, message: Message) -> Deferred[Message]:
@@ -219,37 +229,48 @@ class ClientPool:
         docstring for what happens when a connection goes."""
         protocol = self._pick()
         if protocol is not None:
-            return self._send_on(protocol, message, resent=False)
-        return Deferred.fromCoroutine(self._send_when_connected(message, 0, None, resent=False))
+            return self._send_on(protocol, message, resent=False, refused=0)
+        return Deferred.fromCoroutine(
+            self._send_when_connected(message, 0, None, resent=False, refused=0)
+        )
 
     def _send_on(
-        self, protocol: ClientProtocol, message: Message, resent: bool
+        self, protocol: ClientProtocol, message: Message, resent: bool, refused: int
     ) -> Deferred[Message]:
         d = protocol.request(message)
-        d.addBoth(self._settled, protocol, message, resent)
+        d.addBoth(self._settled, protocol, message, resent, refused)
         return d
 
     async def _send_when_connected(
-        self, message: Message, start: int, avoid: int | None, resent: bool
+        self,
+        message: Message,
+        start: int,
+        avoid: int | None,
+        resent: bool,
+        refused: int,
+        stale: Collection[ClientProtocol] = (),
     ) -> Message:
         """Send on a usable connection (on another endpoint than ``avoid`` if
-        one is up), waiting for those being opened, else opening one from
-        endpoint ``start`` on."""
+        one is up, else on one not in ``stale``), waiting for those being
+        opened, else opening one from endpoint ``start`` on."""
         if self._closed:
             raise TwinferError(ErrorCode.UNAVAILABLE, "the client was closed")
-        protocol = self._pick(avoid)
+        protocol = self._pick(avoid, stale)
         if protocol is None and self._opening:
             await DeferredList([_observe(d) for d in list(self._opening)])
-            protocol = self._pick(avoid)
+            protocol = self._pick(avoid, stale)
         if protocol is None:
             protocol = await self._replace(start)
         if protocol is None:
             raise Unreachable(ErrorCode.UNAVAILABLE, f"no server could be reached: {self._why()}")
-        return await self._send_on(protocol, message, resent)
+        return await self._send_on(protocol, message, resent, refused)
 
     def _settled(
-        self, result: Any, protocol: ClientProtocol, message: Message, resent: bool
+        self, result: Any, protocol: ClientProtocol, message: Message, resent: bool, refused: int
     ) -> Any:
+        """``resent``: the request was already sent again after a lost
+        connection (it may have run); ``refused``: how many servers refused
+        it after their GOAWAY (it did not run there)."""
         self._retire_if_idle(protocol)
         if not isinstance(result, Failure):
             self._sent_away = 0  # a server took a request: no longer being sent away
@@ -274,12 +295,24 @@ class ClientPool:
                     f"(only inference is): {error.message}",
                 )
             )
-        if resent:
+        stale: Collection[ClientProtocol] = ()
+        if isinstance(error, GoneAway) and refused < self.size:
+            # Never run: safe to send again without using up the one re-send.
+            resent_now, refused = resent, refused + 1
+        elif resent or isinstance(error, GoneAway):
             return Failure(ConnectionDropped(ErrorCode.UNAVAILABLE, f"{what}: {error.message}"))
+        else:
+            resent_now = True
+            # Through a balancer, the other connections to this endpoint may
+            # be to the same dead node, their loss not read yet: re-send on
+            # another endpoint or on a connection opened from now on (the
+            # replacement, opened here rather than after the failed requests).
+            stale = set(self.protocols)
+            self._closed_connection(None, protocol)
         self.resent += 1
         retry = Deferred.fromCoroutine(
             self._send_when_connected(
-                message, (index + 1) % len(self.endpoints), index, resent=True
+                message, (index + 1) % len(self.endpoints), index, resent_now, refused, stale
             )
         )
 
