@@ -1,7 +1,7 @@
 """Real ``twistd`` nodes behind a real HAProxy, for ``tests/test_haproxy.py``.
 
-- :class:`ChildProcess`: a child's output, its port file (a pipe on fd 3)
-  and its end, as Deferreds;
+- :class:`ChildProcess` (from ``child_process``): a child's output, its
+  port file (a pipe on fd 3) and its end, as Deferreds;
 - :func:`haproxy_command`: the admin socket's answer to one command (``show
   stat``, ``show servers state``), parsed by :func:`parse_stat` and
   :func:`parse_servers_state`;
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -30,53 +29,8 @@ from twisted.python.failure import Failure
 from twinfer.client import TwinferClient
 from twinfer.errors import ErrorCode, TwinferError
 
-#: The child's file descriptor that ``--port-file=/dev/fd/3`` writes to.
-PORT_FILE_FD = 3
 #: ``srv_admin_state`` bit of ``show servers state``: DRAIN forced (by the agent here).
 ADMIN_FORCED_DRAIN = 0x08
-
-
-class ChildProcess(protocol.ProcessProtocol):
-    """A child process: its output, its port file on fd 3 (``ready`` fires
-    when it is written, or fails if the child exits first), its end."""
-
-    def __init__(self, name: str, port_file: bool = True) -> None:
-        self.name = name
-        self.port_file = port_file
-        self.output = ""
-        #: Each port by name (``binary``, ``metrics``, ``agent``...), once listening.
-        self.ports: dict[str, int] = {}
-        self.ready: Deferred[None] = Deferred()
-        self.ended: Deferred[int | None] = Deferred()
-        self._port_file = b""
-        self._waiting: list[tuple[str, Deferred[None]]] = []
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD == PORT_FILE_FD:
-            self._port_file += data
-            if b"\n" in self._port_file and not self.ready.called:
-                self.ports = json.loads(self._port_file.split(b"\n", 1)[0])
-                self.ready.callback(None)
-            return
-        self.output += data.decode("utf-8", "replace")
-        waiting, self._waiting = self._waiting, []
-        for text, d in waiting:
-            if text in self.output:
-                d.callback(None)
-            else:
-                self._waiting.append((text, d))
-
-    def wait_for(self, text: str) -> Deferred[None]:
-        """Fires once the child's output contains ``text``."""
-        d: Deferred[None] = Deferred()
-        self._waiting.append((text, d))
-        self.childDataReceived(1, b"")
-        return d
-
-    def processEnded(self, reason: Failure) -> None:
-        if self.port_file and not self.ready.called:
-            self.ready.errback(RuntimeError(f"{self.name} exited early:\n{self.output}"))
-        self.ended.callback(reason.value.exitCode)
 
 
 class _Reply(protocol.Protocol):

@@ -47,10 +47,9 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 
+from child_process import PORT_FILE_FD, ChildProcess
 from haproxy_support import (
     ADMIN_FORCED_DRAIN,
-    PORT_FILE_FD,
-    ChildProcess,
     Load,
     haproxy_command,
     parse_servers_state,

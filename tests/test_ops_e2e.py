@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -15,6 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 
+from child_process import PORT_FILE_FD, ChildProcess
 from ops_support import ConsoleClient
 from twinfer.client import connect
 from twinfer.errors import ErrorCode, LocalProtocolError, TwinferError
@@ -39,50 +39,6 @@ name = "squeezenet"
 path = "builtin:squeezenet"
 queue_size = 1024
 """
-
-#: The child's file descriptor that ``--port-file=/dev/fd/3`` writes to.
-PORT_FILE_FD = 3
-
-
-class _Twistd(protocol.ProcessProtocol):
-    """A ``twistd twinfer`` child: its output, its port file (a pipe on fd 3), its end."""
-
-    def __init__(self) -> None:
-        self.output = ""
-        #: Each port by name (``binary``, ``http``, ``metrics``, ``console``), once ready.
-        self.ports: dict[str, int] = {}
-        self.ready: Deferred[None] = Deferred()
-        self.ended: Deferred[int] = Deferred()
-        self._port_file = b""
-        self._waiting: list[tuple[str, Deferred[None]]] = []
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD == PORT_FILE_FD:
-            self._port_file += data
-            if b"\n" in self._port_file and not self.ready.called:
-                self.ports = json.loads(self._port_file.split(b"\n", 1)[0])
-                self.ready.callback(None)
-            return
-        self.output += data.decode("utf-8", "replace")
-        waiting, self._waiting = self._waiting, []
-        for text, d in waiting:
-            found = self.output.find(text)
-            if found >= 0 and "\n" in self.output[found:]:
-                d.callback(None)
-            else:
-                self._waiting.append((text, d))
-
-    def wait_for(self, text: str) -> Deferred[None]:
-        """Fires once the server's output has a whole line containing ``text``."""
-        d: Deferred[None] = Deferred()
-        self._waiting.append((text, d))
-        self.childDataReceived(1, b"")
-        return d
-
-    def processEnded(self, reason: Any) -> None:
-        if not self.ready.called:
-            self.ready.errback(RuntimeError(f"twistd exited early:\n{self.output}"))
-        self.ended.callback(reason.value.exitCode)
 
 
 class _RawHTTP(protocol.Protocol):
@@ -114,13 +70,13 @@ class _RawHTTP(protocol.Protocol):
 class TwistdTests(unittest.TestCase):
     timeout = 120
 
-    def spawn(self, *args: str, queue_size: int = 256) -> _Twistd:
+    def spawn(self, *args: str, queue_size: int = 256) -> ChildProcess:
         """Start ``twistd twinfer`` with ``args`` (killed at cleanup if still running)."""
         directory = Path(self.mktemp()).resolve()
         directory.mkdir()
         self.config_path = directory / "twinfer.toml"
         self.config_path.write_text(CONFIG.format(queue_size=queue_size))
-        proc = _Twistd()
+        proc = ChildProcess("twistd")
         argv = [
             TWISTD,
             "-n",
@@ -151,7 +107,7 @@ class TwistdTests(unittest.TestCase):
         self.addCleanup(kill)
         return proc
 
-    async def start(self, *args: str, queue_size: int = 256) -> _Twistd:
+    async def start(self, *args: str, queue_size: int = 256) -> ChildProcess:
         """Start ``twistd twinfer`` with ``args``; returns once every port listens."""
         proc = self.spawn(*args, queue_size=queue_size)
         await proc.ready
