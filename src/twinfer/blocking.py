@@ -121,6 +121,8 @@ class BlockingClient(Channel):
         timeout: float | None = DEFAULT_TIMEOUT,
         endpoints: Sequence[str] = (),
         ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
     ) -> None:
         """Wrap a connected socket (plain or ``ssl``) that has not sent anything yet.
 
@@ -132,6 +134,9 @@ class BlockingClient(Channel):
         #: Every endpoint the client may use, in order.
         self.endpoints = list(endpoints) or [self.endpoint]
         self.ca_file = ca_file
+        #: The client certificate (and its key) presented to ``tls:`` servers.
+        self.cert_file = cert_file
+        self.key_file = key_file
         #: Seconds to wait for each call's replies; ``None`` waits forever.
         self.timeout = timeout
         #: Inference requests sent a second time after a lost connection or a GOAWAY.
@@ -146,6 +151,8 @@ class BlockingClient(Channel):
         endpoint: str | Sequence[str] = DEFAULT_SERVER,
         *,
         ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> BlockingClient:
         """Connect to ``tcp:HOST:PORT`` or ``tls:HOST:PORT`` and do the handshake.
@@ -156,7 +163,10 @@ class BlockingClient(Channel):
         one first then: through a balancer that is another node), re-sending
         the inference it had in flight once (never other requests).
         For ``tls:`` the server's certificate must be valid for HOST and chain
-        to ``ca_file`` (a PEM bundle; default: the system's trust store).
+        to ``ca_file`` (a PEM bundle; default: the system's trust store), TLS
+        1.2 or newer; for servers that require a client certificate (mutual
+        TLS), ``cert_file`` is presented, with its key from ``key_file`` (or
+        from ``cert_file`` itself).
         ``timeout`` bounds the connection, the handshake and every later call.
         Raises :class:`ConnectFailed` when no server can be reached and
         :class:`TwinferError` when it refuses the handshake.
@@ -165,11 +175,19 @@ class BlockingClient(Channel):
         failures: list[ConnectFailed] = []
         for name in endpoints:
             try:
-                sock = open_socket(name, ca_file, timeout)
+                sock = open_socket(name, ca_file, timeout, cert_file=cert_file, key_file=key_file)
             except ConnectFailed as e:
                 failures.append(e)
                 continue
-            client = cls(sock, endpoint=name, timeout=timeout, endpoints=endpoints, ca_file=ca_file)
+            client = cls(
+                sock,
+                endpoint=name,
+                timeout=timeout,
+                endpoints=endpoints,
+                ca_file=ca_file,
+                cert_file=cert_file,
+                key_file=key_file,
+            )
             try:
                 client.handshake()
             except BaseException:
@@ -191,7 +209,13 @@ class BlockingClient(Channel):
         for step in range(len(self.endpoints)):
             name = self.endpoints[(start + step) % len(self.endpoints)]
             try:
-                sock = open_socket(name, self.ca_file, self.timeout)
+                sock = open_socket(
+                    name,
+                    self.ca_file,
+                    self.timeout,
+                    cert_file=self.cert_file,
+                    key_file=self.key_file,
+                )
             except ConnectFailed as e:
                 reasons.append(e.message)
                 continue

@@ -84,8 +84,16 @@ def split_endpoints(endpoints: str | list[str] | tuple[str, ...]) -> list[str]:
     return listed
 
 
-def open_socket(endpoint: str, ca_file: str | None, timeout: float | None) -> socket.socket:
-    """A connected socket to ``endpoint`` (TLS-wrapped and verified for ``tls:``).
+def open_socket(
+    endpoint: str,
+    ca_file: str | None,
+    timeout: float | None,
+    *,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+) -> socket.socket:
+    """A connected socket to ``endpoint`` (TLS-wrapped and verified for ``tls:``;
+    see :func:`twinfer.tls.blocking_context`).
 
     Raises :class:`ConnectFailed` naming the endpoint and the reason.
     """
@@ -99,7 +107,7 @@ def open_socket(endpoint: str, ca_file: str | None, timeout: float | None) -> so
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if kind == "tls":
-            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+            context = blocking_context(ca_file, cert_file, key_file)
             # Handshake while the socket is still blocking (with the timeout).
             sock = context.wrap_socket(sock, server_hostname=host)
     except (OSError, ssl.SSLError) as e:
@@ -109,6 +117,21 @@ def open_socket(endpoint: str, ca_file: str | None, timeout: float | None) -> so
             ErrorCode.UNAVAILABLE, f"TLS handshake with {endpoint} failed: {reason}"
         ) from e
     return sock
+
+
+def blocking_context(
+    ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None
+) -> ssl.SSLContext:
+    """An ``ssl`` client context: the server verified against ``ca_file``
+    (None: the system's store), TLS 1.2 or newer, and the client certificate
+    ``cert_file`` (its key in ``key_file`` or in the same file) if given."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file is not None:
+        context.load_cert_chain(cert_file, key_file)
+    elif key_file is not None:
+        raise ValueError("a client key needs its certificate (--cert)")
+    return context
 
 
 def os_reason(error: OSError) -> str:

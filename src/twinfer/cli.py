@@ -12,9 +12,10 @@
 
 Every subcommand takes ``--server ENDPOINT`` (``tcp:HOST:PORT`` or
 ``tls:HOST:PORT``, default ``tcp:127.0.0.1:9000``, or several separated by
-commas: see :meth:`twinfer.blocking.BlockingClient.connect`), ``--ca-file`` for
-``tls:`` and ``--timeout``.  Exit status: 0 on success, 2 for an error the
-server reported or a bad argument/input file, 3 when the server cannot be
+commas: see :meth:`twinfer.blocking.BlockingClient.connect`), ``--ca-file``
+(or ``--ca``) for ``tls:``, ``--cert``/``--key`` for a server that requires a
+client certificate (mutual TLS), and ``--timeout``.  Exit status: 0 on
+success, 2 for an error the server reported or a bad argument/input file, 3 when the server cannot be
 reached or stops answering.  Users never see a traceback for these.
 """
 
@@ -118,7 +119,15 @@ def sanitize_filename(name: str) -> str:
 
 
 def _connect(args: argparse.Namespace) -> BlockingClient:
-    return BlockingClient.connect(args.server, ca_file=args.ca_file, timeout=args.timeout)
+    if args.key and not args.cert:
+        raise UserError("--key needs --cert")
+    return BlockingClient.connect(
+        args.server,
+        ca_file=args.ca_file,
+        cert_file=args.cert,
+        key_file=args.key,
+        timeout=args.timeout,
+    )
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -271,8 +280,20 @@ def _common_options() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--ca-file",
+        "--ca",
+        dest="ca_file",
         metavar="PEM",
         help="CA certificates to verify a tls: server with (default: the system's)",
+    )
+    group.add_argument(
+        "--cert",
+        metavar="PEM",
+        help="client certificate for a tls: server that requires one (mutual TLS)",
+    )
+    group.add_argument(
+        "--key",
+        metavar="PEM",
+        help="the private key of --cert (default: read from the --cert file)",
     )
     group.add_argument(
         "--timeout",

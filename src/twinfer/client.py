@@ -33,12 +33,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+from twisted.internet.ssl import Certificate, PrivateCertificate
 from twisted.python.failure import Failure
 
 import twinfer
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.netutil import set_no_delay
+from twinfer.tls import client_options, load_private_certificate
 from twinfer.wire.connection import Connection, Role
 from twinfer.wire.events import (
     GoAwayReceived,
@@ -362,16 +363,13 @@ def client_endpoint(
 
     For ``tls:``, the server's certificate must match HOST (checked by
     ``service_identity``) and chain to ``trust_root`` (a PEM file path or a
-    ``Certificate``; default: the platform's trust store).
+    ``Certificate``; default: the platform's trust store); TLS 1.2 or newer
+    only; ``client_certificate`` is presented to a server that asks for one
+    (mutual TLS).
     """
     if description.startswith("tls:") and description.count(":") == 2:
         _, host, port = description.split(":")
-        if isinstance(trust_root, str):
-            with open(trust_root, "rb") as f:
-                trust_root = Certificate.loadPEM(f.read())
-        options = optionsForClientTLS(
-            host, trustRoot=trust_root, clientCertificate=client_certificate
-        )
+        options = client_options(host, trust_root, client_certificate)
         return wrapClientTLS(options, HostnameEndpoint(reactor, host, int(port)))
     return clientFromString(reactor, description)
 
@@ -402,6 +400,8 @@ def connect(
     connections: int = 1,
     trust_root: str | Certificate | None = None,
     client_certificate: PrivateCertificate | None = None,
+    client_cert: str | None = None,
+    client_key: str | None = None,
 ) -> Deferred[TwinferClient]:
     """Connect and handshake; fires with a :class:`TwinferClient`.
 
@@ -417,7 +417,16 @@ def connect(
     is lost (never admin requests); :attr:`TwinferClient.resent` counts the
     re-sent requests.  It fires once at least one connection is up, and
     fails with :class:`Unreachable` when none could be made.
+
+    For ``tls:`` endpoints, ``trust_root`` verifies the servers, and a client
+    certificate for mutual TLS is ``client_certificate`` or loaded from the
+    PEM files ``client_cert`` and ``client_key`` (None: the key is in
+    ``client_cert``).
     """
+    if client_cert is not None:
+        client_certificate = load_private_certificate(client_cert, client_key)
+    elif client_key is not None:
+        raise ValueError("client_key needs client_cert")
 
     def make(description: str) -> IStreamClientEndpoint:
         return client_endpoint(

@@ -112,6 +112,14 @@ class Options(usage.Options):
             "check, e.g. 'up ready 80%', 'drain' or 'down #reason' (see docs/operations.md).",
         ],
         [
+            "tls-client-ca",
+            None,
+            None,
+            "Mutual TLS: every ssl: port (binary, HTTP, metrics, console, agent) requires a "
+            "client certificate that chains to a CA in this PEM bundle (one port can name "
+            "its own with clientCA=PEM). See docs/security.md.",
+        ],
+        [
             "drain-timeout",
             None,
             30.0,
@@ -167,6 +175,13 @@ class Options(usage.Options):
             self["debug-port"] = description
         if self["metrics-port"]:
             self["metrics-port"] = endpoint_description(self["metrics-port"])
+        if self["tls-client-ca"]:
+            from twinfer.tls import load_certificates
+
+            try:
+                load_certificates(self["tls-client-ca"])
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(f"bad --tls-client-ca: {e}") from e
         if self["port-file"]:
             # Relative to where the command was typed, not twistd's --rundir.
             self["port-file"] = os.path.abspath(self["port-file"])
@@ -229,6 +244,8 @@ class TwinferService(service.MultiService):
         #: twistd's ServerOptions, when run by twistd (the plugin options' parent).
         self.twistd_options: Any = None
         self._wrote_port_file = False
+        #: The PEM bundle of CAs every ssl: port verifies client certificates with.
+        self.tls_client_ca: str | None = None
 
     def listening_services(self) -> list[ListeningService]:
         """The services of the listening ports, in the order they were added."""
@@ -310,6 +327,7 @@ def makeService(options: Options) -> TwinferService:
         devices=", ".join(f"{d.name}={d.target}x{counts[d.name]}" for d in config.devices),
     )
     top = TwinferService(port_file=options["port-file"], reactor=reactor)
+    top.tls_client_ca = options["tls-client-ca"]
     top.twistd_options = getattr(options, "parent", None)
     # Every front end's requests go through this one data plane.
     dataplane = DataPlane(dispatcher)
@@ -337,6 +355,11 @@ def _listen(
     **kwargs: Any,
 ) -> None:
     try:
+        if description.startswith("ssl:"):
+            from twinfer.tls import server_endpoint
+
+            # TLS 1.2 or newer, and client certificates with --tls-client-ca.
+            kwargs["endpoint"] = server_endpoint(reactor, description, client_ca=top.tls_client_ca)
         listening = ListeningService(reactor, name, description, factory, **kwargs)
     except (ValueError, KeyError, OSError) as e:  # serverFromString: a bad description
         raise SystemExit(f"twinfer: bad endpoint {description!r}: {e}") from e
