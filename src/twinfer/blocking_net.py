@@ -283,7 +283,27 @@ class Channel:
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
             pass  # not ready after all; the next round waits again
         except OSError as e:
-            self._connection_lost(os_reason(e))
+            # A TLS alert waiting to be read (a server that refused our client
+            # certificate) says more than the failed write would.
+            self._connection_lost(self._tls_alert(sock) or os_reason(e))
+
+    def _tls_alert(self, sock: socket.socket) -> str | None:
+        """The TLS alert the server sent before it closed, if one is there to read.
+
+        With TLS 1.3 a server refuses a client certificate after the client
+        thinks the handshake is done, so the alert (``certificate required``,
+        ``unknown ca``) arrives while the client writes its first frame.
+        """
+        if not self._tls:
+            return None
+        try:
+            sock.recv(1)
+        except ssl.SSLError as e:
+            if not isinstance(e, ssl.SSLEOFError | ssl.SSLWantReadError):
+                return str(e)
+        except OSError:
+            pass
+        return None
 
     def _write(self, sock: socket.socket) -> None:
         out = self._out

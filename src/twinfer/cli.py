@@ -15,8 +15,8 @@ Every subcommand takes ``--server ENDPOINT`` (``tcp:HOST:PORT`` or
 commas: see :meth:`twinfer.blocking.BlockingClient.connect`), ``--ca-file``
 (or ``--ca``) for ``tls:``, ``--cert``/``--key`` for a server that requires a
 client certificate (mutual TLS), and ``--timeout``.  Exit status: 0 on
-success, 2 for an error the server reported or a bad argument/input file, 3 when the server cannot be
-reached or stops answering.  Users never see a traceback for these.
+success, 2 for an error the server reported or a bad argument/input file, 3
+when the server cannot be reached or stops answering.  Users never see a traceback for these.
 """
 
 from __future__ import annotations
