@@ -13,6 +13,8 @@ import contextlib
 import http.client
 import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import attrs
@@ -244,6 +246,25 @@ def test_cli_key_without_cert_is_a_usage_error(
     args = ["models", "--server", mtls.endpoint(), "--key", str(mtls.client.key)]
     assert cli.main(args) == cli.EXIT_ERROR
     assert "--key needs --cert" in capsys.readouterr().err
+
+
+def run_bench(mtls: MutualTLS, *certificate: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "twinfer.bench", "--model", "tiny", "--server", mtls.endpoint()]
+        + ["--ca", str(mtls.tls.ca), "--requests", "8", "--warmup", "0", *certificate],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_bench_with_cert_and_key_is_served_and_without_refused(mtls: MutualTLS) -> None:
+    served = run_bench(mtls, "--cert", str(mtls.client.cert), "--key", str(mtls.client.key))
+    assert served.returncode == 0, served.stderr
+    assert "inf/s" in served.stdout
+    refused = run_bench(mtls)
+    assert refused.returncode != 0
+    assert "certificate required" in refused.stderr.lower(), refused.stderr
 
 
 # -- the Twisted client (one connection, and a ClientPool) ---------------------------

@@ -72,11 +72,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--ca-file",
+        "--ca",
         "--trust-root",
         dest="ca_file",
         metavar="PEM",
         help="for tls: CA certificate the server's certificate must chain to "
         "(default: the system's)",
+    )
+    parser.add_argument(
+        "--cert",
+        metavar="PEM",
+        help="client certificate for a tls: server that requires one (mutual TLS)",
+    )
+    parser.add_argument(
+        "--key", metavar="PEM", help="the private key of --cert (default: in the --cert file)"
     )
     parser.add_argument(
         "-c",

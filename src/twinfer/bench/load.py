@@ -86,6 +86,9 @@ class Share:
     requests: int | None
     warmup: float
     trust_root: str | None = None
+    #: A client certificate and its key (PEM files) for servers that require one.
+    client_cert: str | None = None
+    client_key: str | None = None
     files: Mapping[str, np.ndarray] = attrs.field(factory=dict)
     shapes: Mapping[str, tuple[int, ...]] = attrs.field(factory=dict)
     seed: int = 0
@@ -107,6 +110,8 @@ async def open_clients(reactor: Any, share: Share) -> list[TwinferClient]:
         parse_servers(share.server),
         connections=share.connections,
         trust_root=share.trust_root,
+        client_cert=share.client_cert,
+        client_key=share.client_key,
     )
     return [client]
 
@@ -153,6 +158,8 @@ def shares_for(concurrency: int, args: argparse.Namespace) -> list[Share]:
             requests=requests[i] if requests is not None else None,
             warmup=args.warmup,
             trust_root=args.ca_file,
+            client_cert=args.cert,
+            client_key=args.key,
             files=args.input_files,
             shapes=args.shapes,
             seed=args.seed + i,
