@@ -57,6 +57,9 @@ class HTTPFrontEnd(service.Service):
             max_body_size=config.server.http_max_body_size,
             body_timeout=config.server.http_timeout,
             reactor=reactor,
+            header_timeout=config.server.http_header_timeout,
+            max_connections=config.server.max_connections,
+            max_inflight=config.server.max_inflight_per_connection,
         )
 
     def startService(self) -> None:

@@ -141,6 +141,11 @@ class _Body:
 class LimitedRequest(server.Request):
     """A request whose body is size-limited before it is buffered, and time-limited.
 
+    The body's bytes are reserved in the data plane's buffer budget
+    (:class:`~twinfer.budget.BufferBudget`) before they are read: while it
+    is spent, reading the connection pauses; they are released when the
+    request is answered or its connection is gone.
+
     The limit (``site.max_body_size``) is checked against ``Content-Length``
     when the headers are complete and against the running total of a chunked
     upload; either way a 413 goes out at once and the connection is closed,
@@ -158,9 +163,17 @@ class LimitedRequest(server.Request):
     #: True from the headers until the whole body is in.
     receiving = False
     _upload_timer: IDelayedCall | None = None
+    #: Budget bytes this request holds (released when it is answered or gone).
+    _reserved = 0
+    #: True while reading is paused for the buffer budget.
+    waiting_for_memory = False
 
     def _site(self) -> TwinferSite:
         return self.channel.site  # type: ignore[attr-defined,no-any-return]
+
+    def _transport(self) -> Any:
+        """The connection's transport (a producer: reading pauses and resumes)."""
+        return self.channel.transport if self.channel is not None else None
 
     def gotLength(self, length: int | None) -> None:
         self.content = _Body()
@@ -172,9 +185,48 @@ class LimitedRequest(server.Request):
                 f"({site.max_body_size} bytes, server.http_max_body_size)",
             )
             return
-        if length != 0:
-            self.receiving = True
-            self._upload_timer = site.reactor.callLater(site.body_timeout, self.too_slow)
+        if length == 0:
+            return
+        self.receiving = True
+        budget = site.dataplane.budget
+        if length is None:  # chunked: reserved chunk by chunk
+            self._start_timer()
+        elif not budget.fits(length):
+            site.dataplane.limit_refused(FRONTEND, "max_buffered_bytes")
+            self._reject(
+                http.REQUEST_ENTITY_TOO_LARGE,
+                f"the request body ({length} bytes) is larger than the server's whole buffer "
+                f"budget ({budget.limit} bytes, server.max_buffered_bytes)",
+            )
+        elif budget.try_reserve(length):
+            self._reserved = length
+            self._start_timer()
+        else:
+            # Wait for the bytes instead of allocating them: stop reading
+            # (the upload's clock starts once it may go on).
+            site.dataplane.limit_refused(FRONTEND, "max_buffered_bytes")
+            self.waiting_for_memory = True
+            self._transport().pauseProducing()
+            budget.wait(length, self._memory_granted)
+
+    def _memory_granted(self, size: int) -> None:
+        self._reserved += size
+        self.waiting_for_memory = False
+        transport = self._transport()
+        if transport is not None and not self._rejected:
+            transport.resumeProducing()
+            self._start_timer()
+
+    def _start_timer(self) -> None:
+        site = self._site()
+        self._upload_timer = site.reactor.callLater(site.body_timeout, self.too_slow)
+
+    def _release(self) -> None:
+        budget = self._site().dataplane.budget
+        budget.forget(self._memory_granted)
+        reserved, self._reserved = self._reserved, 0
+        if reserved:
+            budget.release(reserved)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._rejected:
@@ -188,6 +240,19 @@ class LimitedRequest(server.Request):
                 f"({limit} bytes, server.http_max_body_size)",
             )
             return
+        if self._received > self._reserved:
+            # A chunked upload (or the rest of a read that came in while
+            # waiting): the bytes are here already, so they are counted, and
+            # reading stops while the budget is overspent.
+            budget = self._site().dataplane.budget
+            extra = self._received - self._reserved
+            budget.take(extra)
+            self._reserved += extra
+            if budget.used > budget.limit and not self.waiting_for_memory:
+                self._site().dataplane.limit_refused(FRONTEND, "max_buffered_bytes")
+                self.waiting_for_memory = True
+                self._transport().pauseProducing()
+                budget.wait(0, self._memory_granted)
         self.content.write(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
@@ -199,12 +264,18 @@ class LimitedRequest(server.Request):
 
     def connectionLost(self, reason: Failure) -> None:
         self._stop_timer()
+        self._release()
         super().connectionLost(reason)
+
+    def finish(self) -> None:
+        self._release()  # answered: its bytes go back to the budget
+        super().finish()
 
     def too_slow(self) -> None:
         """Give up on the body: 408 and disconnect."""
         if self._rejected:
             return
+        self._site().dataplane.limit_refused(FRONTEND, "http_timeout")
         self._reject(
             http.REQUEST_TIMEOUT,
             f"the request body did not arrive within {self._site().body_timeout} seconds "
@@ -221,6 +292,7 @@ class LimitedRequest(server.Request):
         self._rejected = True
         self.receiving = False
         self._stop_timer()
+        self._release()
         self.content.close()
         channel = self.channel
         if channel is None or channel.transport is None:
@@ -352,22 +424,70 @@ def _write_failed(failure: Failure, request: server.Request, finished: Deferred[
 
 
 class _Channel(http.HTTPChannel):
-    """An HTTP/1.1 channel whose idle timeout, in the middle of a request
-    body (a stalled upload), answers 408 instead of closing silently.
+    """An HTTP/1.1 channel with the server's connection limits.
+
+    Its idle timeout, in the middle of a request body (a stalled upload),
+    answers 408 instead of closing silently; a request's headers must arrive
+    within ``site.header_timeout`` seconds of its first byte (or of the
+    connection's start), else 408 and close (slowloris); beyond
+    ``site.max_connections`` connections a new one gets 503 at once.  Each
+    refusal is counted in the data plane's ``refused`` by config key.
 
     Each connection is a :class:`~twinfer.dataplane.Session` of the data
     plane, so keep-alive connections and their requests in flight are
-    counted, drained and closed like the binary protocol's.
+    counted, drained and closed like the binary protocol's.  HTTP/1.1 serves
+    one request at a time per connection (pipelined requests wait their
+    turn), and the session's ``max_inflight`` bounds it anyway.
     """
 
     site: TwinferSite
+    # A TCP or TLS transport: also an IProducer.
+    transport: Any
     session: Session | None = None
+    _refused = False
+    #: True from the end of a response (or the connection's start) until
+    #: the next request's headers are complete.
+    _awaiting_headers = True
+    _header_timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
+        site = self.site
+        if len(site.channels) >= site.max_connections:
+            self._refused = True
+            site.dataplane.limit_refused(FRONTEND, "max_connections")
+            message = (
+                f"the server already holds {site.max_connections} connections on this port "
+                f"(server.max_connections); try again later"
+            )
+            response = Response.error(http.SERVICE_UNAVAILABLE, message, {"Retry-After": "1"})
+            self.transport.write(_raw_response(response))
+            self.transport.loseConnection()
+            return
         super().connectionMade()
-        self.session = self.site.dataplane.open_session(FRONTEND, self.transport)
+        site.channels.add(self)
+        self.session = site.dataplane.open_session(FRONTEND, self.transport, site.max_inflight)
+        self._start_header_timer()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._awaiting_headers and self._header_timer is None:
+            self._start_header_timer()
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._awaiting_headers = False
+        self._stop_header_timer()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: http.Request) -> None:
+        # The next request's headers are timed from its first byte.
+        self._awaiting_headers = True
+        super().requestDone(request)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self._stop_header_timer()
+        self.site.channels.discard(self)
         # The requests hear of the disconnect first (their notifyFinish fails,
         # so no response is written to a dead connection); then the session
         # withdraws whatever is still in flight.
@@ -377,17 +497,50 @@ class _Channel(http.HTTPChannel):
 
     def timeoutConnection(self) -> None:
         request = self.requests[-1] if self.requests else None
+        if isinstance(request, LimitedRequest) and request.waiting_for_memory:
+            self.resetTimeout()  # the server keeps it waiting, not the client
+            return
         if isinstance(request, LimitedRequest) and request.receiving:
             request.too_slow()
             return
+        # An idle keep-alive connection (or one stalled mid-headers).
+        self.site.dataplane.limit_refused(FRONTEND, "http_timeout")
         super().timeoutConnection()
+
+    def headers_too_slow(self) -> None:
+        """A request's headers did not arrive in time: 408 and disconnect."""
+        self._header_timer = None
+        self.site.dataplane.limit_refused(FRONTEND, "http_header_timeout")
+        message = (
+            f"the request headers did not arrive within {self.site.header_timeout} seconds "
+            f"(server.http_header_timeout)"
+        )
+        log.info(
+            "rejecting a request from {peer}: {message}",
+            peer=self.transport.getPeer(),
+            message=message,
+        )
+        self.transport.write(_raw_response(Response.error(http.REQUEST_TIMEOUT, message)))
+        self.loseConnection()
+
+    def _start_header_timer(self) -> None:
+        self._stop_header_timer()
+        self._header_timer = self.site.reactor.callLater(
+            self.site.header_timeout, self.headers_too_slow
+        )
+
+    def _stop_header_timer(self) -> None:
+        if self._header_timer is not None and self._header_timer.active():
+            self._header_timer.cancel()
+        self._header_timer = None
 
 
 class TwinferSite(server.Site):
     """The HTTP front end's factory: a :class:`Router` plus the body limits.
 
     ``body_timeout`` is both the idle timeout of a connection and the time
-    a request body may take to arrive in full.  HTTP/1.1 only (the site does
+    a request body may take to arrive in full; see :class:`_Channel` for the
+    header timeout and the connection limit.  HTTP/1.1 only (the site does
     not negotiate HTTP/2, whose streams would bypass the body checks).
     """
 
@@ -401,6 +554,10 @@ class TwinferSite(server.Site):
         max_body_size: int,
         body_timeout: float,
         reactor: Any = None,
+        *,
+        header_timeout: float = 10.0,
+        max_connections: int = 1024,
+        max_inflight: int = 0,
     ) -> None:
         super().__init__(
             router, timeout=body_timeout, reactor=reactor, parsePOSTFormSubmission=False
@@ -409,4 +566,12 @@ class TwinferSite(server.Site):
         dataplane.frontend(FRONTEND)  # its gauges exist before the first client
         self.max_body_size = max_body_size
         self.body_timeout = body_timeout
+        #: Seconds a request's headers may take (``server.http_header_timeout``).
+        self.header_timeout = header_timeout
+        #: Connections this site holds at once (``server.max_connections``).
+        self.max_connections = max_connections
+        #: Requests one connection may have in flight (0: no limit).
+        self.max_inflight = max_inflight
+        #: The open connections (refused ones are never in it).
+        self.channels: set[_Channel] = set()
         self.noisy = False
