@@ -45,9 +45,8 @@ class BufferBudget:
         return size <= self.limit
 
     def try_reserve(self, size: int) -> bool:
-        """Reserve ``size`` bytes if they fit now (and nobody waits before);
-        returns whether they were reserved."""
-        if self.used + size > self.limit or (self._waiters and size):
+        """Reserve ``size`` bytes if they fit now; returns whether they were reserved."""
+        if self.used + size > self.limit:
             return False
         self.used += size
         return True

@@ -231,7 +231,7 @@ class TwinferProtocol(Protocol, TimeoutMixin):
     def timeoutConnection(self) -> None:
         """No frame for ``idle_timeout`` seconds: close, unless requests are in flight."""
         if self.inflight:
-            self.resetTimeout()  # a long inference is not idleness
+            self.setTimeout(self.timeOut)  # a long inference is not idleness: start over
             return
         self.factory.dataplane.limit_refused(FRONTEND, "idle_timeout")
         log.info("closing idle connection from {peer}", peer=self.transport.getPeer())

@@ -165,6 +165,8 @@ class LimitedRequest(server.Request):
     _upload_timer: IDelayedCall | None = None
     #: Budget bytes this request holds (released when it is answered or gone).
     _reserved = 0
+    #: The body's Content-Length (0: none or chunked).
+    _length = 0
     #: True while reading is paused for the buffer budget.
     waiting_for_memory = False
 
@@ -187,6 +189,7 @@ class LimitedRequest(server.Request):
             return
         if length == 0:
             return
+        self._length = length or 0
         self.receiving = True
         budget = site.dataplane.budget
         if length is None:  # chunked: reserved chunk by chunk
@@ -212,6 +215,12 @@ class LimitedRequest(server.Request):
     def _memory_granted(self, size: int) -> None:
         self._reserved += size
         self.waiting_for_memory = False
+        # Bytes read while waiting were counted already (take): keep only
+        # what the whole body needs.
+        need = max(self._length, self._received)
+        if self._reserved > need:
+            excess, self._reserved = self._reserved - need, need
+            self._site().dataplane.budget.release(excess)
         transport = self._transport()
         if transport is not None and not self._rejected:
             transport.resumeProducing()
