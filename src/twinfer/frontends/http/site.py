@@ -507,18 +507,21 @@ class _Channel(http.HTTPChannel):
     def timeoutConnection(self) -> None:
         request = self.requests[-1] if self.requests else None
         if isinstance(request, LimitedRequest) and request.waiting_for_memory:
-            self.resetTimeout()  # the server keeps it waiting, not the client
+            self.setTimeout(self.timeOut)  # the server keeps it waiting, not the client
             return
         if isinstance(request, LimitedRequest) and request.receiving:
             request.too_slow()
             return
         # An idle keep-alive connection (or one stalled mid-headers).
+        self._stop_header_timer()
         self.site.dataplane.limit_refused(FRONTEND, "http_timeout")
         super().timeoutConnection()
 
     def headers_too_slow(self) -> None:
         """A request's headers did not arrive in time: 408 and disconnect."""
         self._header_timer = None
+        if self.transport.disconnecting:  # (closed already, by another limit)
+            return
         self.site.dataplane.limit_refused(FRONTEND, "http_header_timeout")
         message = (
             f"the request headers did not arrive within {self.site.header_timeout} seconds "
