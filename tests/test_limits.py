@@ -11,7 +11,7 @@ from __future__ import annotations
 import attrs
 from twisted.internet.testing import StringTransport
 
-from test_protocol import X, ProtocolFixture
+from test_protocol import ProtocolFixture, X
 from twinfer.budget import BufferBudget
 from twinfer.engines import builtin
 from twinfer.errors import ErrorCode

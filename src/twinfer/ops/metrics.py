@@ -76,6 +76,12 @@ class TwinferCollector(Collector):
             for limit, n in list(front.refused.items()):
                 refused.add_metric([front.name, limit], n)
         yield refused
+        yield GaugeMetricFamily(
+            "twinfer_buffered_bytes",
+            "Request bytes held now in the buffer budget shared by the front ends "
+            "(at most server.max_buffered_bytes, plus reads already in progress).",
+            value=controller.dataplane.budget.used,
+        )
 
         families = {
             "queue": HistogramMetricFamily(
