@@ -110,7 +110,7 @@ class TimeoutTests(LimitFixture):
 class BudgetTests(LimitFixture):
     def setUp(self) -> None:
         super().setUp()
-        self.plane.budget = BufferBudget(len(BODY) + len(BODY) // 2)
+        self.plane.budget = BufferBudget(len(BODY) + len(BODY) // 2, small=0)
 
     def test_a_body_that_does_not_fit_pauses_its_connection_until_bytes_are_released(
         self,
@@ -135,7 +135,7 @@ class BudgetTests(LimitFixture):
         assert second.response().status == 200 and budget.used == 0
 
     def test_a_body_larger_than_the_whole_budget_is_413(self) -> None:
-        self.plane.budget = BufferBudget(len(BODY) - 1)
+        self.plane.budget = BufferBudget(len(BODY) - 1, small=0)
         connection, other = self.connect(), self.connect()
         connection.send(INFER)
         response = connection.response()

@@ -56,7 +56,7 @@ class BudgetTests(LimitFixture):
         super().setUp()
         # Room for one request's frame, or for one request's tensors (what a
         # request in flight holds) and small frames, not for two requests.
-        self.dataplane.budget = BufferBudget(REQUEST_SIZE + X.nbytes - 1)
+        self.dataplane.budget = BufferBudget(REQUEST_SIZE + X.nbytes - 1, small=0)
         self.other, self.other_transport = self.connect()
 
     def test_a_request_that_does_not_fit_pauses_its_connection_until_bytes_are_released(
@@ -105,7 +105,7 @@ class BudgetTests(LimitFixture):
         assert budget.used == 0
 
     def test_a_frame_larger_than_the_whole_budget_is_refused(self) -> None:
-        self.dataplane.budget = BufferBudget(16)
+        self.dataplane.budget = BufferBudget(16, small=0)
         self.send(self.other, 2, InferRequest("tiny", {"x": X}))
         _, error = self.error(self.other_transport)
         assert error.code == ErrorCode.FRAME_TOO_LARGE and "max_buffered_bytes" in error.message

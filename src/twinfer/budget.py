@@ -17,6 +17,11 @@ from collections.abc import Callable
 #: Default budget (``server.max_buffered_bytes``): 512 MiB.
 DEFAULT_MAX_BUFFERED_BYTES = 512 * 1024 * 1024
 
+#: Requests up to this many bytes are counted but never kept waiting: a
+#: socket read is that large anyway, and a spent budget must not stop a
+#: handshake, a ping or a small inference from other clients.
+SMALL_REQUEST = 64 * 1024
+
 #: Called with the bytes granted once a waiting reservation fits.
 Grant = Callable[[int], object]
 
@@ -24,9 +29,12 @@ Grant = Callable[[int], object]
 class BufferBudget:
     """Bytes of requests held in memory, across all connections, and their limit."""
 
-    def __init__(self, limit: int = DEFAULT_MAX_BUFFERED_BYTES) -> None:
+    def __init__(self, limit: int = DEFAULT_MAX_BUFFERED_BYTES, small: int = SMALL_REQUEST) -> None:
         #: The most bytes held at once.
         self.limit = limit
+        #: Requests up to this size are counted but never wait (see
+        #: :data:`SMALL_REQUEST`).
+        self.small = small
         #: Bytes held now.
         self.used = 0
         self._waiters: deque[tuple[int, Grant]] = deque()
@@ -45,8 +53,9 @@ class BufferBudget:
         return size <= self.limit
 
     def try_reserve(self, size: int) -> bool:
-        """Reserve ``size`` bytes if they fit now; returns whether they were reserved."""
-        if self.used + size > self.limit:
+        """Reserve ``size`` bytes if they fit now, or if the request is small
+        (:attr:`small`); returns whether they were reserved."""
+        if size > self.small and self.used + size > self.limit:
             return False
         self.used += size
         return True
