@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import attrs
 from twisted.internet.testing import StringTransport
+from twisted.python import usage
+from twisted.trial import unittest
 
 from test_protocol import ProtocolFixture, X
+from twinfer import tap
 from twinfer.budget import BufferBudget
 from twinfer.engines import builtin
 from twinfer.errors import ErrorCode
@@ -162,3 +165,17 @@ class IdleTimeoutTests(LimitFixture):
         proto, transport = self.connect()
         self.clock.advance(10_000)
         assert not transport.disconnecting
+
+
+class OptionTests(unittest.TestCase):
+    def test_max_connections_option_overrides_the_configuration(self) -> None:
+        options = tap.Options()
+        options.parseOptions(["--max-connections", "5"])
+        assert options.config.server.max_connections == 5
+        defaults = tap.Options()
+        defaults.parseOptions([])
+        assert defaults.config.server.max_connections == 1024
+
+    def test_max_connections_must_be_positive(self) -> None:
+        with self.assertRaises(usage.UsageError):
+            tap.Options().parseOptions(["--max-connections", "0"])
