@@ -21,8 +21,9 @@ from twisted.python.threadpool import ThreadPool
 
 from twinfer.config import Config
 from twinfer.dataplane import DataPlane
+from twinfer.frontends.http.channel import TwinferSite
 from twinfer.frontends.http.rest import SeedAPI
-from twinfer.frontends.http.site import STATUS_BY_CODE, Router, TwinferSite, status_for
+from twinfer.frontends.http.site import STATUS_BY_CODE, Router, status_for
 from twinfer.frontends.http.v2 import KServeAPI
 
 __all__ = ["HTTPFrontEnd", "STATUS_BY_CODE", "status_for"]
