@@ -179,3 +179,23 @@ class OptionTests(unittest.TestCase):
     def test_max_connections_must_be_positive(self) -> None:
         with self.assertRaises(usage.UsageError):
             tap.Options().parseOptions(["--max-connections", "0"])
+
+
+def test_the_budget_grants_waiters_in_order_as_bytes_are_released() -> None:
+    budget = BufferBudget(100, small=10)
+    granted: list[int] = []
+    assert budget.try_reserve(80) and not budget.try_reserve(30)
+    assert budget.try_reserve(10) and budget.used == 90  # small: never waits
+    budget.wait(40, granted.append)
+    budget.wait(20, granted.append)
+
+    def gone(size: int) -> None:
+        raise AssertionError("a forgotten waiter was granted")
+
+    budget.wait(5, gone)
+    budget.forget(gone)
+    budget.release(40)
+    assert granted == [40] and budget.used == 90  # the next 20 would pass 100
+    budget.release(50)
+    assert granted == [40, 20] and budget.used == 60 and budget.waiting == 0
+    assert budget.fits(100) and not budget.fits(101)
