@@ -5,7 +5,7 @@ over a real data plane and dispatcher whose one worker never takes a job by
 itself (the tests take jobs from the queue and answer them by hand, as in
 test_protocol), with a :class:`~twisted.internet.task.Clock` as the site's
 reactor.  :class:`Connection` is one client connection: raw HTTP bytes go in
-through a real ``_Channel`` over a ``StringTransport``, and the bytes the
+through a real ``Channel`` over a ``StringTransport``, and the bytes the
 server wrote come out parsed by :func:`parse_responses`.
 """
 

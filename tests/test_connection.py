@@ -19,7 +19,7 @@ from twinfer.wire.events import (
     ProtocolViolation,
     ServerClosing,
 )
-from twinfer.wire.frames import HEADER, HEADER_SIZE, MAGIC, FrameDecoder
+from twinfer.wire.frames import HEADER, HEADER_SIZE, HELLO_MAX_FRAME_SIZE, MAGIC, FrameDecoder
 from twinfer.wire.messages import (
     Cancel,
     Error,
@@ -247,6 +247,25 @@ def test_oversize_frame_is_refused_from_its_header_before_buffering() -> None:
     assert event.error.closes_connection and connection.closed
     assert connection.read_buffer() is None  # no buffer was allocated for the body
     assert [m.code for _, m in sent(connection)] == [ErrorCode.FRAME_TOO_LARGE]  # type: ignore[union-attr]
+
+
+def test_before_the_handshake_only_a_hello_sized_frame_is_accepted() -> None:
+    connection = server(max_frame_size=1 << 30, handshake=False)
+    event = violation(receive(connection, HEADER.pack(MAGIC, 0x01, 0, 60 << 20, 0)))
+    assert event.error.code is ErrorCode.FRAME_TOO_LARGE
+    assert str(HELLO_MAX_FRAME_SIZE) in event.error.message
+    assert connection.closed and connection.read_buffer() is None  # nothing allocated
+    assert [m.code for _, m in sent(connection)] == [ErrorCode.FRAME_TOO_LARGE]  # type: ignore[union-attr]
+
+
+def test_a_large_request_pipelined_right_behind_hello_is_accepted() -> None:
+    connection = server(max_frame_size=1 << 20, handshake=False)
+    big = np.ones((64, 64), np.float32)  # 16 KiB: above the HELLO limit
+    connection.receive_data(
+        encode_bytes(0, Hello()) + encode_bytes(1, InferRequest("tiny", {"x": big}))
+    )
+    hello, request = connection.events()
+    assert isinstance(hello, HandshakeComplete) and isinstance(request, MessageReceived)
 
 
 def test_frames_before_a_broken_one_are_answered_before_the_break() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import attrs
 import numpy as np
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -127,6 +128,21 @@ class MetricsTests(unittest.SynchronousTestCase):
             self.runner.run_next()
 
     # -- tests -----------------------------------------------------------------
+
+    def test_refusals_by_server_limits_are_counted_by_front_end_and_limit(self) -> None:
+        assert self.by_label("twinfer_refused_total", "limit") == {}
+        self.binary.config = attrs.evolve(self.binary.config, max_connections=1)
+        self.site.max_connections = 1
+        self.binary_client()
+        _, refused = self.binary_client()
+        assert refused.disconnecting
+        self.http()
+        assert self.http().closed_by_server
+        assert self.value("twinfer_refused_total", frontend="binary", limit="max_connections") == 1
+        assert self.value("twinfer_refused_total", frontend="http", limit="max_connections") == 1
+        assert self.value("twinfer_buffered_bytes") == 0
+        self.plane.budget.take(123)
+        assert self.value("twinfer_buffered_bytes") == 123
 
     def test_requests_are_counted_by_model_code_and_front_end(self) -> None:
         proto, _ = self.binary_client()

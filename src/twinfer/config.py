@@ -28,6 +28,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from twinfer.budget import DEFAULT_MAX_BUFFERED_BYTES
 from twinfer.errors import ConfigError
 from twinfer.schema import (
     Invalid,
@@ -103,6 +104,18 @@ class ServerConfig:
     #: Seconds an HTTP connection may stay idle, and that a request body may
     #: take to arrive in full, before the connection is closed.
     http_timeout: PositiveInt = 60
+    #: Request bytes buffered at once over every connection and front end;
+    #: beyond it reading pauses until requests are answered.
+    max_buffered_bytes: PositiveInt = DEFAULT_MAX_BUFFERED_BYTES
+    #: Seconds from an HTTP connection's start (or its previous response) in
+    #: which a request's headers must arrive in full, else 408 and close.
+    http_header_timeout: PositiveInt = 10
+    #: Client connections each port (binary, HTTP) holds at once; the next
+    #: one is refused at once (binary: ERROR OVERLOADED; HTTP: 503).
+    max_connections: PositiveInt = 1024
+    #: Seconds a binary connection may go without a frame while it has
+    #: nothing in flight before it is closed; 0: never.
+    idle_timeout: Annotated[int, at_least(0)] = 300
     #: Model that ``POST /inference`` uses without ``?model=``; None: the first model.
     http_default_model: str | None = None
     #: Connections a balancer should open to this node at once, advertised by

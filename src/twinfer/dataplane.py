@@ -42,6 +42,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twinfer.budget import BufferBudget
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.ops.stats import Stats
 from twinfer.outcomes import outcome
@@ -146,6 +147,9 @@ class FrontendState:
     #: Protocol-level errors by ErrorCode name (they close a connection or
     #: refuse bytes that never became a request).
     protocol_errors: dict[str, int] = attrs.field(factory=dict)
+    #: What a server limit refused, by limit name (``max_connections``,
+    #: ``idle_timeout``, ``hello_size``...): connections closed or bytes not read.
+    refused: dict[str, int] = attrs.field(factory=dict)
 
     @property
     def inflight(self) -> int:
@@ -173,7 +177,8 @@ class DataPlane:
     ``tasks`` is the image-task module: True (the default) imports
     :mod:`twinfer.tasks` if it is installed, None serves no image requests
     (``WRONG_TASK``); ``clock`` is ``time.monotonic`` unless a test
-    gives another.
+    gives another; ``budget`` bounds the request bytes the front ends buffer
+    (:class:`~twinfer.budget.BufferBudget`; default 512 MiB).
     """
 
     def __init__(
@@ -182,8 +187,11 @@ class DataPlane:
         stats: Stats | None = None,
         tasks: ModuleType | None | bool = True,
         clock: Callable[[], float] = time.monotonic,
+        budget: BufferBudget | None = None,
     ) -> None:
         self.dispatcher = dispatcher
+        #: The request bytes every front end may buffer at once, together.
+        self.budget = budget if budget is not None else BufferBudget()
         self.stats = stats if stats is not None else Stats()
         self.tasks: ModuleType | None = load_tasks() if tasks is True else tasks or None
         self._now = clock
@@ -312,6 +320,11 @@ class DataPlane:
         errors = self.frontend(frontend).protocol_errors
         name = outcome(code).name
         errors[name] = errors.get(name, 0) + 1
+
+    def limit_refused(self, frontend: str, limit: str) -> None:
+        """Count one refusal by the server limit ``limit`` (a config key's name)."""
+        refused = self.frontend(frontend).refused
+        refused[limit] = refused.get(limit, 0) + 1
 
     # -- implementation ---------------------------------------------------------
 

@@ -17,6 +17,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import attrs
 from twisted.application import service
 from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.interfaces import IAddress
@@ -24,6 +25,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 import twinfer
+from twinfer.budget import BufferBudget
 from twinfer.config import Config, ConfigError, default_config, load_config
 from twinfer.dataplane import DataPlane
 from twinfer.frontends.binary import TwinferFactory
@@ -127,6 +129,14 @@ class Options(usage.Options):
             float,
         ],
         [
+            "max-connections",
+            None,
+            None,
+            "Client connections each port (binary, HTTP) holds at once; more are refused "
+            "at once (default: server.max_connections, 1024).",
+            int,
+        ],
+        [
             "port-file",
             None,
             None,
@@ -152,6 +162,11 @@ class Options(usage.Options):
             self.config = load_config(self["config"]) if self["config"] else default_config()
         except ConfigError as e:
             raise usage.UsageError(f"bad configuration: {e}") from e
+        if self["max-connections"] is not None:
+            if self["max-connections"] < 1:
+                raise usage.UsageError("--max-connections must be at least 1")
+            server = attrs.evolve(self.config.server, max_connections=self["max-connections"])
+            self.config = attrs.evolve(self.config, server=server)
         self._check_operations()
 
     def _check_operations(self) -> None:
@@ -330,8 +345,8 @@ def makeService(options: Options) -> TwinferService:
     top.tls_client_ca = options["tls-client-ca"]
     top.twistd_options = getattr(options, "parent", None)
     # Every front end's requests go through this one data plane.
-    dataplane = DataPlane(dispatcher)
-    factory = TwinferFactory(dataplane, config.server)
+    dataplane = DataPlane(dispatcher, budget=BufferBudget(config.server.max_buffered_bytes))
+    factory = TwinferFactory(dataplane, config.server, clock=reactor)
     # The operations services (graceful drain, console, metrics) go in first
     # so that the front ends stop after them.
     _add_operations_services(top, options, config, dataplane, factory, reactor)

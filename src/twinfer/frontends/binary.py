@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IAddress, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -28,11 +29,13 @@ from twinfer.errors import CodecError, ErrorCode, TwinferError
 from twinfer.netutil import set_no_delay
 from twinfer.scheduling import InferResult
 from twinfer.wire.connection import Connection, Role
+from twinfer.wire.encode import encode_message
 from twinfer.wire.events import HandshakeComplete, MessageReceived, ProtocolViolation
 from twinfer.wire.messages import (
     AdminReply,
     AdminRequest,
     Cancel,
+    Error,
     GetHealth,
     GetMetadata,
     Health,
@@ -78,8 +81,15 @@ class _ReadThrottle:
         pass
 
 
-class TwinferProtocol(Protocol):
-    """One client connection speaking the twinfer binary protocol."""
+class TwinferProtocol(Protocol, TimeoutMixin):
+    """One client connection speaking the twinfer binary protocol.
+
+    Limits (``[server]``): beyond ``max_connections`` connections on the
+    factory's port a new one gets ``ERROR OVERLOADED`` and is closed; a
+    connection that sends no frame for ``idle_timeout`` seconds while it has
+    nothing in flight is closed.  Both are counted in the data plane's
+    :attr:`~twinfer.dataplane.FrontendState.refused`.
+    """
 
     factory: TwinferFactory
     # A TCP or TLS transport: also an IConsumer and IProducer.
@@ -91,8 +101,12 @@ class TwinferProtocol(Protocol):
         #: This connection as the data plane sees it (set when connected).
         self.session: Session | None = None
         #: Why reading from this client is paused: "writes" (its replies are
-        #: not being read) and/or "load" (it fills a saturated queue).
+        #: not being read), "load" (it fills a saturated queue) and/or
+        #: "memory" (the buffer budget is spent).
         self.paused_for: set[str] = set()
+        # Budget bytes reserved for frames received and not yet handed to a
+        # request in flight (released once the frames are handled).
+        self._unassigned = 0
 
     @property
     def inflight(self) -> dict[int, Deferred[Any]]:
@@ -109,8 +123,16 @@ class TwinferProtocol(Protocol):
     # -- Twisted events -----------------------------------------------------
 
     def connectionMade(self) -> None:
+        config = self.factory.config
+        if len(self.factory.connections) >= config.max_connections:
+            self._refuse_connection(config.max_connections)
+            return
         set_no_delay(self.transport)
-        self._connection.max_frame_size = self.factory.config.max_frame_size
+        self._connection.max_frame_size = config.max_frame_size
+        if self.factory.clock is not None:
+            self.callLater = self.factory.clock.callLater  # type: ignore[method-assign]
+            self.setTimeout(config.idle_timeout or None)
+        self._connection.set_admission(self._admit_body)
         self.transport.registerProducer(_ReadThrottle(self), True)
         self.session = self.factory.dataplane.open_session(
             FRONTEND,
@@ -123,6 +145,7 @@ class TwinferProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
+        self.resetTimeout()
         self._connection.receive_data(data)
         self._handle_events()
 
@@ -135,16 +158,96 @@ class TwinferProtocol(Protocol):
 
     def buffer_filled(self, count: int) -> None:
         """``count`` bytes arrived in :meth:`read_buffer`."""
+        self.resetTimeout()
         self._connection.buffer_filled(count)
         self._handle_events()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self._closing = True
+        self.setTimeout(None)
         self.factory.connections.discard(self)
         self.factory.paused_for_load.discard(self)
         self._connection.close()
+        budget = self.factory.dataplane.budget
+        budget.forget(self._memory_granted)
+        unassigned, self._unassigned = self._unassigned, 0
+        budget.release(unassigned)
         if self.session is not None:
-            self.session.close()  # queued jobs never run; running ones' results are dropped
+            # Queued jobs never run; running ones' results are dropped (and
+            # their budget bytes released).
+            self.session.close()
+
+    # -- the buffer budget -----------------------------------------------------
+
+    def _admit_body(self, length: int) -> bool:
+        """Reserve a frame body's bytes in the budget before it is allocated."""
+        budget = self.factory.dataplane.budget
+        if not budget.fits(length):
+            self.factory.dataplane.limit_refused(FRONTEND, "max_buffered_bytes")
+            raise CodecError(
+                ErrorCode.FRAME_TOO_LARGE,
+                f"a frame of {length} bytes is larger than the server's whole buffer "
+                f"budget ({budget.limit} bytes, server.max_buffered_bytes)",
+            )
+        if budget.try_reserve(length):
+            self._unassigned += length
+            return True
+        # Wait for the bytes instead of allocating them: stop reading.
+        self.factory.dataplane.limit_refused(FRONTEND, "max_buffered_bytes")
+        self.pause_reading("memory")
+        budget.wait(length, self._memory_granted)
+        return False
+
+    def _memory_granted(self, size: int) -> None:
+        self._unassigned += size
+        if self._closing:
+            return  # connectionLost releases it
+        self.resume_reading("memory")
+        self._connection.admitted()
+        self._handle_events()
+
+    def _hold(self, d: Deferred[Any], size: int) -> None:
+        """Keep ``size`` reserved bytes (a request's tensors) until ``d`` fires."""
+        size = min(size, self._unassigned - self._connection.body_in_progress)
+        if size <= 0:
+            return
+        self._unassigned -= size
+        budget = self.factory.dataplane.budget
+
+        def release(result: object) -> object:
+            budget.release(size)
+            return result
+
+        d.addBoth(release)
+
+    def _release_handled(self) -> None:
+        """The frames received so far are handled: give back their bytes,
+        except the body being received and those held by requests."""
+        excess = self._unassigned - self._connection.body_in_progress
+        if excess > 0:
+            self._unassigned -= excess
+            self.factory.dataplane.budget.release(excess)
+
+    def timeoutConnection(self) -> None:
+        """No frame for ``idle_timeout`` seconds: close, unless requests are in flight."""
+        if self.inflight:
+            self.setTimeout(self.timeOut)  # a long inference is not idleness: start over
+            return
+        self.factory.dataplane.limit_refused(FRONTEND, "idle_timeout")
+        log.info("closing idle connection from {peer}", peer=self.transport.getPeer())
+        self._closing = True
+        self.transport.loseConnection()
+
+    def _refuse_connection(self, limit: int) -> None:
+        self._closing = True
+        self.factory.dataplane.limit_refused(FRONTEND, "max_connections")
+        error = Error(
+            ErrorCode.OVERLOADED,
+            f"the server already holds {limit} connections on this port "
+            f"(server.max_connections); try again later or elsewhere",
+        )
+        self.transport.writeSequence([bytes(c) for c in encode_message(0, error)])
+        self.transport.loseConnection()
 
     def go_away(self, reason: str) -> bool:
         """Send ``GOAWAY`` (the last request id this connection will answer,
@@ -167,6 +270,8 @@ class TwinferProtocol(Protocol):
                 # Connected while the server drains (a balancer or a client
                 # that has not noticed yet): tell it to go elsewhere at once.
                 self._connection.send_goaway(GOING_AWAY)
+        if not self._closing:  # (connectionLost releases everything)
+            self._release_handled()
         self._flush()
 
     def _violation(self, event: ProtocolViolation) -> None:
@@ -179,6 +284,9 @@ class TwinferProtocol(Protocol):
             plane.refuse(self.session, request.model, event.error)
         else:
             plane.protocol_error(FRONTEND, event.error.code)
+            if self._connection.version == 0 and event.error.code is ErrorCode.FRAME_TOO_LARGE:
+                # Refused from the header of a first frame bigger than a HELLO.
+                plane.limit_refused(FRONTEND, "hello_size")
         if event.error.closes_connection:
             self._fatal(event.error)
 
@@ -216,6 +324,7 @@ class TwinferProtocol(Protocol):
             # Back-pressure instead of buffering: stop reading this client's
             # requests until the queue drains to its low watermark.
             self.pause_reading("load")
+        self._hold(d, sum(array.nbytes for array in message.inputs.values()))
         d.addCallbacks(
             self._reply, self._reply_failed, callbackArgs=(request_id,), errbackArgs=(request_id,)
         )
@@ -226,6 +335,7 @@ class TwinferProtocol(Protocol):
         d = self.factory.dataplane.predict_image(
             self.session, request_id, message.model, message.image, message.task or None
         )
+        self._hold(d, len(message.image))
         d.addCallbacks(
             self._reply_predictions,
             self._reply_failed,
@@ -359,7 +469,11 @@ class TwinferProtocol(Protocol):
 
 
 class TwinferFactory(Factory):
-    """Creates a :class:`TwinferProtocol` per connection, over one data plane."""
+    """Creates a :class:`TwinferProtocol` per connection, over one data plane.
+
+    ``config`` gives the limits; ``clock`` (an ``IReactorTime``: the
+    reactor) runs the idle timeout, which is off without one.
+    """
 
     protocol = TwinferProtocol  # type: ignore[assignment]
 
@@ -370,7 +484,12 @@ class TwinferFactory(Factory):
     #: Whether ADMIN_REQUEST messages are obeyed (``--allow-admin``).
     allow_admin = False
 
-    def __init__(self, dataplane: DataPlane, config: ServerConfig | None = None) -> None:
+    def __init__(
+        self, dataplane: DataPlane, config: ServerConfig | None = None, clock: Any = None
+    ) -> None:
+        #: What idle timeouts are scheduled on (the reactor, or a Clock in
+        #: tests); None: connections are never closed for idleness.
+        self.clock = clock
         self.dataplane = dataplane
         self.dispatcher = dataplane.dispatcher
         self.config = config or ServerConfig()

@@ -66,6 +66,22 @@ class TwinferCollector(Collector):
             for code, n in list(front.protocol_errors.items()):
                 protocol_errors.add_metric([front.name, code], n)
         yield protocol_errors
+        refused = CounterMetricFamily(
+            "twinfer_refused",
+            "Connections closed or requests refused by a server limit, by front end and "
+            "limit (max_connections, idle_timeout, http_header_timeout, hello_size...).",
+            labels=["frontend", "limit"],
+        )
+        for front in frontends:
+            for limit, n in list(front.refused.items()):
+                refused.add_metric([front.name, limit], n)
+        yield refused
+        yield GaugeMetricFamily(
+            "twinfer_buffered_bytes",
+            "Request bytes held now in the buffer budget shared by the front ends "
+            "(at most server.max_buffered_bytes, plus reads already in progress).",
+            value=controller.dataplane.budget.used,
+        )
 
         families = {
             "queue": HistogramMetricFamily(

@@ -16,8 +16,9 @@ What it owns (see ``docs/protocol.md`` §2, §5 and §7):
   must be HELLO and a second HELLO is fatal.  Client: sends HELLO
   (:meth:`~Connection.start_handshake`) and checks the server's answer;
 - the frame size limits: received frames are checked from their header
-  before anything is buffered; a client refuses to send a frame larger than
-  the server accepts;
+  before anything is buffered (a server's first frame, which must be
+  HELLO, may be at most :data:`~twinfer.wire.frames.HELLO_MAX_FRAME_SIZE`);
+  a client refuses to send a frame larger than the server accepts;
 - request ids.  Client: allocates them and matches replies to the
   requests still in flight (late replies to cancelled requests are
   dropped).  Server: refuses a request whose id is still in flight; the
@@ -49,7 +50,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from twinfer.errors import (
@@ -72,6 +73,7 @@ from twinfer.wire.events import (
 from twinfer.wire.frames import (
     DEFAULT_MAX_FRAME_SIZE,
     HEADER_SIZE,
+    HELLO_MAX_FRAME_SIZE,
     MAX_U64,
     Buffer,
     Chunk,
@@ -193,7 +195,11 @@ class Connection:
         #: Server: the adapter adds the requests it accepted and removes them
         #: once answered; a request reusing an id in here is refused.
         self.in_flight: dict[int, Any] = {}
-        self._decoder = FrameDecoder(max_frame_size)
+        # A server accepts only a HELLO-sized first frame: a client that has
+        # not even said HELLO cannot make it buffer a large body.
+        self._decoder = FrameDecoder(
+            max_frame_size, HELLO_MAX_FRAME_SIZE if role is Role.SERVER else None
+        )
         self._frames: deque[Frame] = deque()
         self._ready: deque[Event] = deque()
         self._outbox: list[Chunk] = []
@@ -395,6 +401,30 @@ class Connection:
     def buffer_filled(self, count: int) -> None:
         """``count`` bytes were received into :meth:`read_buffer`."""
         self._frames.extend(self._decoder.buffer_filled(count))
+
+    def set_admission(self, admit: Callable[[int], bool] | None) -> None:
+        """Ask ``admit(length)`` before a received frame's body is allocated
+        (a memory budget): when it returns False, decoding stops (the bytes
+        received meanwhile are held, unparsed) until :meth:`admitted`.  It
+        may raise :class:`~twinfer.errors.CodecError` to refuse the frame,
+        which breaks the connection like an oversize frame."""
+        self._decoder.admit = admit
+
+    @property
+    def awaiting_admission(self) -> int:
+        """The body length waiting for admission (0: none)."""
+        return self._decoder.waiting
+
+    @property
+    def body_in_progress(self) -> int:
+        """The length of the frame body allocated and being received (0: none)."""
+        return self._decoder.body_in_progress
+
+    def admitted(self) -> None:
+        """The body awaited (:attr:`awaiting_admission`) may now be allocated:
+        decode on; then take the events from :meth:`next_event`."""
+        if self.state is not State.CLOSED:
+            self._frames.extend(self._decoder.resume())
 
     def next_event(self) -> Event | None:
         """The next event from the bytes received so far; ``None`` when more are needed."""

@@ -23,6 +23,7 @@ offset that is a multiple of 8 within the body.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import attrs
 
@@ -33,6 +34,10 @@ HEADER = struct.Struct("<2sBBIQ")
 HEADER_SIZE = HEADER.size
 #: Default largest frame body a peer accepts: 64 MiB.
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
+#: Largest first frame a server accepts, before the handshake: a HELLO is a
+#: dozen bytes plus an agent string, so anything bigger is not one and is
+#: refused from its header, before a byte of its body is buffered.
+HELLO_MAX_FRAME_SIZE = 4096
 #: The largest body length the header can carry.
 MAX_BODY = 0xFFFFFFFF
 MAX_U64 = 2**64 - 1
@@ -108,14 +113,52 @@ class FrameDecoder:
     further input is ignored.
     """
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+    def __init__(
+        self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, first_frame_max: int | None = None
+    ) -> None:
         self.max_frame_size = max_frame_size
+        #: A tighter limit for the first frame only (a server's HELLO), if any.
+        self.first_frame_max = first_frame_max
+        self._first = True
+        #: Called with a frame body's length before it is allocated: True to
+        #: go on; False to wait (the input from there is held, and nothing
+        #: more is decoded, until :meth:`resume`).  It may raise CodecError.
+        self.admit: Callable[[int], bool] | None = None
+        self._stalled: tuple[int, int, int, int] | None = None
+        self._held = bytearray()
         #: Why the stream broke, once it has; ``None`` while it is healthy.
         self.error: CodecError | None = None
         self._header = bytearray()
         self._body: bytearray | None = None
         self._filled = 0
         self._pending: tuple[int, int, int] = (0, 0, 0)
+
+    @property
+    def waiting(self) -> int:
+        """The body length whose admission is awaited (0: none)."""
+        return self._stalled[3] if self._stalled is not None else 0
+
+    @property
+    def body_in_progress(self) -> int:
+        """The length of the body allocated and being filled (0: none)."""
+        return len(self._body) if self._body is not None else 0
+
+    def resume(self) -> list[Frame]:
+        """The body awaited (:attr:`waiting`) was admitted: allocate it and
+        decode the input held meanwhile; returns the frames completed."""
+        frames: list[Frame] = []
+        if self._stalled is None or self.error is not None:
+            return frames
+        mtype, flags, request_id, length = self._stalled
+        self._stalled = None
+        view = memoryview(bytes(self._held))
+        self._held = bytearray()
+        try:
+            pos = self._begin(mtype, flags, request_id, length, view, 0, frames)
+            self._feed(view, frames, pos)
+        except CodecError as e:
+            self._broken(e)
+        return frames
 
     @property
     def buffered(self) -> int:
@@ -125,14 +168,21 @@ class FrameDecoder:
     def feed(self, data: Buffer) -> list[Frame]:
         """Add received bytes; return the frames they complete, in order."""
         frames: list[Frame] = []
-        if self.error is None:
+        if self.error is None and self._stalled is not None:
+            self._held += data  # (the transport was asked to stop reading)
+        elif self.error is None:
             try:
                 self._feed(memoryview(data), frames)
             except CodecError as e:
-                self.error = e
-                self._header.clear()
-                self._body = None
+                self._broken(e)
         return frames
+
+    def _broken(self, error: CodecError) -> None:
+        self.error = error
+        self._header.clear()
+        self._body = None
+        self._stalled = None
+        self._held = bytearray()
 
     def read_buffer(self) -> memoryview | None:
         """The unfilled rest of the frame body being reassembled, if any.
@@ -164,15 +214,42 @@ class FrameDecoder:
                 ErrorCode.MALFORMED_FRAME,
                 f"not a twinfer frame: header starts with {bytes(magic)!r}, expected {MAGIC!r}",
             )
+        first, self._first = self._first, False
+        if first and self.first_frame_max is not None and length > self.first_frame_max:
+            raise CodecError(
+                ErrorCode.FRAME_TOO_LARGE,
+                f"the first frame must be a HELLO of at most {self.first_frame_max} bytes; "
+                f"its header announces {length} bytes",
+            )
         if length > self.max_frame_size:
             raise CodecError(
                 ErrorCode.FRAME_TOO_LARGE,
                 f"frame body of {length} bytes exceeds the limit of {self.max_frame_size} bytes",
             )
 
-    def _feed(self, view: memoryview, frames: list[Frame]) -> None:
+    def _begin(
+        self,
+        mtype: int,
+        flags: int,
+        request_id: int,
+        length: int,
+        view: memoryview,
+        pos: int,
+        frames: list[Frame],
+    ) -> int:
+        """Start an admitted body at ``view[pos:]``; returns the position after
+        what it took."""
+        if len(view) - pos >= length:
+            # The whole body is already here: one copy, no state.
+            frames.append(Frame(mtype, flags, request_id, bytearray(view[pos : pos + length])))
+            return pos + length
+        self._body = bytearray(length)
+        self._filled = 0
+        self._pending = (mtype, flags, request_id)
+        return pos
+
+    def _feed(self, view: memoryview, frames: list[Frame], pos: int = 0) -> None:
         end = len(view)
-        pos = 0
         while pos < end:
             if self._body is None:
                 if not self._header and end - pos >= HEADER_SIZE:
@@ -188,17 +265,14 @@ class FrameDecoder:
                     self._header.clear()
                 magic, mtype, flags, length, request_id = fields
                 self._check_header(magic, length)  # before allocating anything
-                if end - pos >= length:
-                    # The whole body is already here: one copy, no state.
-                    frames.append(
-                        Frame(mtype, flags, request_id, bytearray(view[pos : pos + length]))
-                    )
-                    pos += length
-                    continue
-                self._body = bytearray(length)
-                self._filled = 0
-                self._pending = (mtype, flags, request_id)
+                if self.admit is not None and not self.admit(length):
+                    self._stalled = (mtype, flags, request_id, length)
+                    self._held += view[pos:]
+                    return
+                pos = self._begin(mtype, flags, request_id, length, view, pos, frames)
+                continue
             body = self._body
+            assert body is not None  # set by _begin, or the loop would have continued
             take = min(len(body) - self._filled, end - pos)
             body[self._filled : self._filled + take] = view[pos : pos + take]
             self._filled += take

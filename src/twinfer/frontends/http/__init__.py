@@ -21,8 +21,9 @@ from twisted.python.threadpool import ThreadPool
 
 from twinfer.config import Config
 from twinfer.dataplane import DataPlane
+from twinfer.frontends.http.channel import TwinferSite
 from twinfer.frontends.http.rest import SeedAPI
-from twinfer.frontends.http.site import STATUS_BY_CODE, Router, TwinferSite, status_for
+from twinfer.frontends.http.site import STATUS_BY_CODE, Router, status_for
 from twinfer.frontends.http.v2 import KServeAPI
 
 __all__ = ["HTTPFrontEnd", "STATUS_BY_CODE", "status_for"]
@@ -57,6 +58,9 @@ class HTTPFrontEnd(service.Service):
             max_body_size=config.server.http_max_body_size,
             body_timeout=config.server.http_timeout,
             reactor=reactor,
+            header_timeout=config.server.http_header_timeout,
+            max_connections=config.server.max_connections,
+            max_inflight=config.server.max_inflight_per_connection,
         )
 
     def startService(self) -> None:

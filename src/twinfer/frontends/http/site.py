@@ -5,14 +5,16 @@
 chunked upload) and the time a body may take to arrive; :class:`Router` maps
 ``(method, path)`` to a handler and turns a handler's result or failure
 (a :class:`~twinfer.errors.TwinferError` included) into a JSON response with
-the status from :data:`STATUS_BY_CODE`.
+the status from :data:`STATUS_BY_CODE`.  The connections and their factory
+(``TwinferSite``, with the connection limits) are in
+:mod:`twinfer.frontends.http.channel`.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import numpy as np
@@ -23,9 +25,12 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from twinfer.dataplane import DataPlane, Session
+from twinfer.dataplane import Session
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.outcomes import outcome
+
+if TYPE_CHECKING:
+    from twinfer.frontends.http.channel import TwinferSite
 
 log = Logger()
 
@@ -94,7 +99,7 @@ def _json_default(value: object) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def _raw_response(response: Response) -> bytes:
+def raw_response(response: Response) -> bytes:
     """A whole HTTP/1.1 response that closes the connection, for use before
     twisted.web has a request to answer (the body is still arriving)."""
     body = b"".join(response.body)
@@ -141,6 +146,11 @@ class _Body:
 class LimitedRequest(server.Request):
     """A request whose body is size-limited before it is buffered, and time-limited.
 
+    The body's bytes are reserved in the data plane's buffer budget
+    (:class:`~twinfer.budget.BufferBudget`) before they are read: while it
+    is spent, reading the connection pauses; they are released when the
+    request is answered or its connection is gone.
+
     The limit (``site.max_body_size``) is checked against ``Content-Length``
     when the headers are complete and against the running total of a chunked
     upload; either way a 413 goes out at once and the connection is closed,
@@ -158,9 +168,19 @@ class LimitedRequest(server.Request):
     #: True from the headers until the whole body is in.
     receiving = False
     _upload_timer: IDelayedCall | None = None
+    #: Budget bytes this request holds (released when it is answered or gone).
+    _reserved = 0
+    #: The body's Content-Length (0: none or chunked).
+    _length = 0
+    #: True while reading is paused for the buffer budget.
+    waiting_for_memory = False
 
     def _site(self) -> TwinferSite:
         return self.channel.site  # type: ignore[attr-defined,no-any-return]
+
+    def _transport(self) -> Any:
+        """The connection's transport (a producer: reading pauses and resumes)."""
+        return self.channel.transport if self.channel is not None else None
 
     def gotLength(self, length: int | None) -> None:
         self.content = _Body()
@@ -172,9 +192,55 @@ class LimitedRequest(server.Request):
                 f"({site.max_body_size} bytes, server.http_max_body_size)",
             )
             return
-        if length != 0:
-            self.receiving = True
-            self._upload_timer = site.reactor.callLater(site.body_timeout, self.too_slow)
+        if length == 0:
+            return
+        self._length = length or 0
+        self.receiving = True
+        budget = site.dataplane.budget
+        if length is None:  # chunked: reserved chunk by chunk
+            self._start_timer()
+        elif not budget.fits(length):
+            site.dataplane.limit_refused(FRONTEND, "max_buffered_bytes")
+            self._reject(
+                http.REQUEST_ENTITY_TOO_LARGE,
+                f"the request body ({length} bytes) is larger than the server's whole buffer "
+                f"budget ({budget.limit} bytes, server.max_buffered_bytes)",
+            )
+        elif budget.try_reserve(length):
+            self._reserved = length
+            self._start_timer()
+        else:
+            # Wait for the bytes instead of allocating them: stop reading
+            # (the upload's clock starts once it may go on).
+            site.dataplane.limit_refused(FRONTEND, "max_buffered_bytes")
+            self.waiting_for_memory = True
+            self._transport().pauseProducing()
+            budget.wait(length, self._memory_granted)
+
+    def _memory_granted(self, size: int) -> None:
+        self._reserved += size
+        self.waiting_for_memory = False
+        # Bytes read while waiting were counted already (take): keep only
+        # what the whole body needs.
+        need = max(self._length, self._received)
+        if self._reserved > need:
+            excess, self._reserved = self._reserved - need, need
+            self._site().dataplane.budget.release(excess)
+        transport = self._transport()
+        if transport is not None and not self._rejected:
+            transport.resumeProducing()
+            self._start_timer()
+
+    def _start_timer(self) -> None:
+        site = self._site()
+        self._upload_timer = site.reactor.callLater(site.body_timeout, self.too_slow)
+
+    def _release(self) -> None:
+        budget = self._site().dataplane.budget
+        budget.forget(self._memory_granted)
+        reserved, self._reserved = self._reserved, 0
+        if reserved:
+            budget.release(reserved)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._rejected:
@@ -188,6 +254,19 @@ class LimitedRequest(server.Request):
                 f"({limit} bytes, server.http_max_body_size)",
             )
             return
+        if self._received > self._reserved:
+            # A chunked upload (or the rest of a read that came in while
+            # waiting): the bytes are here already, so they are counted, and
+            # reading stops while the budget is overspent.
+            budget = self._site().dataplane.budget
+            extra = self._received - self._reserved
+            budget.take(extra)
+            self._reserved += extra
+            if budget.used > budget.limit and not self.waiting_for_memory:
+                self._site().dataplane.limit_refused(FRONTEND, "max_buffered_bytes")
+                self.waiting_for_memory = True
+                self._transport().pauseProducing()
+                budget.wait(0, self._memory_granted)
         self.content.write(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
@@ -199,12 +278,18 @@ class LimitedRequest(server.Request):
 
     def connectionLost(self, reason: Failure) -> None:
         self._stop_timer()
+        self._release()
         super().connectionLost(reason)
+
+    def finish(self) -> None:
+        self._release()  # answered: its bytes go back to the budget
+        super().finish()
 
     def too_slow(self) -> None:
         """Give up on the body: 408 and disconnect."""
         if self._rejected:
             return
+        self._site().dataplane.limit_refused(FRONTEND, "http_timeout")
         self._reject(
             http.REQUEST_TIMEOUT,
             f"the request body did not arrive within {self._site().body_timeout} seconds "
@@ -221,6 +306,7 @@ class LimitedRequest(server.Request):
         self._rejected = True
         self.receiving = False
         self._stop_timer()
+        self._release()
         self.content.close()
         channel = self.channel
         if channel is None or channel.transport is None:
@@ -230,7 +316,7 @@ class LimitedRequest(server.Request):
             peer=self.getClientAddress(),
             message=message,
         )
-        channel.transport.write(_raw_response(Response.error(status, message)))
+        channel.transport.write(raw_response(Response.error(status, message)))
         channel.loseConnection()
 
 
@@ -351,62 +437,11 @@ def _write_failed(failure: Failure, request: server.Request, finished: Deferred[
         request.loseConnection()
 
 
-class _Channel(http.HTTPChannel):
-    """An HTTP/1.1 channel whose idle timeout, in the middle of a request
-    body (a stalled upload), answers 408 instead of closing silently.
+def __getattr__(name: str) -> Any:
+    # TwinferSite and its channel live in twinfer.frontends.http.channel
+    # (which imports this module); this keeps the old import path working.
+    if name == "TwinferSite":
+        from twinfer.frontends.http.channel import TwinferSite
 
-    Each connection is a :class:`~twinfer.dataplane.Session` of the data
-    plane, so keep-alive connections and their requests in flight are
-    counted, drained and closed like the binary protocol's.
-    """
-
-    site: TwinferSite
-    session: Session | None = None
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.session = self.site.dataplane.open_session(FRONTEND, self.transport)
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
-        # The requests hear of the disconnect first (their notifyFinish fails,
-        # so no response is written to a dead connection); then the session
-        # withdraws whatever is still in flight.
-        super().connectionLost(reason)
-        if self.session is not None:
-            self.session.close()
-
-    def timeoutConnection(self) -> None:
-        request = self.requests[-1] if self.requests else None
-        if isinstance(request, LimitedRequest) and request.receiving:
-            request.too_slow()
-            return
-        super().timeoutConnection()
-
-
-class TwinferSite(server.Site):
-    """The HTTP front end's factory: a :class:`Router` plus the body limits.
-
-    ``body_timeout`` is both the idle timeout of a connection and the time
-    a request body may take to arrive in full.  HTTP/1.1 only (the site does
-    not negotiate HTTP/2, whose streams would bypass the body checks).
-    """
-
-    protocol = _Channel  # type: ignore[assignment]  # plain HTTP/1.1, see above
-    requestFactory = LimitedRequest
-
-    def __init__(
-        self,
-        router: Router,
-        dataplane: DataPlane,
-        max_body_size: int,
-        body_timeout: float,
-        reactor: Any = None,
-    ) -> None:
-        super().__init__(
-            router, timeout=body_timeout, reactor=reactor, parsePOSTFormSubmission=False
-        )
-        self.dataplane = dataplane
-        dataplane.frontend(FRONTEND)  # its gauges exist before the first client
-        self.max_body_size = max_body_size
-        self.body_timeout = body_timeout
-        self.noisy = False
+        return TwinferSite
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
