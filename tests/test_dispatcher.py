@@ -9,7 +9,9 @@ from collections.abc import Mapping
 import numpy as np
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThread
 
+from http_support import Gate, GatedEngine
 from support import ServerTestCase
 from twinfer.client import TwinferClient, connect
 from twinfer.engines import builtin
@@ -214,11 +216,14 @@ class DispatcherTests(ServerTestCase):
 
     async def test_a_vanished_clients_queued_jobs_never_run(self) -> None:
         guards: dict[tuple[str, int], DeviceGuard] = {}
+        gate = Gate()
+        self.addCleanup(gate.open)
 
         def factory(model: LoadedModel, device: str, replica: int) -> Engine:
             guard = guards.setdefault((device, replica), DeviceGuard())
-            # A slow device (0.2 s a job), so the queue is still full when the client leaves.
-            return GuardedEngine(openvino_engine(model, device, replica), guard, hold=0.2)
+            # A device held busy until the server has seen the client leave, so
+            # the queue is still full then (no race with the clock).
+            return GatedEngine(GuardedEngine(openvino_engine(model, device, replica), guard), gate)
 
         await self.start_server(PLACEMENT_CONFIG, factory)
         fpga = guards[("fpga", 0)]
@@ -227,7 +232,11 @@ class DispatcherTests(ServerTestCase):
         doomed = [leaver.infer("tiny2", {"x": batch(i)}) for i in range(40)]
         for d in doomed:
             d.addErrback(lambda f: f.trap(TwinferError))
+        await deferToThread(gate.started.acquire, True, 30)  # the first is on the device
+        [session] = self.dataplane.frontends["binary"].sessions
         leaver.close()
+        await session.when_closed()  # the server saw it go: its jobs are withdrawn
+        gate.open()
         await defer.DeferredList(doomed)
         stayer = await self.connect()
         await stayer.infer("tiny2", {"x": batch(1)})
