@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -104,7 +105,26 @@ class Soak:
         self.runs: list[Deferred] = []
         self.chaos_calls: list[Any] = []
         self.started = 0.0
-        self.busy = False  # an operator action is in progress
+        self.pauses: dict[Deferred[None], Any] = {}
+        self.chaos_on = False
+
+    def pause(self, seconds: float) -> Deferred[None]:
+        """Wait ``seconds``, or less: a quiet point ends every pause at once."""
+        if not self.chaos_on:
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred()
+        timer = self.reactor.callLater(seconds, d.callback, None)
+        self.pauses[d] = timer
+        d.addBoth(lambda result: (self.pauses.pop(d, None), result)[1])
+        return d
+
+    def end_pauses(self) -> None:
+        pauses, self.pauses = self.pauses, {}
+        for d, timer in pauses.items():
+            if timer.active():
+                timer.cancel()
+            if not d.called:
+                d.callback(None)
 
     # -- operators -----------------------------------------------------------
 
@@ -146,7 +166,7 @@ class Soak:
         self.fault_file.touch()
         self._log("device a fails", "fault file created")
         self.ledger.events["device a failures"] += 1
-        await task.deferLater(self.reactor, self.rng.uniform(2, 8))
+        await self.pause(self.rng.uniform(2, 8))
         self.fault_file.unlink(missing_ok=True)
         self._log("device a recovers", "fault file removed")
 
@@ -160,14 +180,14 @@ class Soak:
             self._log(f"{op} b via {'console' if via_console else 'ADMIN'}", result)
             if op == "drain":
                 self.ledger.events["device b drains"] += 1
-                await task.deferLater(self.reactor, self.rng.uniform(2, 8))
+                await self.pause(self.rng.uniform(2, 8))
 
     def _every(self, mean: float, action: Any) -> None:
         """Run ``action`` (an async function) at exponential intervals, one at a time."""
 
         async def loop() -> None:
             while self.chaos_on:
-                await task.deferLater(self.reactor, self.rng.expovariate(1 / mean))
+                await self.pause(self.rng.expovariate(1 / mean))
                 if self.chaos_on:
                     await action()
 
@@ -191,7 +211,7 @@ class Soak:
 
         async def reloads() -> None:
             while self.chaos_on:
-                await task.deferLater(self.reactor, self.args.reload_every)
+                await self.pause(self.args.reload_every)
                 if self.chaos_on:
                     await self.reload()
 
@@ -201,7 +221,7 @@ class Soak:
 
         async def vandalise() -> None:
             while self.chaos_on:
-                await task.deferLater(self.reactor, self.rng.expovariate(self.args.vandals))
+                await self.pause(self.rng.expovariate(self.args.vandals))
                 if self.chaos_on:
                     vandals.launch()
 
@@ -212,6 +232,7 @@ class Soak:
         self.chaos_on = False
         for user in self.users:
             user.stopping = True
+        self.end_pauses()
         await defer.DeferredList(self.chaos_calls)
         self.fault_file.unlink(missing_ok=True)
         waiting = defer.DeferredList([*self.runs, *vandals.running])
@@ -273,7 +294,7 @@ class Soak:
         sampler.stop()
         final = await metrics(self.reactor, ports["metrics"])
         server_counts = requests_by_frontend(final)
-        log_tail = self.server.log_anomalies()
+        log_errors = self.server.log_errors()
         exit_status = await self.server.stop()
         return {
             "minutes": self.args.minutes,
@@ -297,7 +318,7 @@ class Soak:
             "samples": self.samples,
             "operations": self.operations,
             "server_exit_status": exit_status,
-            "server_log_anomalies": log_tail,
+            "server_log_errors": log_errors,
         }
 
 
@@ -337,8 +358,11 @@ def main() -> None:
                 result = await soak.run()
             finally:
                 await soak.server.stop()
-        result["cpu"] = cpu_model()
-        ok = write_report(result, Path(args.out))
+            result["cpu"] = cpu_model()
+            ok = write_report(result, Path(args.out))
+            if not ok:  # keep the server's log for the post-mortem
+                shutil.copy(soak.server.log, Path(args.out) / "chaos-server.log")
+                print(f"server log: {Path(args.out) / 'chaos-server.log'}")
         if not ok:
             raise SystemExit(1)
 

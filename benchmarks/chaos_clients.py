@@ -386,7 +386,8 @@ class Vandals:
             data = b"XX" + rng.randbytes(rng.randrange(14, 200))
             self.ledger.events["binary garbage: bytes instead of HELLO"] += 1
         else:
-            body = rng.randbytes(rng.randrange(8, 200))
+            # A model name longer than the body: malformed whatever follows.
+            body = b"\xff\xff" + rng.randbytes(rng.randrange(8, 200))
             data = (
                 encode_bytes(0, Hello(agent="chaos-vandal"))
                 + HEADER.pack(b"TW", MessageType.INFER_REQUEST, 0, len(body), 1)

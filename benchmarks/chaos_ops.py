@@ -121,14 +121,22 @@ class ServerProcess:
             self.process.signalProcess("TERM")
         return await self.protocol.when_ended()
 
-    def log_anomalies(self) -> list[str]:
-        """Log lines that say something went wrong inside the server (tracebacks, INTERNAL)."""
+    def log_errors(self) -> dict[str, int]:
+        """The exceptions the server logged with a traceback, by their last line
+        (``DeviceError: injected fault...`` is the stand-in device doing its job)."""
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        found = []
+        found: Counter[str] = Counter()
+        last = None
         for line in text.splitlines():
-            if "Traceback" in line or "INTERNAL" in line or "Unhandled" in line:
-                found.append(line[:300])
-        return found[:50]
+            if line.startswith("\t"):
+                if line.strip():
+                    last = line.strip()
+            elif last is not None:
+                found[last[:200]] += 1
+                last = None
+        if last is not None:
+            found[last[:200]] += 1
+        return dict(found)
 
 
 class _Console(Protocol):
