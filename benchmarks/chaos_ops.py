@@ -110,7 +110,8 @@ class ServerProcess:
             path=str(self.workdir),
             childFDs={0: "w", 1: "r", 2: "r", 3: "r"},
         )
-        self.ports = await self.protocol.ports
+        # A server that neither listens nor exits within 5 minutes is stuck.
+        self.ports = await self.protocol.ports.addTimeout(300, self.reactor)
         return self.ports
 
     async def stop(self) -> int | None:
@@ -175,8 +176,9 @@ async def console(reactor: Any, port: int, line: str) -> str:
 
 async def metrics(reactor: Any, port: int) -> list[Any]:
     """The server's /metrics, parsed."""
-    response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}/metrics".encode())
-    body = await readBody(response)
+    url = f"http://127.0.0.1:{port}/metrics".encode()
+    response = await Agent(reactor).request(b"GET", url).addTimeout(60, reactor)
+    body = await readBody(response).addTimeout(60, reactor)
     return list(text_string_to_metric_families(body.decode()))
 
 
