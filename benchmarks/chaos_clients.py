@@ -104,13 +104,14 @@ class Inputs:
 class Mix:
     """What the load clients do, at random."""
 
-    def __init__(self, rng: random.Random, models: list[str], heavy: str) -> None:
+    def __init__(self, rng: random.Random, light: str, heavy: str) -> None:
         self.rng = rng
-        self.models = models
+        self.light = light
         self.heavy = heavy
 
     def model(self) -> str:
-        return self.heavy if self.rng.random() < 0.2 else self.models[0]
+        """The heavy model for 20 % of the requests, the light one for the others."""
+        return self.heavy if self.rng.random() < 0.2 else self.light
 
     def deadline_ms(self) -> int:
         """A deadline most requests cannot meet, for 5 % of them."""
