@@ -4,6 +4,7 @@ each target fuzzed briefly with atheris, and the bugs the fuzzers found."""
 from __future__ import annotations
 
 import importlib
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,10 @@ from pathlib import Path
 import pytest
 
 from fuzz import TARGETS
+from twinfer.errors import CodecError, ErrorCode
+from twinfer.wire.decode import decode_message
 from twinfer.wire.frames import Frame
+from twinfer.wire.messages import DType
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "tests" / "fuzz" / "corpus"
@@ -61,3 +65,18 @@ def test_every_target_fuzzes_briefly_with_atheris(tmp_path: Path) -> None:
         assert fields[fields.index("executions") + 1] == "2000", line
         assert int(fields[fields.index("cov") + 1]) > 0, line
         assert fields[fields.index("crashes") + 1] == "0", line
+
+
+# -- regressions: bugs the fuzzers found ------------------------------------------
+
+
+def test_empty_tensor_with_a_dimension_beyond_numpy_range_is_malformed() -> None:
+    """(frames) A zero dim makes the tensor empty, so it passed the size
+    check, but numpy refused the other dim 2**64 - 1 with a ValueError."""
+    body = bytearray()
+    body += struct.pack("<H", 1) + b"m" + struct.pack("<IBBBB", 0, 0, 1, 0, 0)
+    body += struct.pack("<H", 1) + b"x" + struct.pack("<BB", DType.F32, 2)
+    body += struct.pack("<QQ", 0, 2**64 - 1)
+    with pytest.raises(CodecError, match="tensor 'x' of shape") as e:
+        decode_message(Frame(0x10, 0, 1, body))
+    assert e.value.code is ErrorCode.MALFORMED_FRAME
