@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from fuzz import TARGETS
-from twinfer.errors import CodecError, ErrorCode
+from twinfer.config import loads_config
+from twinfer.errors import CodecError, ConfigError, ErrorCode
 from twinfer.wire.decode import decode_message
 from twinfer.wire.frames import Frame
 from twinfer.wire.messages import DType
@@ -80,3 +81,11 @@ def test_empty_tensor_with_a_dimension_beyond_numpy_range_is_malformed() -> None
     with pytest.raises(CodecError, match="tensor 'x' of shape") as e:
         decode_message(Frame(0x10, 0, 1, body))
     assert e.value.code is ErrorCode.MALFORMED_FRAME
+
+
+def test_a_model_path_too_long_for_the_filesystem_is_a_config_error(tmp_path: Path) -> None:
+    """(config) ``Path.exists`` raised OSError (ENAMETOOLONG) out of the loader."""
+    devices = '[[devices]]\nname = "cpu"\ntarget = "CPU"\n'
+    text = f'{devices}[[models]]\nname = "m"\npath = "{"x" * 5000}.xml"\n'
+    with pytest.raises(ConfigError, match=r"path: cannot read .*File name too long"):
+        loads_config(text, tmp_path, "long.toml")
