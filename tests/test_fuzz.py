@@ -13,7 +13,8 @@ import pytest
 
 from fuzz import TARGETS
 from twinfer.config import loads_config
-from twinfer.errors import CodecError, ConfigError, ErrorCode
+from twinfer.errors import CodecError, ConfigError, ErrorCode, TwinferError
+from twinfer.frontends.http.kserve import decode_infer_request
 from twinfer.wire.decode import decode_message
 from twinfer.wire.frames import Frame
 from twinfer.wire.messages import DType
@@ -89,3 +90,11 @@ def test_a_model_path_too_long_for_the_filesystem_is_a_config_error(tmp_path: Pa
     text = f'{devices}[[models]]\nname = "m"\npath = "{"x" * 5000}.xml"\n'
     with pytest.raises(ConfigError, match=r"path: cannot read .*File name too long"):
         loads_config(text, tmp_path, "long.toml")
+
+
+@pytest.mark.parametrize("value", ["¹", "٣", "1²"])
+def test_a_header_length_of_non_ascii_digits_is_invalid_input(value: str) -> None:
+    """(kserve) ``str.isdigit`` accepts '¹', which ``int`` refuses: a ValueError escaped."""
+    with pytest.raises(TwinferError, match="Inference-Header-Content-Length") as e:
+        decode_infer_request(b'{"inputs": []}', value)
+    assert e.value.code is ErrorCode.INVALID_INPUT
