@@ -4,17 +4,20 @@ each target fuzzed briefly with atheris, and the bugs the fuzzers found."""
 from __future__ import annotations
 
 import importlib
+import io
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from fuzz import TARGETS
 from twinfer.config import loads_config
 from twinfer.errors import CodecError, ConfigError, ErrorCode, TwinferError
 from twinfer.frontends.http.kserve import decode_infer_request
+from twinfer.tasks.preprocess import decode_image
 from twinfer.wire.decode import decode_message
 from twinfer.wire.frames import Frame
 from twinfer.wire.messages import DType
@@ -98,3 +101,15 @@ def test_a_header_length_of_non_ascii_digits_is_invalid_input(value: str) -> Non
     with pytest.raises(TwinferError, match="Inference-Header-Content-Length") as e:
         decode_infer_request(b'{"inputs": []}', value)
     assert e.value.code is ErrorCode.INVALID_INPUT
+
+
+def test_letterbox_padding_counts_against_the_pixel_limit() -> None:
+    """(image) A 7x57095 strip is under the limit, but letterboxing it for a
+    square network padded it to 57095x57095: a 9.7 GB allocation."""
+    buffer = io.BytesIO()
+    Image.new("L", (7, 57095)).save(buffer, "GIF")
+    with pytest.raises(TwinferError, match=r"padded .*\(57095x57095\)") as e:
+        decode_image(buffer.getvalue(), (224, 224), "letterbox", 4_000_000)
+    assert e.value.code is ErrorCode.INVALID_INPUT
+    stretched = decode_image(buffer.getvalue(), (224, 224), "stretch", 4_000_000)
+    assert stretched.tensor.shape == (1, 57095, 7, 3)
