@@ -76,8 +76,17 @@ def run_target(name: str, seconds: float | None, runs: int | None, workdir: Path
         "ft": int(statuses[-1].group(3)) if statuses else 0,
         "exit": result.returncode,
         "crashes": crashes,
-        "tail": "\n".join(log.splitlines()[-40:]) if result.returncode else "",
+        "tail": _failure(log) if result.returncode else "",
     }
+
+
+def _failure(log: str) -> str:
+    """The Python traceback and libFuzzer's error report from a failed run's log."""
+    lines = log.splitlines()
+    starts = [i for i, line in enumerate(lines) if "Uncaught Python exception" in line]
+    errors = [i for i, line in enumerate(lines) if "ERROR: libFuzzer" in line]
+    start = starts[0] if starts else errors[0] if errors else max(len(lines) - 40, 0)
+    return "\n".join(lines[start : start + 60])
 
 
 def main(argv: list[str] | None = None) -> int:
