@@ -250,8 +250,13 @@ table(Config, check=_check_config, omit={"base_dir"})
 
 def _with_files(model: ModelConfig, base_dir: Path) -> ModelConfig:
     """``model`` with its model file checked and its labels read, relative to ``base_dir``."""
-    if not model.path.startswith("builtin:") and not (base_dir / model.path).exists():
-        raise Invalid(f"no such file: {base_dir / model.path}", "path")
+    if not model.path.startswith("builtin:"):
+        try:
+            found = (base_dir / model.path).exists()
+        except OSError as e:  # a name too long, say: exists() only hides "not found"
+            raise Invalid(f"cannot read {base_dir / model.path}: {e.strerror}", "path") from e
+        if not found:
+            raise Invalid(f"no such file: {base_dir / model.path}", "path")
     return attrs.evolve(model, task=model.task and read_labels(model.task, base_dir))
 
 

@@ -187,6 +187,14 @@ def decode_image(
         # Pad bottom/right so the padded image has the network's aspect ratio.
         padded_w = max(decoded_w, int(np.ceil(decoded_h * net_w / net_h)))
         padded_h = max(decoded_h, int(np.ceil(decoded_w * net_h / net_w)))
+        # The padding counts against the limit: a 7x57095 strip padded to a
+        # square would take 9.7 GB.
+        if padded_w * padded_h > max_pixels:
+            raise TwinferError(
+                ErrorCode.INVALID_INPUT,
+                f"image of {width}x{height} pixels, padded to the network's aspect ratio "
+                f"({padded_w}x{padded_h}), is larger than the limit of {max_pixels} pixels",
+            )
         tensor = np.zeros((1, padded_h, padded_w, 3), np.uint8)
         tensor[0, :decoded_h, :decoded_w] = pixels
         return DecodedImage(tensor, original, (padded_w * back_x, padded_h * back_y))

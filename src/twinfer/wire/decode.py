@@ -149,7 +149,15 @@ def _read_tensors(r: _Reader, count: int) -> dict[str, np.ndarray]:
             elements *= d
         nbytes = elements * npdtype.itemsize
         r._need(nbytes, f"tensor {name!r} data ({nbytes} bytes)")
-        array = np.frombuffer(r.buf, dtype=npdtype, count=elements, offset=r.pos).reshape(shape)
+        try:
+            array = np.frombuffer(r.buf, dtype=npdtype, count=elements, offset=r.pos)
+            array = array.reshape(shape)
+        except ValueError as e:
+            # An empty tensor passes the size check with any other dims, but
+            # numpy refuses dims beyond its index range.
+            raise CodecError(
+                ErrorCode.MALFORMED_FRAME, f"{r.what}: tensor {name!r} of shape {shape}: {e}"
+            ) from None
         if dtype is DType.BOOL and elements and array.view(np.uint8).max() > 1:
             raise CodecError(
                 ErrorCode.MALFORMED_FRAME,

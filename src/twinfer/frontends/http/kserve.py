@@ -158,7 +158,8 @@ def split_body(
     view = memoryview(body)
     if header_length is None:
         return view, view[len(view) :]
-    if not header_length.isdigit() or int(header_length) > len(view):
+    # isascii: str.isdigit() also accepts digits that int() refuses, such as '¹'.
+    if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(view):
         raise _invalid(
             f"{HEADER_LENGTH}: expected a byte count between 0 and the body's "
             f"{len(view)} bytes, got {header_length!r}"
