@@ -136,6 +136,11 @@ def test_a_labels_file_that_is_not_text_names_the_key(tmp_path: Path) -> None:
         loads_config(DEVICE + MODEL + 'task = "classify"\nlabels = "labels.txt"\n', tmp_path)
 
 
+def test_a_labels_path_with_a_nul_byte_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^models\[0\]\.labels: .*NUL byte"):
+        loads_config(DEVICE + MODEL + 'task = "classify"\nlabels = "a\\u0000b"\n', tmp_path)
+
+
 def test_durations_take_any_number_and_drop_fractions() -> None:
     [model] = loads_config(DEVICE + MODEL + "default_timeout_ms = 2.7\n").models
     assert model.default_timeout_ms == 2 and type(model.default_timeout_ms) is int

@@ -298,6 +298,8 @@ def read_labels(task: TaskConfig, base_dir: Path) -> TaskConfig:
     that a file that cannot be read stops start-up with a message naming the key."""
     if task.labels_path is None:
         return task
+    if "\0" in task.labels_path:  # the OS would refuse it with a ValueError, not an OSError
+        raise Invalid(f"{task.labels_path!r}: a path cannot contain a NUL byte", "labels")
     path = (base_dir / task.labels_path).resolve()
     try:
         text = path.read_text("utf-8") if path.stat().st_size <= MAX_LABELS_BYTES else None
