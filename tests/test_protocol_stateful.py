@@ -270,12 +270,15 @@ class ProtocolMachine(RuleBasedStateMachine):
         self.queue_frame(client, hello_frame(bad_version))
 
     @precondition(lambda self: self.live())
-    @rule(data=st.data(), batch=st.lists(asks, min_size=1, max_size=6))
-    def send_requests(self, data: st.DataObject, batch: list[Ask]) -> None:
-        """Pipelined requests: inference (valid or not), cancels and pings."""
+    @rule(data=st.data(), batch=st.lists(asks, min_size=1, max_size=6), at_once=st.booleans())
+    def send_requests(self, data: st.DataObject, batch: list[Ask], at_once: bool) -> None:
+        """Pipelined requests: inference (valid or not), cancels and pings;
+        ``at_once``: they arrive in one chunk with the bytes queued before them."""
         client = self.pick(data)
         for ask in batch:
             self.queue_frame(client, ask.frame())
+        if at_once and client in self.deliverable():
+            self.deliver_bytes(client, len(client.outgoing))
 
     @precondition(lambda self: self.live())
     @rule(
@@ -329,9 +332,12 @@ class ProtocolMachine(RuleBasedStateMachine):
     # -- rules: the server and its device ------------------------------------------
 
     @precondition(lambda self: self.runner.handed)
-    @rule(outcome=st.sampled_from(["ok"] * 5 + ["error", "device-error"]))
-    def device_runs(self, outcome: str) -> None:
-        self.run_device(outcome)
+    @rule(outcome=st.sampled_from(["ok"] * 5 + ["error", "device-error"]), calls=st.integers(1, 3))
+    def device_runs(self, outcome: str, calls: int) -> None:
+        """The device finishes up to ``calls`` jobs (or probes), all with ``outcome``."""
+        for _ in range(calls):
+            if self.runner.handed:
+                self.run_device(outcome)
 
     @rule(seconds=st.sampled_from([0.01, 0.05, 0.25, 1.0]))
     def advance_clock(self, seconds: float) -> None:
