@@ -8,6 +8,13 @@ connection), turns each request it yields into a call on the
 counts it), and writes replies as they complete (out of order, matched by
 request id).  It does no inference and no heavy
 copying: the reactor thread only parses, queues and writes.
+
+Besides the messages it handles the connection's transport-level duties:
+flow control (pausing reads for unread replies, saturated queues and the
+buffer budget), the connection limit, the idle timeout and ``GOAWAY`` on a
+drain.  They all act on the one Twisted transport, which is why they live
+here and the module runs a little over 500 lines; the protocol's rules are
+in :mod:`twinfer.wire.connection` and the request path in the data plane.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ Events are produced one at a time, so a server answers the frames received
 before a broken one before it answers the break itself (h11's
 ``receive_data``/``next_event`` design).
 
-The module is a little over 500 lines on purpose: it is the protocol's state
+The module runs over 500 lines on purpose: it is the protocol's state
 machine for both roles, and splitting it would spread one set of rules over
 several files (h11's ``_connection.py`` is one module for the same reason).
 The message codecs and the events it uses live in their own modules.
