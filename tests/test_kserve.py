@@ -288,4 +288,9 @@ def test_model_and_server_metadata() -> None:
             {"name": "label", "datatype": "INT64", "shape": [-1]},
         ],
     }
-    assert kserve.server_metadata()["extensions"] == ["binary_tensor_data"]
+    assert kserve.server_metadata()["extensions"] == [
+        "binary_tensor_data",
+        "model_repository",
+        "statistics",
+        "model_configuration",
+    ]

@@ -377,6 +377,7 @@ class DataPlane:
                     result.compute_us / 1e6,
                     result.batch_size,
                     frontend=frontend,
+                    batch_requests=result.batch_requests,
                 )
             else:
                 self.stats.request_done(model, "OK", latency, frontend=frontend)

@@ -148,7 +148,8 @@ class Options(usage.Options):
         [
             "allow-admin",
             None,
-            "Obey ADMIN_REQUEST messages (load/unload/reload/drain) from clients.",
+            "Obey ADMIN_REQUEST messages (load/unload/reload/drain) from clients, "
+            "and HTTP's Triton model load/unload.",
         ],
     ]
 
@@ -355,7 +356,13 @@ def makeService(options: Options) -> TwinferService:
         # Imported only when asked for: twisted.web is not needed otherwise.
         from twinfer.frontends.http import HTTPFrontEnd
 
-        front = HTTPFrontEnd(dataplane, config, reactor)
+        front = HTTPFrontEnd(
+            dataplane,
+            config,
+            reactor,
+            controller=factory.controller,
+            allow_admin=factory.allow_admin,
+        )
         front.setServiceParent(top)
         _listen(top, reactor, "http", options["http-port"], front.site, label="http")
     return top

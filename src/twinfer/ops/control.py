@@ -125,6 +125,9 @@ class Controller:
         self.config_path = config_path
         #: The models that should be served, as last loaded.
         self.models: dict[str, ModelConfig] = {m.name: m for m in config.models}
+        #: Models unloaded at run time, as they were last served (so that
+        #: :meth:`restore` can load them again by name).
+        self.unloaded: dict[str, ModelConfig] = {}
         self._lock = DeferredLock()
         self._stamps = {m.name: file_stamp(config.model_path(m)) for m in config.models}
         now = time.monotonic()
@@ -150,6 +153,15 @@ class Controller:
     def unload(self, name: str) -> Deferred[str]:
         """Stop serving ``name``; queued requests get UNAVAILABLE, running ones finish."""
         return self._locked(f"unload {name}", self._unload, name)
+
+    def restore(self, name: str) -> Deferred[str]:
+        """Load ``name`` again as it was served before it was unloaded.
+
+        Fires with a summary; fails with :class:`TwinferError`
+        (``UNKNOWN_MODEL`` if ``name`` was never unloaded, ``INVALID_INPUT``
+        if it is loaded).
+        """
+        return self._locked(f"load {name}", self._restore, name)
 
     def reload(self, name: str, path: str = "", config: ModelConfig | None = None) -> Deferred[str]:
         """Compile ``name`` again (from ``path`` or ``config`` if given) and swap it in.
@@ -315,11 +327,23 @@ class Controller:
         _check_path(config.path)
         return await self._install(config, old, "reloaded")
 
+    async def _restore(self, name: str) -> str:
+        if name in self.models:
+            raise TwinferError(
+                ErrorCode.INVALID_INPUT, f"model {name!r} is already loaded (use reload)"
+            )
+        config = self.unloaded.get(name)
+        if config is None:
+            raise TwinferError(ErrorCode.UNKNOWN_MODEL, f"model {name!r} was never unloaded")
+        return await self._install(config, None, "loaded")
+
     async def _unload(self, name: str) -> str:
         entry = self.dispatcher.uninstall(name)
         if entry is None:
             raise TwinferError(ErrorCode.UNKNOWN_MODEL, f"model {name!r} is not loaded")
-        self.models.pop(name, None)
+        config = self.models.pop(name, None)
+        if config is not None:
+            self.unloaded[name] = config
         self._stamps.pop(name, None)
         self._sync_config()
         failed = 0
@@ -358,6 +382,7 @@ class Controller:
         entry.attaching = True
         self.dispatcher.install(entry)
         self.models[config.name] = config
+        self.unloaded.pop(config.name, None)
         self._stamps[config.name] = file_stamp(path)
         self._sync_config()
 

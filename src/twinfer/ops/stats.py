@@ -2,8 +2,8 @@
 
 The data plane (:mod:`twinfer.dataplane`) calls :meth:`Stats.request_done`
 once per inference request, whatever its front end, on the reactor thread.
-That costs two dictionary lookups, a few integer increments and three
-``bisect`` calls; there are no locks, because only the reactor thread
+That costs three dictionary lookups, a few integer and float increments,
+one ``time.time()`` and three ``bisect`` calls; there are no locks, because only the reactor thread
 writes.  Readers (the debug console on the reactor thread, the Prometheus
 collector in a web thread) take snapshots: copying a list of ints is atomic
 under the GIL, so a scrape may be a request behind but is never torn within a
@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 
@@ -71,9 +72,25 @@ class Histogram:
 
 
 class ModelStats:
-    """Everything counted for one model."""
+    """Everything counted for one model.
 
-    __slots__ = ("codes", "queue", "compute", "latency", "batch")
+    Besides the histograms (whose sums are the total seconds), a few running
+    totals for Triton's statistics extension (:mod:`twinfer.ops.repository`):
+    the seconds failed requests took, device executions and when the last
+    request was answered.
+    """
+
+    __slots__ = (
+        "codes",
+        "queue",
+        "compute",
+        "latency",
+        "batch",
+        "failed_seconds",
+        "executions",
+        "by_batch",
+        "last_request",
+    )
 
     def __init__(self) -> None:
         #: Requests answered, by outcome: ``"OK"`` or an ErrorCode name.
@@ -82,6 +99,18 @@ class ModelStats:
         self.compute = Histogram(LATENCY_BUCKETS, RECENT)
         self.latency = Histogram(LATENCY_BUCKETS, RECENT)
         self.batch = Histogram(BATCH_BUCKETS)
+        #: End-to-end seconds of the requests answered with an error (the
+        #: successful ones' total is ``latency.sum`` minus this).
+        self.failed_seconds = 0.0
+        #: Device executions that answered requests: each request that ran
+        #: adds ``1 / (requests in its batch)``, so a batch counts once
+        #: whichever of its requests are counted first (see :meth:`execution_count`).
+        self.executions = 0.0
+        #: ``{batch rows: [executions, compute seconds]}`` for requests that ran,
+        #: each shared out the same way.
+        self.by_batch: dict[int, list[float]] = {}
+        #: Wall-clock time (seconds since the epoch) of the last answer; 0: none yet.
+        self.last_request = 0.0
 
     @property
     def count(self) -> int:
@@ -93,12 +122,23 @@ class ModelStats:
         """Requests answered with an error."""
         return sum(n for code, n in self.codes.items() if code != "OK")
 
+    @property
+    def execution_count(self) -> int:
+        """Device executions (a dynamic batch counts once).
+
+        Exact unless a request was cancelled after its batch ran (its share
+        of the batch is then not counted).
+        """
+        return round(self.executions)
+
 
 class Stats:
     """Per-model request statistics for the whole server (one per process)."""
 
-    def __init__(self, clock: float | None = None) -> None:
+    def __init__(self, clock: float | None = None, wall: Callable[[], float] = time.time) -> None:
         self.started = time.monotonic() if clock is None else clock
+        #: The wall clock stamping each model's last answer (``time.time``).
+        self.wall = wall
         self.models: dict[str, ModelStats] = {}
         #: Answers by outcome over all models (unknown models included).
         self.totals: dict[str, int] = {}
@@ -123,6 +163,7 @@ class Stats:
         batch: int | None = None,
         known: bool = True,
         frontend: str = "",
+        batch_requests: int = 1,
     ) -> None:
         """Count one answered inference request (called on the reactor thread).
 
@@ -130,7 +171,8 @@ class Stats:
         ``queue``/``compute``/``batch`` are given for requests that ran.
         Requests for models that are not served (``known=False``) only count
         in :attr:`totals` and under model ``""``, so a client cannot grow the
-        per-model tables.  ``frontend`` names the front end that answered.
+        per-model tables.  ``frontend`` names the front end that answered;
+        ``batch_requests`` is how many requests shared the device execution.
         """
         self.totals[code] = self.totals.get(code, 0) + 1
         key = (model if known else "", code, frontend)
@@ -140,10 +182,20 @@ class Stats:
         stats = self.model(model)
         stats.codes[code] = stats.codes.get(code, 0) + 1
         stats.latency.observe(latency)
+        stats.last_request = self.wall()
+        if code != "OK":
+            stats.failed_seconds += latency
         if queue is not None:
             stats.queue.observe(queue)
         if compute is not None:
             stats.compute.observe(compute)
+            share = 1.0 / batch_requests
+            stats.executions += share
+            rows = stats.by_batch.get(batch or 1)
+            if rows is None:
+                rows = stats.by_batch[batch or 1] = [0.0, 0.0]
+            rows[0] += share
+            rows[1] += compute * share
         if batch is not None:
             stats.batch.observe(batch)
 

@@ -8,13 +8,15 @@ thread pool that encodes and decodes large JSON tensors off the reactor
 thread; ``twistd twinfer --http-port ENDPOINT`` listens with it.
 
 Modules: :mod:`twinfer.frontends.http.site` (limits, routing, error mapping),
-:mod:`twinfer.frontends.http.v2` (KServe v2), :mod:`twinfer.frontends.http.rest` (the seed API);
+:mod:`twinfer.frontends.http.v2` (KServe v2), :mod:`twinfer.frontends.http.extensions`
+(Triton's repository, statistics and configuration extensions),
+:mod:`twinfer.frontends.http.rest` (the seed API);
 the tensor mapping itself is the sans-I/O :mod:`twinfer.frontends.http.kserve`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
 from twisted.python.threadpool import ThreadPool
@@ -22,9 +24,14 @@ from twisted.python.threadpool import ThreadPool
 from twinfer.config import Config
 from twinfer.dataplane import DataPlane
 from twinfer.frontends.http.channel import TwinferSite
+from twinfer.frontends.http.extensions import TritonExtensionsAPI
 from twinfer.frontends.http.rest import SeedAPI
 from twinfer.frontends.http.site import STATUS_BY_CODE, Router, status_for
 from twinfer.frontends.http.v2 import KServeAPI
+from twinfer.ops.repository import ModelRepository
+
+if TYPE_CHECKING:
+    from twinfer.ops.control import Controller
 
 __all__ = ["HTTPFrontEnd", "STATUS_BY_CODE", "status_for"]
 
@@ -37,6 +44,9 @@ class HTTPFrontEnd(service.Service):
 
     Start it (``startService``, or as a child of the ``twistd`` service tree)
     before serving :attr:`site`, and stop it after the port is closed.
+    ``controller`` (:class:`~twinfer.ops.control.Controller`) and
+    ``allow_admin`` (``--allow-admin``) serve Triton's repository extension's
+    load and unload; without a controller they answer 403.
     """
 
     def __init__(
@@ -44,9 +54,22 @@ class HTTPFrontEnd(service.Service):
         dataplane: DataPlane,
         config: Config,
         reactor: Any,
+        *,
+        controller: Controller | None = None,
+        allow_admin: bool = False,
     ) -> None:
         self.pool = ThreadPool(minthreads=0, maxthreads=CODEC_THREADS, name="twinfer-http-codec")
         router = Router()
+        #: Triton's repository, statistics and configuration extensions.
+        self.repository = ModelRepository(
+            dataplane,
+            controller=controller,
+            models={m.name: m for m in config.models},
+            targets={d.name: d.target for d in config.devices},
+            allow_admin=allow_admin,
+        )
+        # First: ``/v2/models/stats`` is not the metadata of a model "stats".
+        TritonExtensionsAPI(self.repository).install(router)
         KServeAPI(dataplane, reactor, self.pool).install(router)
         # The image API needs the data plane's image tasks (none: 501).
         self.seed = SeedAPI(dataplane, config, dataplane.tasks)

@@ -39,8 +39,14 @@ from twinfer.wire.messages import DType, Metadata, TensorSpec
 HEADER_LENGTH = "Inference-Header-Content-Length"
 #: The only version each model has: twinfer serves one version per name.
 MODEL_VERSION = "1"
-#: Protocol extensions listed in server metadata.
-EXTENSIONS = ("binary_tensor_data",)
+#: Protocol extensions listed in server metadata (the repository, statistics
+#: and configuration ones are :mod:`twinfer.frontends.http.extensions`).
+EXTENSIONS = (
+    "binary_tensor_data",
+    "model_repository",
+    "statistics",
+    "model_configuration",
+)
 
 _KSERVE_BY_DTYPE = {
     DType.BOOL: "BOOL",
