@@ -25,11 +25,14 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 from test_protocol import HandOperatedWorker
+from twinfer.config import ModelConfig
 from twinfer.dataplane import DataPlane, Session
 from twinfer.engines import builtin
 from twinfer.engines.openvino import Signature
+from twinfer.frontends.http.extensions import TritonExtensionsAPI
 from twinfer.frontends.http.site import Router, TwinferSite
 from twinfer.frontends.http.v2 import KServeAPI
+from twinfer.ops.repository import ModelRepository
 from twinfer.scheduling import Dispatcher, Job, JobQueue, ModelEntry
 
 
@@ -126,7 +129,8 @@ def request_bytes(
 
 
 class MemoryHTTPTestCase(unittest.SynchronousTestCase):
-    """A site with the KServe v2 routes over a worker-less ``tiny`` model queue."""
+    """A site with the KServe v2 routes and Triton's extensions over a
+    worker-less ``tiny`` model queue."""
 
     max_body_size = 1024
     body_timeout = 5.0
@@ -144,6 +148,11 @@ class MemoryHTTPTestCase(unittest.SynchronousTestCase):
         self.dispatcher.start()
         self.plane = DataPlane(self.dispatcher, tasks=None)
         self.router = Router()
+        #: Triton's extensions, without a controller (load/unload: 403).
+        self.repository = ModelRepository(
+            self.plane, models={"tiny": ModelConfig("tiny", "builtin:tiny")}, targets={"cpu": "CPU"}
+        )
+        TritonExtensionsAPI(self.repository).install(self.router)
         # Small documents only: the codec pool is never started nor used.
         KServeAPI(self.plane, self.clock, ThreadPool()).install(self.router)
         self.site = TwinferSite(

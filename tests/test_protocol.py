@@ -50,6 +50,7 @@ class HandOperatedWorker:
     state = WorkerState.READY
     failure_reason = ""
     available = True
+    alive = True
 
     def __init__(self, queue: JobQueue) -> None:
         self.queues = [queue]
