@@ -23,6 +23,7 @@ from twisted.web.http_headers import Headers
 from support import ServerTestCase, config_from
 from twinfer.engines.openvino import Engine
 from twinfer.frontends.http import HTTPFrontEnd
+from twinfer.ops.control import Controller
 from twinfer.registry import EngineFactory, LoadedModel, openvino_engine
 from twistd_process import TWISTD_TINY_CONFIG, with_server_table
 
@@ -115,15 +116,25 @@ class HTTPServerTestCase(ServerTestCase):
         engine_factory: EngineFactory = openvino_engine,
         tasks: Any = None,
         base_dir: Path = Path("."),
+        admin: bool = False,
     ) -> int:
         """Start everything; return the HTTP port (``self.http_port`` too).
 
         ``tasks``: None for no image tasks (``POST /inference`` answers 501),
         True for the real :mod:`twinfer.tasks`, or a stand-in module.
+        ``admin``: a controller serves Triton's load/unload, as with
+        ``--allow-admin`` (``self.controller``).
         """
         text = config_text or self.config_text
         await self.start_server(text, engine_factory, base_dir=base_dir, tasks=tasks)
-        self.front = HTTPFrontEnd(self.dataplane, config_from(text, base_dir), reactor)
+        self.controller = Controller(self.config, self.dataplane, reactor) if admin else None
+        self.front = HTTPFrontEnd(
+            self.dataplane,
+            config_from(text, base_dir),
+            reactor,
+            controller=self.controller,
+            allow_admin=admin,
+        )
         self.front.startService()
         self.addCleanup(self.front.stopService)
         endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")

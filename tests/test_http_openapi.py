@@ -43,12 +43,14 @@ class OpenAPICase(HTTPServerTestCase):
     """A server with tensor and image models; ``check`` validates a live exchange."""
 
     tasks: bool | None = True
+    #: Whether Triton's load/unload are allowed (``--allow-admin``).
+    admin = True
 
     async def setUp(self) -> None:  # type: ignore[override]
         directory = Path(tempfile.mkdtemp(prefix="twinfer-http-openapi-"))
         self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
         await self.start_http(
-            IMAGE_CONFIG, tasks=self.tasks, base_dir=write_image_models(directory)
+            IMAGE_CONFIG, tasks=self.tasks, base_dir=write_image_models(directory), admin=self.admin
         )
         self.openapi = spec()
         self.checked: list[tuple[str, str, int]] = []
@@ -109,6 +111,16 @@ class OpenAPITests(OpenAPICase):
         await self.check("POST", "/v2/models/tiny/infer", body)
         await self.check("POST", "/v2/models/tiny/versions/1/infer", body)
         await self.check("POST", "/inference?model=det", blank_png(64, 48), "image/png")
+        # Triton's extensions.
+        await self.check("POST", "/v2/repository/index")
+        await self.check("POST", "/v2/repository/index", b'{"ready": true}')
+        await self.check("GET", "/v2/models/stats")
+        await self.check("GET", "/v2/models/tiny/stats")
+        await self.check("GET", "/v2/models/tiny/versions/1/stats")
+        await self.check("GET", "/v2/models/tiny/config")
+        await self.check("GET", "/v2/models/tiny/versions/1/config")
+        await self.check("POST", "/v2/repository/models/tiny/unload", b"{}")
+        await self.check("POST", "/v2/repository/models/tiny/load", b"{}")
         documented = {
             (method.upper(), path)
             for path, item in yaml.safe_load(SPEC_PATH.read_text())["paths"].items()
@@ -136,15 +148,31 @@ class OpenAPITests(OpenAPICase):
         await self.check("POST", "/inference", b"\xff\xd8", "image/gif", expect=415)
         await self.check("POST", "/inference", b"\xff\xd8", "image/jpeg", expect=400)
         await self.check("POST", "/inference?model=tiny", blank_png(8, 8), "image/png", expect=400)
+        await self.check("GET", "/v2/models/nope/stats", expect=404)
+        await self.check("GET", "/v2/models/tiny/versions/2/stats", expect=404)
+        await self.check("GET", "/v2/models/nope/config", expect=404)
+        await self.check("GET", "/v2/models/nope/versions/1/config", expect=404)
+        await self.check("POST", "/v2/repository/index", b'{"ready": 1}', expect=400)
+        await self.check("POST", "/v2/repository/models/nope/load", b"{}", expect=404)
+        await self.check("POST", "/v2/repository/models/nope/unload", b"{}", expect=404)
+        config = b'{"parameters": {"config": "{}"}}'
+        await self.check("POST", "/v2/repository/models/tiny/load", config, expect=400)
 
 
 class NoTasksOpenAPITests(OpenAPICase):
-    """The same server without image tasks: ``POST /inference`` is 501."""
+    """The same server without image tasks (``POST /inference`` is 501) nor
+    administration (Triton's load/unload are 403)."""
 
     tasks = None
+    admin = False
 
     async def test_not_implemented_is_documented(self) -> None:
         await self.check("POST", "/inference", b"\xff\xd8", "image/jpeg", expect=501)
+
+    async def test_admin_disabled_is_documented(self) -> None:
+        for op in ("load", "unload"):
+            result = await self.check("POST", f"/v2/repository/models/tiny/{op}", b"{}", expect=403)
+            assert "--allow-admin" in result.json()["error"]
 
 
 def test_the_validator_rejects_responses_that_break_the_spec() -> None:
