@@ -1,5 +1,8 @@
 """KServe v2 conformance, shown with a real third-party client: ``tritonclient.http``.
 
+The last tests drive Triton's extensions (repository index, load/unload,
+statistics, model configuration) on a real ``twistd --allow-admin``.
+
 tritonclient is blocking (geventhttpclient), so its calls run in a thread
 while the in-process server's reactor keeps running: always the same one
 thread, because gevent ties a client's connections to the thread (hub) that
@@ -9,7 +12,8 @@ made them.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -26,7 +30,7 @@ from twinfer.engines import openvino as backend
 from twinfer.engines.builtin import tiny_reference
 from twinfer.frontends import http
 from twinfer.frontends.http import kserve
-from twistd_process import SQUEEZENET_MODEL, TWISTD_TINY_CONFIG, with_server_table
+from twistd_process import SQUEEZENET_MODEL, TWISTD_TINY_CONFIG, StartTwistd, with_server_table
 
 T = TypeVar("T")
 
@@ -210,3 +214,141 @@ class TritonClientTests(HTTPServerTestCase):
         refused = info.value.status() == "413" and "larger than the limit" in message
         cut_off = any(word in message.lower() for word in ("reset", "broken pipe"))
         assert refused or cut_off, message
+
+
+# -- Triton's extensions against a real ``twistd --allow-admin`` ------------------
+
+ADMIN_CONFIG = with_server_table(
+    TWISTD_TINY_CONFIG
+    + """
+[[models]]
+name = "batched"
+path = "builtin:tiny"
+max_batch_size = 4
+preferred_batch_sizes = [2]
+""",
+    http_max_body_size=65536,
+)
+
+
+@pytest.fixture(scope="module")
+def admin_client(start_twistd: StartTwistd) -> Iterator[triton.InferenceServerClient]:
+    """``tritonclient.http`` to a ``twistd`` started with ``--allow-admin``."""
+    process = start_twistd(
+        ADMIN_CONFIG, args=["--http-port=tcp:0:interface=127.0.0.1", "--allow-admin"]
+    )
+    client = triton.InferenceServerClient(f"127.0.0.1:{process.ports['http']}")
+    yield client
+    client.close()
+    process.stop()
+
+
+def infer_tiny(client: triton.InferenceServerClient, model: str, x: np.ndarray) -> np.ndarray:
+    tensor = triton.InferInput("x", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    result = client.infer(model, [tensor])
+    np.testing.assert_allclose(result.as_numpy("y"), tiny_reference(x)["y"], rtol=1e-5)
+    return result.as_numpy("y")
+
+
+def test_repository_index_unload_and_load(admin_client: triton.InferenceServerClient) -> None:
+    client = admin_client
+    ready = {"version": "1", "state": "READY", "reason": ""}
+    assert client.get_model_repository_index() == [
+        {"name": "batched", **ready},
+        {"name": "tiny", **ready},
+    ]
+    x = np.ones((2, 4), np.float32)
+    client.unload_model("batched")
+    assert client.get_model_repository_index()[0] == {
+        "name": "batched",
+        "version": "1",
+        "state": "UNAVAILABLE",
+        "reason": "unloaded",
+    }
+    assert not client.is_model_ready("batched")
+    with pytest.raises(InferenceServerException) as info:
+        infer_tiny(client, "batched", x)
+    assert info.value.status() == "404"
+    infer_tiny(client, "tiny", x)  # the other model serves on
+
+    client.load_model("batched")  # loaded as configured, by name
+    assert client.is_model_ready("batched")
+    infer_tiny(client, "batched", x)
+    client.load_model("tiny")  # a served model: compiled again, swapped in
+    infer_tiny(client, "tiny", x)
+    with pytest.raises(InferenceServerException) as info:
+        client.load_model("resnet50")
+    assert info.value.status() == "404"
+    assert "model 'resnet50' is not in the repository" in info.value.message()
+    with pytest.raises(InferenceServerException) as info:
+        client.unload_model("resnet50")
+    assert info.value.status() == "404"
+
+
+def test_statistics_count_inferences(admin_client: triton.InferenceServerClient) -> None:
+    client = admin_client
+
+    def stats() -> dict[str, Any]:
+        [entry] = client.get_inference_statistics("tiny")["model_stats"]
+        return entry  # type: ignore[no-any-return]
+
+    before = stats()
+    x = np.ones((3, 4), np.float32)
+    for _ in range(3):
+        infer_tiny(client, "tiny", x)
+    with pytest.raises(InferenceServerException):
+        infer_tiny(client, "tiny", np.ones((3, 5), np.float32))  # INVALID_SHAPE
+    after = stats()
+    assert after["name"] == "tiny" and after["version"] == "1"
+    assert after["inference_count"] == before["inference_count"] + 3
+    assert after["execution_count"] == before["execution_count"] + 3
+    inference, earlier = after["inference_stats"], before["inference_stats"]
+    for kind in ("success", "queue", "compute_infer"):
+        assert inference[kind]["count"] == earlier[kind]["count"] + 3, kind
+        assert inference[kind]["ns"] > earlier[kind]["ns"], kind
+    assert inference["fail"]["count"] == earlier["fail"]["count"] + 1
+    # Milliseconds since the epoch: the server's clock is this machine's.
+    assert abs(after["last_inference"] / 1000 - time.time()) < 60
+    assert count_of(after, 3) == count_of(before, 3) + 3  # 3 rows each, run alone
+    every = client.get_inference_statistics()["model_stats"]
+    assert [s["name"] for s in every] == ["batched", "tiny"]
+    with pytest.raises(InferenceServerException) as info:
+        client.get_inference_statistics("nope")
+    assert info.value.status() == "404" and "'nope'" in info.value.message()
+
+
+def count_of(stats: dict[str, Any], batch_size: int) -> int:
+    """Executions of ``batch_size`` rows in a statistics entry."""
+    for batch in stats["batch_stats"]:
+        if batch["batch_size"] == batch_size:
+            return int(batch["compute_infer"]["count"])
+    return 0
+
+
+def test_model_config_matches_metadata(admin_client: triton.InferenceServerClient) -> None:
+    client = admin_client
+    for name, max_batch_size in (("tiny", 0), ("batched", 4)):
+        config = client.get_model_config(name)
+        metadata = client.get_model_metadata(name)
+        assert (config["name"], config["platform"]) == (name, "openvino")
+        assert config["max_batch_size"] == max_batch_size
+        skip = 1 if max_batch_size else 0  # Triton leaves out the batch dimension
+        for tensors, described in (
+            (config["input"], metadata["inputs"]),
+            (config["output"], metadata["outputs"]),
+        ):
+            assert [(t["name"], t["data_type"], t["dims"]) for t in tensors] == [
+                (m["name"], f"TYPE_{m['datatype']}", m["shape"][skip:]) for m in described
+            ]
+        assert config["instance_group"] == [
+            {"name": f"{name}_cpu", "kind": "KIND_CPU", "count": 2, "gpus": []}
+        ]
+    assert client.get_model_config("batched")["dynamic_batching"] == {
+        "preferred_batch_size": [2],
+        "max_queue_delay_microseconds": 500,
+    }
+    assert "dynamic_batching" not in client.get_model_config("tiny")
+    with pytest.raises(InferenceServerException) as info:
+        client.get_model_config("nope")
+    assert info.value.status() == "404" and "'nope'" in info.value.message()

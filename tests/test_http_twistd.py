@@ -140,3 +140,21 @@ def test_http_over_tls(start_twistd: StartTwistd, tmp_path_factory: pytest.TempP
             untrusting.close()
     finally:
         process.stop()
+
+
+def test_load_and_unload_need_allow_admin(server: Twistd) -> None:
+    """This server was started without ``--allow-admin``: Triton's load and
+    unload are refused (403, naming the flag) and change nothing."""
+    client = triton.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    try:
+        for call in (client.unload_model, client.load_model):
+            with pytest.raises(InferenceServerException) as info:
+                call("tiny")
+            assert info.value.status() == "403"
+            assert "start it with --allow-admin" in info.value.message()
+        assert client.is_model_ready("tiny")
+        assert client.get_model_repository_index() == [
+            {"name": "tiny", "version": "1", "state": "READY", "reason": ""}
+        ]
+    finally:
+        client.close()
