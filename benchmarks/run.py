@@ -61,7 +61,7 @@ from run_report import (  # noqa: E402
 
 #: Seconds a server takes to start and compile its model, and benchmark_app to
 #: compile, for the estimate (measured on the 2-core AMD kind).
-SERVER_START_S = 15.0
+SERVER_START_S = 10.0
 BENCHMARK_APP_START_S = 6.0
 
 
