@@ -333,14 +333,23 @@ class ProcSampler(threading.Thread):
     def rss_now(self) -> int:
         return procstat.rss_bytes(self.pid) or 0
 
-    def cpu_between(self, start_ns: int, end_ns: int) -> tuple[float, dict[str, float]] | None:
+    def cpu_between(
+        self, start_ns: int, end_ns: int
+    ) -> tuple[float, dict[str, float | None]] | None:
         """``(seconds spanned, CPU seconds per role)`` between the first and last
-        samples inside ``[start_ns, end_ns]``; ``None`` with fewer than two."""
+        samples inside ``[start_ns, end_ns]``; ``None`` with fewer than two.
+        ``device`` is ``None`` if the server does not name its device threads
+        (their time is then in ``other``)."""
         inside = [s for s in self.samples if start_ns <= s[0] <= end_ns]
         if len(inside) < 2:
             return None
         (t0, _, before), (t1, _, after) = inside[0], inside[-1]
-        return (t1 - t0) / 1e9, procstat.by_role(self.pid, procstat.delta(before, after))
+        used: dict[str, float | None] = {
+            **procstat.by_role(self.pid, procstat.delta(before, after))
+        }
+        if not any(procstat.role(self.pid, t, name) == "device" for t, (name, _) in after.items()):
+            used["device"] = None
+        return (t1 - t0) / 1e9, used
 
 
 class Server:
@@ -412,9 +421,10 @@ def server_cpu(sampler: ProcSampler, point: Mapping[str, Any]) -> dict[str, Any]
     requests = point["throughput"] * span
     return {
         "span_s": span,
-        "percent": {k: 100 * v / span for k, v in seconds.items()},
+        "percent": {k: None if v is None else 100 * v / span for k, v in seconds.items()},
         "us_per_request": {
-            k: (1e6 * v / requests if requests else None) for k, v in seconds.items()
+            k: (1e6 * v / requests if requests and v is not None else None)
+            for k, v in seconds.items()
         },
     }
 

@@ -346,6 +346,17 @@ def test_server_cpu_divides_each_roles_time_by_the_requests() -> None:
     assert cpu["us_per_request"]["reactor"] == pytest.approx(150.0)
     assert cpu["percent"]["total"] == pytest.approx(100.0)
 
+    class UnnamedThreadsSampler:
+        def cpu_between(self, start: int, end: int) -> tuple[float, dict[str, float | None]]:
+            # Made up: a server that does not name its device threads.
+            return 10.0, {"reactor": 1.5, "device": None, "other": 8.5, "total": 10.0}
+
+    cpu = run_measure.server_cpu(
+        UnnamedThreadsSampler(),  # type: ignore[arg-type]
+        {"window_start_ns": 0, "window_end_ns": 1, "throughput": 1000.0},
+    )
+    assert cpu is not None and cpu["us_per_request"]["device"] is None
+
 
 # -- procstat against real threads -----------------------------------------------------
 
