@@ -186,6 +186,22 @@ def compute_targets(results: Mapping[str, Any]) -> list[dict[str, str]]:
                 lines.append(
                     _line(INFO, model, run, "server CPU/request, 600 KB input (reported)", text)
                 )
+            soak = r.get("soak")
+            if soak and soak.get("rss"):
+                rss = soak["rss"]
+                flat = abs(rss["change_percent"]) <= 10 and rss["max_mib"] <= rss["start_mib"] * 1.1
+                lines.append(
+                    _line(
+                        _verdict(flat),
+                        model,
+                        run,
+                        "RSS flat (±10 %) over the soak",
+                        f"c={soak['point']['concurrency']} for {soak['point']['window_s']:.0f} s: "
+                        f"start {rss['start_mib']:.0f} MiB, end {rss['end_mib']:.0f} MiB, max "
+                        f"{rss['max_mib']:.0f} MiB ({rss['change_percent']:+.1f} %), "
+                        f"{soak['point']['error_count']} errors",
+                    )
+                )
         if ceiling:
             lines.append(_rss(model, m["runs"], m.get("python_loop")))
     return lines

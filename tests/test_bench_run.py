@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -225,6 +226,18 @@ def test_the_rss_target_compares_adaptive_with_throughput_only() -> None:
     assert rss["status"] == "INFO" and "--execution throughput,adaptive" in rss["text"]
 
 
+def test_a_soak_is_judged_by_its_rss_staying_flat() -> None:
+    results = made_up_results()
+    r = results["models"]["squeezenet"]["runs"]["adaptive"]
+    point_64 = {**point(64, 180.0, 350.0), "window_s": 300.0}
+    rss = {"start_mib": 200.0, "end_mib": 205.0, "max_mib": 206.0, "change_percent": 2.5}
+    r["soak"] = {"point": point_64, "rss": rss}
+    soak = verdicts(results)[("squeezenet", "adaptive", "RSS")]
+    assert soak["status"] == "PASS" and "start 200 MiB, end 205 MiB" in soak["text"]
+    r["soak"]["rss"] = {**rss, "end_mib": 225.0, "max_mib": 225.0, "change_percent": 12.5}
+    assert verdicts(results)[("squeezenet", "adaptive", "RSS")]["status"] == "FAIL"
+
+
 def test_missing_points_are_not_measured_rather_than_passed() -> None:
     results = made_up_results()
     r = results["models"]["squeezenet"]["runs"]["adaptive"]
@@ -405,6 +418,16 @@ def test_procstat_splits_this_process_cpu_by_thread_role() -> None:
 
 
 def test_a_real_servers_device_threads_are_named(twistd_server: ServerProcess) -> None:
+    # A thread names itself with the first work it runs, which may come after
+    # the server listens: load both replicas first (4 users, 2 replicas).
+    done = subprocess.run(
+        [sys.executable, "-m", "twinfer.bench", "-m", "tiny", "-s", twistd_server.endpoint]
+        + ["-c", "4", "-n", "400", "-w", "0", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
     pid = twistd_server.process.pid
     threads = procstat.sample(pid)
     roles = [procstat.role(pid, tid, name) for tid, (name, _) in threads.items()]
