@@ -28,7 +28,7 @@ import procstat
 try:
     import tomllib
 except ImportError:  # Python 3.10
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[no-redef]
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -68,7 +68,7 @@ def machine() -> dict[str, Any]:
         facts = cpu_facts(Path("/proc/cpuinfo").read_text())
     except OSError:
         facts = cpu_facts("")
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in ("twinfer", "openvino", "twisted", "numpy", "onnx"):
         try:
             versions[package] = metadata.version(package)

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 
 from twinfer.bench.load import BenchError, close_all, prepare, shares_for
 from twinfer.bench.load import _describe as describe_failure
-from twinfer.bench.loop import _error_name
+from twinfer.bench.loop import error_name
 from twinfer.bench.report import Progress, Samples, summarize
 from twinfer.client import ClientProtocol
 from twinfer.failover import ClientPool
@@ -217,7 +217,7 @@ class SteppedLoop:
     def _failed(self, failure: Failure, protocol: ClientProtocol | ClientPool, sent: int) -> None:
         self.completed += 1
         self._failed_ns.append(self._now())
-        self._failed_code.append(_error_name(failure))
+        self._failed_code.append(error_name(failure))
         if not protocol.usable:
             self._running -= 1  # the connection is gone: this user cannot go on
             if self._running == 0 and self._target == 0:
