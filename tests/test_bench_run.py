@@ -381,6 +381,15 @@ def test_parse_stat_cpu_counts_fields_after_the_command_name() -> None:
     assert procstat.parse_stat_cpu(stat) == pytest.approx(4.0)
 
 
+def test_thread_cpu_prefers_schedstat_and_falls_back_to_stat(tmp_path: Path) -> None:
+    ticks = procstat.TICKS
+    fields = ["S"] + ["0"] * 10 + [str(2 * ticks), str(ticks)] + ["0"] * 30
+    (tmp_path / "stat").write_text("7 (twinfer-cpu-0) " + " ".join(fields))
+    assert procstat.thread_cpu_seconds(tmp_path) == pytest.approx(3.0)  # no schedstat here
+    (tmp_path / "schedstat").write_text("2500000123 100 7\n")
+    assert procstat.thread_cpu_seconds(tmp_path) == pytest.approx(2.500000123)
+
+
 def test_procstat_splits_this_process_cpu_by_thread_role() -> None:
     pid = os.getpid()
     ready, stop = threading.Event(), threading.Event()
