@@ -23,6 +23,7 @@ from twinfer.bench.load import (
     run_point_processes,
 )
 from twinfer.bench.report import Progress, Samples, print_point, summarize, write_json
+from twinfer.bench.steps import run_steps_in_process
 from twinfer.client import DEFAULT_SERVER
 
 # -- options -----------------------------------------------------------------
@@ -120,6 +121,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="unmeasured load before each point's window (default 2)",
     )
     parser.add_argument(
+        "--steps",
+        type=_int_list,
+        metavar="C[,C...]",
+        help="instead of a sweep, a step load: users per phase, changed mid-run on the same "
+        "connections without a pause (e.g. 1,16,1)",
+    )
+    parser.add_argument(
+        "--step-duration",
+        type=_positive,
+        default=20.0,
+        metavar="SECONDS",
+        help="length of each --steps phase (default 20)",
+    )
+    parser.add_argument(
+        "--settle",
+        type=_non_negative,
+        default=2.0,
+        metavar="SECONDS",
+        help="start of each --steps phase left out of its throughput and latency "
+        "(errors still count) (default 2)",
+    )
+    parser.add_argument(
         "--connections",
         type=_positive_int,
         default=1,
@@ -209,6 +232,9 @@ def run(args: argparse.Namespace) -> int:
         points.append(point)
         print_point(point, out, header=len(points) == 1)
 
+    steps = getattr(args, "steps", None)
+    if steps:
+        return _run_steps(args, progress)
     try:
         _parse_inputs(args)
         print(
@@ -243,6 +269,51 @@ def run(args: argparse.Namespace) -> int:
         }
         write_json(args.json, result)
     return EXIT_FAILED_REQUESTS if any(p["error_count"] for p in points) else EXIT_OK
+
+
+def _run_steps(args: argparse.Namespace, progress: Progress) -> int:
+    """The ``--steps`` load: one row per phase, then the JSON (``steps``)."""
+    out = sys.stdout
+    phases: list[dict[str, Any]] = []
+
+    def report(phase: dict[str, Any]) -> None:
+        phases.append(phase)
+        print_point(phase, out, header=len(phases) == 1)
+
+    try:
+        if args.processes != 1:
+            raise BenchError("--steps runs in one client process (drop --processes)")
+        if args.step_duration <= args.settle:
+            raise BenchError("--step-duration must be longer than --settle")
+        _parse_inputs(args)
+        print(
+            f"twinfer bench: model {args.model!r} at {args.server}, step load "
+            + " -> ".join(map(str, args.steps))
+            + f" users, {args.step_duration:g} s per phase, the first {args.settle:g} s of "
+            f"each left out of throughput and latency, {args.connections} connection(s)",
+            file=out,
+        )
+        run_steps_in_process(args, progress, report)
+    except BenchError as e:
+        progress.clear()
+        print(f"twinfer bench: {e}", file=sys.stderr)
+        return e.status
+    if args.json:
+        write_json(
+            args.json,
+            {
+                "twinfer": twinfer.__version__,
+                "model": args.model,
+                "server": args.server,
+                "step_duration_s": args.step_duration,
+                "settle_s": args.settle,
+                "connections": args.connections,
+                "client_pid": os.getpid(),
+                "points": [],
+                "steps": phases,
+            },
+        )
+    return EXIT_FAILED_REQUESTS if any(p["error_count"] for p in phases) else EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

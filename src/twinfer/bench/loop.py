@@ -25,7 +25,9 @@ from twinfer.failover import ClientPool
 from twinfer.wire.messages import InferReply, InferRequest
 
 
-def _error_name(failure: Failure) -> str:
+def error_name(failure: Failure) -> str:
+    """The name a failed request is counted under: its error code's name, or
+    ``CLIENT_<exception type>`` for a failure that is not the server's answer."""
     error = failure.value
     if isinstance(error, TwinferError):
         code = error.code
@@ -152,7 +154,7 @@ class ClosedLoop:
     def _failed(self, failure: Failure, protocol: ClientProtocol | ClientPool, sent: int) -> None:
         now = time.monotonic_ns()
         self.completed += 1
-        self._count_error(_error_name(failure), sent, now)
+        self._count_error(error_name(failure), sent, now)
         if not protocol.usable:
             self._user_stopped()  # the connection is gone: this user cannot go on
         else:

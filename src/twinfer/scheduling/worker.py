@@ -42,6 +42,7 @@ from twinfer.engines.openvino import Engine
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.scheduling.batcher import SKIPPED, Batcher, BatchPolicy, execute
 from twinfer.scheduling.queueing import InferResult, Job, JobQueue
+from twinfer.threadnames import name_os_thread
 
 __all__ = ["PIPELINE_DEPTH", "DeviceError", "ThreadRunner", "Worker", "WorkerState"]
 
@@ -159,7 +160,10 @@ class Worker:
         **options: Any,
     ) -> Worker:
         """A worker with its own one-thread pool, timed by ``reactor`` (the real one)."""
-        pool = ThreadPool(minthreads=1, maxthreads=1, name=f"twinfer-{name}")
+        thread_name = f"twinfer-{name}"
+        pool = ThreadPool(minthreads=1, maxthreads=1, name=thread_name)
+        # Visible to ps/top/py-spy and to benchmarks/procstat.py (device threads' CPU).
+        pool.callInThread(name_os_thread, thread_name)
         runner = functools.partial(deferToThreadPool, reactor, pool)
         clock: Any = reactor  # the reactor provides IReactorTime too
         return cls(
