@@ -50,6 +50,7 @@ from twinfer.registry import (
     batch_policy,
     load_models,
     make_entry,
+    make_policy,
     make_queues,
     make_worker,
     openvino_engine,
@@ -97,6 +98,8 @@ class _Compiled:
     loaded: LoadedModel
     #: Engines per device for workers that exist, or for new workers to create.
     engines: dict[str, list[Engine]]
+    #: Latency engines per device, one per replica, where the model runs adaptive.
+    latency: dict[str, list[Engine]] = attrs.field(factory=dict)
 
 
 class Controller:
@@ -365,6 +368,9 @@ class Controller:
         for device in config.devices:
             if device in counts:
                 continue
+            replicas = len(compiled.engines[device])
+            execution = make_policy(self.config.device(device), replicas, self.reactor)
+            fast = compiled.latency.get(device, [])
             for replica, engine in enumerate(compiled.engines[device]):
                 worker = make_worker(
                     self.config.device(device),
@@ -373,6 +379,8 @@ class Controller:
                     {config.name: engine},
                     [by_device[device]],
                     [config],
+                    execution,
+                    {config.name: fast[replica]} if fast else None,
                 )
                 self.born[worker] = time.monotonic()
                 self.dispatcher.add_worker(worker)
@@ -384,9 +392,16 @@ class Controller:
                 self._detach(config.name, old.queues, keep=set(counts))
             policy = {config.name: batch_policy(config)}
             for device in counts:
-                for worker, engine in zip(existing[device], compiled.engines[device], strict=True):
+                latencies: list[Engine | None] = [*compiled.latency.get(device, [])]
+                latencies = latencies or [None] * counts[device]
+                for worker, engine, latency in zip(
+                    existing[device], compiled.engines[device], latencies, strict=True
+                ):
                     worker.reconfigure(
-                        {config.name: engine}, add=[by_device[device]], batching=policy
+                        {config.name: engine},
+                        add=[by_device[device]],
+                        batching=policy,
+                        latency_engines={config.name: latency},
                     )
         finally:
             entry.attaching = False
@@ -407,6 +422,7 @@ class Controller:
         """Read, compile and make engines: runs in a pool thread."""
         loaded = load_models(config)[model.name]
         engines: dict[str, list[Engine]] = {}
+        latency: dict[str, list[Engine]] = {}
         for device in model.devices:
             count = counts.get(device)
             if count is None:
@@ -417,7 +433,10 @@ class Controller:
                     else int(replicas)
                 )
             engines[device] = [self.engine_factory(loaded, device, i) for i in range(count)]
-        return _Compiled(loaded, engines)
+            if device in loaded.latency:
+                fast = loaded.for_latency()
+                latency[device] = [self.engine_factory(fast, device, i) for i in range(count)]
+        return _Compiled(loaded, engines, latency)
 
     def _settled(self, queues: Sequence[JobQueue]) -> Deferred[Any]:
         """Fires once every job now waiting in or running from ``queues`` is answered."""
@@ -435,7 +454,7 @@ class Controller:
             if not any(q in worker.queues for q in queues):
                 continue
             engines: dict[str, Engine | None] = {} if worker.device in keep else {model: None}
-            worker.reconfigure(engines, remove=queues)
+            worker.reconfigure(engines, remove=queues, latency_engines=dict(engines))
             if not worker.queues and worker.device not in keep:
                 self._retire(worker)
         self.dispatcher.reindex()
