@@ -367,6 +367,7 @@ class Worker:
         self._stop_waiting()
         if self.policy is not None:
             self.policy.review(arriving=1)
+            self._stop_waiting()  # a switch made in the review may have set new waits
             if not self._allowed() and job.queue is not None:
                 job.queue.put_front(job)  # the mode changed: a job for another replica
                 self._take_next()
