@@ -208,6 +208,8 @@ class ConsoleTests(OpsServerTestCase):
 
         models = await client.send("models")
         self.assertRegex(models, r"tiny\s+cpu\s+0\s+x:f32\[\?,4\]\s+6\s+1\s+builtin:tiny")
+        # The test config pins PERFORMANCE_HINT: one engine, as configured.
+        self.assertRegex(models, r"builtin:tiny\s+cpu:properties\r\n")
 
         devices = await client.send("devices")
         rows = [line.split() for line in devices.splitlines()[1:-1]]

@@ -7,6 +7,8 @@ as the server does at load.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import openvino as ov
 import pytest
@@ -15,6 +17,7 @@ from twisted.internet.testing import MemoryReactor
 from twinfer.config import Config, loads_config
 from twinfer.engines.openvino import OpenVINOEngine
 from twinfer.engines.tuning import EngineTiming, Tuning, choose, sample_inputs, time_engine
+from twinfer.frontends.console.commands import describe_execution
 from twinfer.registry import LoadedModel, build_dispatcher, load_models
 
 CONFIG = """
@@ -128,3 +131,11 @@ def test_an_adaptive_device_shares_one_policy_and_gives_each_replica_both_engine
     assert policy is not None and policy.adaptive and policy.enter_waiting == 2
     assert all(set(w.latency_engines) == {"tiny"} for w in workers)
     assert dispatcher.models["tiny"].execution == {"cpu": "adaptive"}
+
+
+def test_the_console_shows_the_execution_and_the_measured_figures() -> None:
+    config, loaded = load("tiny", seconds=0.05)
+    dispatcher = build_dispatcher(config, {"tiny": loaded}, MemoryReactor())  # type: ignore[arg-type]
+    shown = describe_execution(dispatcher.models["tiny"])
+    choice = loaded.tuning["cpu"].choice
+    assert re.fullmatch(rf"cpu:{choice}\(lat [0-9.]+ms \d+/s, thr [0-9.]+ms \d+/s\)", shown)

@@ -22,6 +22,7 @@ from twinfer.config import (
     EXECUTION_ADAPTIVE,
     EXECUTION_LATENCY,
     EXECUTION_THROUGHPUT,
+    EXPLICIT_EXECUTION_PROPERTIES,
     QUEUE_SHARED,
     Config,
     DeviceConfig,
@@ -168,6 +169,26 @@ def time_engines(
     timing = time_engine(through, inputs, streams, seconds)
     alone = time_engine(engines[EXECUTION_LATENCY], inputs, 1, seconds)
     return Tuning(choose(timing, alone), timing, alone)
+
+
+def tune_model(
+    config: Config, name: str, seconds: float, core: ov.Core | None = None
+) -> dict[str, Tuning]:
+    """Time model ``name``'s two engines on each of its devices for about
+    ``seconds`` each, whatever its configured execution (a configured hint or
+    stream count is left out, so that both engines are timed)."""
+    [model] = [m for m in config.models if m.name == name]
+
+    def unpinned(properties: Mapping[str, str]) -> dict[str, str]:
+        return {k: v for k, v in properties.items() if k not in EXPLICIT_EXECUTION_PROPERTIES}
+
+    devices = tuple(
+        attrs.evolve(d, tune_seconds=seconds, properties=unpinned(d.properties))
+        for d in config.devices
+    )
+    model = attrs.evolve(model, execution=EXECUTION_ADAPTIVE, properties=unpinned(model.properties))
+    loaded = load_models(attrs.evolve(config, devices=devices, models=(model,)), core)
+    return dict(loaded[name].tuning)
 
 
 def make_batchable(model: ov.Model, max_batch_size: int) -> None:
