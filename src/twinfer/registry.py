@@ -283,7 +283,7 @@ def make_worker(
     queues: Sequence[JobQueue],
     models: Sequence[ModelConfig],
     policy: ExecutionPolicy | None = None,
-    latency_engines: Mapping[str, Engine] | None = None,
+    latency_engines: Mapping[str, Engine | None] | None = None,
 ) -> Worker:
     """Replica ``replica`` of ``device``, serving ``models`` from ``queues``,
     sharing the device's execution ``policy``."""

@@ -98,8 +98,8 @@ class _Compiled:
     loaded: LoadedModel
     #: Engines per device for workers that exist, or for new workers to create.
     engines: dict[str, list[Engine]]
-    #: Latency engines per device, one per replica, where the model runs adaptive.
-    latency: dict[str, list[Engine]] = attrs.field(factory=dict)
+    #: Latency engines per device likewise (``None`` where the model has none).
+    latency: dict[str, list[Engine | None]]
 
 
 class Controller:
@@ -368,9 +368,8 @@ class Controller:
         for device in config.devices:
             if device in counts:
                 continue
-            replicas = len(compiled.engines[device])
-            execution = make_policy(self.config.device(device), replicas, self.reactor)
-            fast = compiled.latency.get(device, [])
+            fast = compiled.latency[device]
+            execution = make_policy(self.config.device(device), len(fast), self.reactor)
             for replica, engine in enumerate(compiled.engines[device]):
                 worker = make_worker(
                     self.config.device(device),
@@ -380,7 +379,7 @@ class Controller:
                     [by_device[device]],
                     [config],
                     execution,
-                    {config.name: fast[replica]} if fast else None,
+                    {config.name: fast[replica]},
                 )
                 self.born[worker] = time.monotonic()
                 self.dispatcher.add_worker(worker)
@@ -392,10 +391,9 @@ class Controller:
                 self._detach(config.name, old.queues, keep=set(counts))
             policy = {config.name: batch_policy(config)}
             for device in counts:
-                latencies: list[Engine | None] = [*compiled.latency.get(device, [])]
-                latencies = latencies or [None] * counts[device]
+                fast = compiled.latency[device]
                 for worker, engine, latency in zip(
-                    existing[device], compiled.engines[device], latencies, strict=True
+                    existing[device], compiled.engines[device], fast, strict=True
                 ):
                     worker.reconfigure(
                         {config.name: engine},
@@ -422,7 +420,7 @@ class Controller:
         """Read, compile and make engines: runs in a pool thread."""
         loaded = load_models(config)[model.name]
         engines: dict[str, list[Engine]] = {}
-        latency: dict[str, list[Engine]] = {}
+        latency: dict[str, list[Engine | None]] = {}
         for device in model.devices:
             count = counts.get(device)
             if count is None:
@@ -433,9 +431,10 @@ class Controller:
                     else int(replicas)
                 )
             engines[device] = [self.engine_factory(loaded, device, i) for i in range(count)]
-            if device in loaded.latency:
-                fast = loaded.for_latency()
-                latency[device] = [self.engine_factory(fast, device, i) for i in range(count)]
+            fast = loaded.for_latency() if device in loaded.latency else None
+            latency[device] = [
+                None if fast is None else self.engine_factory(fast, device, i) for i in range(count)
+            ]
         return _Compiled(loaded, engines, latency)
 
     def _settled(self, queues: Sequence[JobQueue]) -> Deferred[Any]:

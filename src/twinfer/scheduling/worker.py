@@ -12,11 +12,9 @@ once: one on the device and one waiting right behind it.  Only an idle
 worker waits on its queues, so a new job goes to an idle device before a
 busy one; a worker that serves several queues visits them round-robin.
 
-Execution: a worker may share its device's
-:class:`~twinfer.scheduling.execution.ExecutionPolicy` with the device's
-other replicas, and hold a latency engine per model beside its throughput
-one; the policy then says, per job, whether this worker may take one and on
-which engine (see :mod:`twinfer.scheduling.execution`).
+Execution: the replicas of a device may share an ExecutionPolicy that says,
+per job, which may take one and on which engine (latency or throughput): see
+:mod:`twinfer.scheduling.execution`.
 
 Health: a worker whose device raises :class:`DeviceError` or fails
 ``max_failures`` times in a row turns ``FAILED``; every ``probe_interval``
@@ -125,7 +123,7 @@ class Worker:
         max_failures: int = 3,
         probe_interval: float = 0.0,
         policy: ExecutionPolicy | None = None,
-        latency_engines: Mapping[str, Engine] | None = None,
+        latency_engines: Mapping[str, Engine | None] | None = None,
     ) -> None:
         self.name = name
         self.device = device
@@ -135,7 +133,7 @@ class Worker:
         #: The engine per model this replica runs (the next job uses the current set).
         self.engines = dict(engines)
         #: The latency engine per model, run when the policy is in LATENCY mode.
-        self.latency_engines = dict(latency_engines or {})
+        self.latency_engines = {m: e for m, e in (latency_engines or {}).items() if e is not None}
         self.policy = policy
         #: The queues this worker takes from, visited round-robin.
         self.queues = list(queues)
@@ -473,11 +471,8 @@ class Worker:
         busy = self._launched or self.batcher.collecting or self._probing
         # Under an execution policy a replica probes only when it could run a
         # job (a failed one always): a probe must not run beside the other engine.
-        failed = self.state is WorkerState.FAILED
-        if not self._running or busy or self.state is WorkerState.DRAINED:
-            self._schedule_probe()
-            return
-        if not (failed or self._allowed()):
+        allowed = self.state is WorkerState.FAILED or self._allowed()
+        if not self._running or busy or self.state is WorkerState.DRAINED or not allowed:
             self._schedule_probe()
             return
         model = next(iter(self.engines), None)
