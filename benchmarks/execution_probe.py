@@ -69,9 +69,11 @@ async def probe(reactor: Any, args: argparse.Namespace) -> None:
             p50, rate = await closed_loop(
                 dispatcher, args.model, inputs, args.requests, concurrency
             )
+            policy = dispatcher.workers[0].policy
+            mode = f", mode {policy.mode.value}, {policy.switches} switches" if policy else ""
             print(
                 f"{args.model} execution={execution} ({chosen}) c={concurrency}: "
-                f"p50 {p50:.2f} ms, {rate:.1f}/s",
+                f"p50 {p50:.2f} ms, {rate:.1f}/s{mode}",
                 flush=True,
             )
         dispatcher.stop()

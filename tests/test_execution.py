@@ -190,7 +190,7 @@ class IdleDeviceTests(unittest.TestCase):
         device.start()
         device.submit(2)
         assert device.held() == [(0, "throughput"), (1, "throughput")]
-        assert device.policy.mode is Mode.THROUGHPUT
+        assert device.policy.mode is Mode.THROUGHPUT and device.policy.switches == 0
 
 
 class QueueingTests(unittest.TestCase):

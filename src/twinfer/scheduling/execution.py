@@ -110,6 +110,9 @@ class ExecutionPolicy:
         """Count ``worker`` among the device's replicas (the worker calls it)."""
         if worker not in self.workers:
             self.workers.append(worker)
+        if not (self.running or self.switches):
+            # Before any work: start in the mode the engines call for, no switch.
+            self.mode = self.target = Mode.LATENCY if self.adaptive else Mode.THROUGHPUT
 
     def leave(self, worker: Worker) -> None:
         """Forget a stopped replica, and let the others take its place."""
