@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from scheduling_support import HandRunner, outcome
+from twinfer.frontends.console.commands import describe_engines
 from twinfer.scheduling import (
     PIPELINE_DEPTH,
     DeviceError,
@@ -219,6 +220,23 @@ class QueueingTests(unittest.TestCase):
         assert self.device.policy.switches == 1
         assert self.device.throughput[0].calls + self.device.throughput[1].calls == 9
         assert self.device.throughput[1].calls >= 4  # both streams worked
+
+    def test_a_switch_waits_for_the_pipelined_latency_job_and_the_console_shows_it(
+        self,
+    ) -> None:
+        device = self.device
+        assert [describe_engines(w) for w in device.workers] == ["latency", "standby"]
+        device.submit(3)
+        device.finish()  # two waited: the leader pipelines both, still on latency
+        assert device.held() == [(0, "latency")] * 2
+        device.submit(2)
+        device.finish()  # two wait behind the running one: switch, once it is done
+        assert device.held() == [(0, "latency")] and device.queue.depth == 2
+        shown = [describe_engines(w) for w in device.workers]
+        assert shown == ["latency->throughput", "standby->throughput"]
+        device.finish()
+        assert device.held() == [(0, "throughput"), (1, "throughput")]
+        assert [describe_engines(w) for w in device.workers] == ["throughput"] * 2
 
     def test_back_to_latency_only_after_the_hold_time_of_light_load(self) -> None:
         device = self.device

@@ -216,6 +216,7 @@ class ConsoleTests(OpsServerTestCase):
         expected = [["cpu", "cpu#0", "idle"], ["cpu", "cpu#1", "idle"]]
         self.assertEqual([r[:3] for r in rows], expected)
         self.assertEqual(sum(int(r[4]) for r in rows), 5)  # jobs done over both replicas
+        self.assertEqual([r[-1] for r in rows], ["single", "single"])  # PERFORMANCE_HINT pinned
 
         queues = await client.send("queues")
         self.assertRegex(queues, r"QUEUE\s+MODEL\s+DEVICES\s+DEPTH\s+SIZE\s+OLDEST WAIT")

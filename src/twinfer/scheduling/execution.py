@@ -213,7 +213,10 @@ class ExecutionPolicy:
         """Let every replica reconsider taking jobs under the current mode."""
         self._notifying = True
         try:
-            for worker in list(self.workers):
-                worker.policy_changed()
+            # One job each first, so that a short queue is spread over the
+            # streams rather than pipelined behind the first replica.
+            for depth in (1, None):
+                for worker in list(self.workers):
+                    worker.policy_changed(depth)
         finally:
             self._notifying = False

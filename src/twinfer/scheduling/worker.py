@@ -323,11 +323,12 @@ class Worker:
                 return job
         return None
 
-    def policy_changed(self) -> None:
-        """The device's execution mode (or leader) changed: stop waiting on
-        the queues if this worker may no longer take jobs, take them if it may."""
+    def policy_changed(self, depth: int | None = None) -> None:
+        """The device's execution mode (or leader) changed: stop waiting on the
+        queues if this worker may no longer take jobs, else take up to ``depth``
+        (default: :data:`PIPELINE_DEPTH`)."""
         self._stop_waiting()
-        self._take_next()
+        self._take_next(depth or PIPELINE_DEPTH)
 
     def _allowed(self) -> bool:
         """Whether the execution policy lets this worker start a job now."""
@@ -339,13 +340,13 @@ class Worker:
             return self.latency_engines.get(model) or self.engines[model]
         return self.engines[model]
 
-    def _take_next(self) -> None:
+    def _take_next(self, depth: int = PIPELINE_DEPTH) -> None:
         if self.policy is not None:
             self.policy.review()
         # A loop, not recursion: a run of cancelled jobs must not grow the stack.
         while (
             self.available
-            and self._launched < PIPELINE_DEPTH
+            and self._launched < depth
             and not (self.batcher.collecting or self._probing or self._waits)
             and self._allowed()
         ):

@@ -23,7 +23,7 @@ from twinfer.dataplane import DataPlane, FrontendState
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.frontends.console.text import counts, duration, ms, table
 from twinfer.ops.stats import Stats
-from twinfer.scheduling import ModelEntry, WorkerState
+from twinfer.scheduling import Mode, ModelEntry, Worker, WorkerState
 
 if TYPE_CHECKING:
     from twinfer.frontends.console.protocol import ConsoleProtocol
@@ -185,9 +185,24 @@ def cmd_devices(session: ConsoleProtocol, args: list[str]) -> str:
                 worker.jobs_done,
                 worker.jobs_failed,
                 f"{busy:.1f}",
+                describe_engines(worker),
             )
         )
-    return table(("DEVICE", "WORKER", "STATE", "CURRENT", "DONE", "FAILED", "BUSY%"), rows)
+    header = ("DEVICE", "WORKER", "STATE", "CURRENT", "DONE", "FAILED", "BUSY%", "ENGINES")
+    return table(header, rows)
+
+
+def describe_engines(worker: Worker) -> str:
+    """Which engines an adaptive device's replica runs now: ``latency`` (the
+    leader), ``standby`` (another replica in LATENCY mode), ``throughput``,
+    with ``->MODE`` while a switch waits; ``single`` with one engine per model."""
+    policy = worker.policy
+    if policy is None or not policy.adaptive:
+        return "single"
+    mode = policy.mode.value
+    if policy.mode is Mode.LATENCY and policy.leader() is not worker:
+        mode = "standby"
+    return f"{mode}->{policy.target.value}" if policy.switching else mode
 
 
 def cmd_queues(session: ConsoleProtocol, args: list[str]) -> str:
