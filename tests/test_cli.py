@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -252,3 +253,23 @@ def test_console_script(twistd_server: ServerProcess) -> None:
     assert done.returncode == 3
     assert "Traceback" not in done.stderr
     assert done.stderr.startswith("twinfer: cannot connect to tcp:127.0.0.1:")
+
+
+def test_tune_prints_both_engines_figures(capsys: pytest.CaptureFixture[str]) -> None:
+    # No server: the model is compiled and timed here, as the server would at load.
+    status, out, err = run(capsys, "tune", "tiny", "--seconds", "0.05")
+    assert (status, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0] == "model tiny: each engine timed for about 0.05 s"
+    assert lines[1].split() == ["DEVICE", "ENGINE", "LATENCY", "THROUGHPUT", "THREADS"]
+    assert re.fullmatch(r"cpu\s+latency\s+[0-9.]+ ms\s+[0-9.]+/s\s+1", lines[2])
+    assert re.fullmatch(r"cpu\s+throughput\s+[0-9.]+ ms\s+[0-9.]+/s\s+\d+", lines[3])
+    assert re.fullmatch(
+        r"cpu: measured choice (adaptive|latency|throughput) \(configured: adaptive\)", lines[4]
+    )
+
+
+def test_tune_an_unknown_model(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run(capsys, "tune", "nope")
+    assert status == cli.EXIT_ERROR and out == ""
+    assert err.startswith("twinfer: no model 'nope' in the configuration")

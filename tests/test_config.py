@@ -114,6 +114,22 @@ def test_model_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
             "models[0].devices: required when more than one device",
         ),
         (lambda s: s + "\n[extra]\n", "config.extra: unknown key"),
+        (
+            lambda s: s.replace("replicas = 1", 'replicas = 1\nexecution = "fast"'),
+            'devices[1].execution: expected "adaptive" or "throughput" or "latency", got \'fast\'',
+        ),
+        (
+            lambda s: s.replace("queue_size = 4", "queue_size = 4\nexecution = 1"),
+            'models[0].execution: expected "adaptive" or "throughput" or "latency", got 1',
+        ),
+        (
+            lambda s: s.replace("replicas = 1", "replicas = 1\ntune_seconds = -0.5"),
+            "devices[1].tune_seconds: must be between 0 and 60, got -0.5",
+        ),
+        (
+            lambda s: s.replace("replicas = 1", 'replicas = 1\ntune_seconds = "1s"'),
+            "devices[1].tune_seconds: expected a number, got '1s'",
+        ),
         (lambda s: s.replace("[server]", "[server"), "not valid TOML"),
     ],
 )
@@ -126,3 +142,45 @@ def test_bad_configs_name_the_key_and_the_problem(edit, message: str) -> None:  
 def test_a_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "absent.toml")
+
+
+EXECUTION = """
+[[devices]]
+name = "cpu"
+target = "CPU"
+{cpu}
+
+[[devices]]
+name = "gpu"
+target = "GPU.1"
+
+[[models]]
+name = "tiny"
+path = "builtin:tiny"
+devices = ["cpu", "gpu"]
+{model}
+"""
+
+
+@pytest.mark.parametrize(
+    ("cpu", "model", "on_cpu", "on_gpu"),
+    [
+        ("", "", "adaptive", "throughput"),  # the defaults by target
+        ('execution = "latency"', "", "latency", "throughput"),
+        ("", 'execution = "throughput"', "throughput", "throughput"),  # the model wins
+        ('execution = "throughput"', 'execution = "adaptive"', "adaptive", "adaptive"),
+        ('properties = { PERFORMANCE_HINT = "LATENCY" }', "", "properties", "throughput"),
+        # Explicit properties win over the model's execution too.
+        (
+            "",
+            'execution = "adaptive"\nproperties = { NUM_STREAMS = 2 }',
+            "properties",
+            "properties",
+        ),
+    ],
+)
+def test_execution_per_device_and_model(cpu: str, model: str, on_cpu: str, on_gpu: str) -> None:
+    config = loads_config(EXECUTION.format(cpu=cpu, model=model))
+    [tiny] = config.models
+    assert (config.execution(tiny, "cpu"), config.execution(tiny, "gpu")) == (on_cpu, on_gpu)
+    assert config.devices[0].tune_seconds == 0.5

@@ -73,6 +73,8 @@ def test_twinfer_example_uses_every_key() -> None:
         "queue",
         "max_consecutive_failures",
         "health_check_interval_s",
+        "execution",
+        "tune_seconds",
         "max_batch_size",
         "max_queue_delay_us",
         "preferred_batch_sizes",

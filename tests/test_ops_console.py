@@ -208,12 +208,15 @@ class ConsoleTests(OpsServerTestCase):
 
         models = await client.send("models")
         self.assertRegex(models, r"tiny\s+cpu\s+0\s+x:f32\[\?,4\]\s+6\s+1\s+builtin:tiny")
+        # The test config pins PERFORMANCE_HINT: one engine, as configured.
+        self.assertRegex(models, r"builtin:tiny\s+cpu:properties\r\n")
 
         devices = await client.send("devices")
         rows = [line.split() for line in devices.splitlines()[1:-1]]
         expected = [["cpu", "cpu#0", "idle"], ["cpu", "cpu#1", "idle"]]
         self.assertEqual([r[:3] for r in rows], expected)
         self.assertEqual(sum(int(r[4]) for r in rows), 5)  # jobs done over both replicas
+        self.assertEqual([r[-1] for r in rows], ["single", "single"])  # PERFORMANCE_HINT pinned
 
         queues = await client.send("queues")
         self.assertRegex(queues, r"QUEUE\s+MODEL\s+DEVICES\s+DEPTH\s+SIZE\s+OLDEST WAIT")

@@ -17,6 +17,21 @@ from twinfer.errors import ErrorCode, TwinferError
 from twinfer.registry import openvino_engine
 from twinfer.wire.messages import AdminRequest
 
+#: ``tiny`` with both engines kept (not timed: the choice stays adaptive).
+ADAPTIVE_TINY = """
+[[devices]]
+name = "cpu"
+target = "CPU"
+replicas = 2
+execution = "adaptive"
+tune_seconds = 0
+properties = { INFERENCE_PRECISION_HINT = "f32" }
+
+[[models]]
+name = "tiny"
+path = "builtin:tiny"
+"""
+
 
 class ControlTests(OpsServerTestCase):
     async def test_reload_under_load_fails_nothing(self) -> None:
@@ -56,6 +71,34 @@ class ControlTests(OpsServerTestCase):
         for worker in self.dispatcher.workers:
             self.assertEqual(worker.queues, [new_queue])
         self.assertEqual(len(self.dispatcher.workers), 2)
+
+    async def test_reload_of_an_adaptive_model_under_load_fails_nothing(self) -> None:
+        port = await self.start_ops_server(ADAPTIVE_TINY)
+        client = await connect(reactor, f"tcp:127.0.0.1:{port}")
+        self.close_clients_on_cleanup(client)
+        x = np.random.default_rng(2).random((3, 4)).astype(np.float32)
+        expected = tiny_reference(x)["y"]
+        results: list[object] = []
+        for _ in range(3):
+            # One request alone (the latency engine), then a burst (the streams).
+            results.append(await client.infer("tiny", {"x": x}))
+            burst = [client.infer("tiny", {"x": x}) for _ in range(12)]
+            reloading = self.controller.reload("tiny")
+            results.extend(await DeferredList(burst, fireOnOneErrback=True, consumeErrors=True))
+            self.assertTrue((await reloading).startswith("reloaded tiny"))
+        for result in results:
+            out = result[1] if isinstance(result, tuple) else result
+            np.testing.assert_allclose(out["y"], expected, rtol=1e-5, atol=1e-5)  # type: ignore[index]
+        workers = self.dispatcher.workers
+        self.assertEqual(len(workers), 2)
+        [policy] = {id(w.policy): w.policy for w in workers}.values()
+        assert policy is not None
+        # The reloaded model's latency engines replaced the old ones.
+        self.assertTrue(policy.adaptive and not policy.switching)
+        self.assertTrue(all(set(w.latency_engines) == {"tiny"} for w in workers))
+        self.assertEqual(self.dispatcher.models["tiny"].execution, {"cpu": "adaptive"})
+        await self.controller.unload("tiny")
+        self.assertEqual(self.dispatcher.workers, [])
 
     async def test_unload_answers_queued_requests(self) -> None:
         gate = threading.Event()

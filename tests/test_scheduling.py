@@ -79,11 +79,14 @@ class FlakyDevice:
             self.healthy_calls = 10**9
 
 
+#: Two one-replica devices with one engine each (execution "throughput"): the
+#: tests count the calls each device's one (flaky) engine answers.
 TWO_DEVICES = """
 [[devices]]
 name = "a"
 target = "CPU"
 replicas = 1
+execution = "throughput"
 properties = {{ INFERENCE_PRECISION_HINT = "f32" }}
 health_check_interval_s = {probe}
 
@@ -91,6 +94,7 @@ health_check_interval_s = {probe}
 name = "b"
 target = "CPU"
 replicas = 1
+execution = "throughput"
 properties = {{ INFERENCE_PRECISION_HINT = "f32" }}
 health_check_interval_s = {probe}
 
@@ -179,12 +183,14 @@ max_queue_delay_us = 5000
         def factory(model: LoadedModel, device: str, replica: int) -> Engine:
             return openvino_engine(model, device, replica)
 
+        # One engine (execution "throughput"): the test swaps it for another model.
         await self.start_server(
             """
 [[devices]]
 name = "cpu"
 target = "CPU"
 replicas = 1
+execution = "throughput"
 [[models]]
 name = "tiny"
 path = "builtin:tiny"

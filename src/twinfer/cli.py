@@ -9,6 +9,7 @@
     twinfer detect face photo.jpg --draw faces.png   (image task models)
     twinfer classify MODEL photo.jpg
     twinfer bench ...            (when twinfer.bench is installed)
+    twinfer tune squeezenet --config etc/twinfer.toml   (no server: local OpenVINO)
 
 Every subcommand takes ``--server ENDPOINT`` (``tcp:HOST:PORT`` or
 ``tls:HOST:PORT``, default ``tcp:127.0.0.1:9000``, or several separated by
@@ -362,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tasks_cli.add_arguments(sub)  # classify, detect
     _add_bench(sub, common)
+    _add_tune(sub)
     return parser
 
 
@@ -387,6 +389,66 @@ def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("bench", help="measure throughput and latency")
     bench.add_arguments(p)
     p.set_defaults(func=bench.run)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """``twinfer tune MODEL``: time the model's latency and throughput engines
+    on this machine, as the server does at load, and print the figures."""
+    from twinfer.config import ConfigError, default_config, load_config
+    from twinfer.registry import tune_model
+
+    try:
+        config = load_config(args.config) if args.config else default_config()
+    except ConfigError as e:
+        raise UserError(str(e)) from e
+    names = [m.name for m in config.models]
+    if args.model not in names:
+        raise UserError(f"no model {args.model!r} in the configuration (models: {names})")
+    try:
+        tunings = tune_model(config, args.model, args.seconds)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    if not tunings:
+        raise UserError(f"model {args.model!r} has an input of dynamic rank: nothing to time")
+    print(f"model {args.model}: each engine timed for about {args.seconds:g} s")
+    rows = [["DEVICE", "ENGINE", "LATENCY", "THROUGHPUT", "THREADS"]]
+    for device, tuning in tunings.items():
+        for engine, timing in (("latency", tuning.latency), ("throughput", tuning.throughput)):
+            rows.append(
+                [
+                    device,
+                    engine,
+                    f"{timing.latency_ms:.2f} ms",
+                    f"{timing.throughput:.1f}/s",
+                    str(timing.threads),
+                ]
+            )
+    _table(rows, sys.stdout)
+    model = next(m for m in config.models if m.name == args.model)
+    for device, tuning in tunings.items():
+        configured = config.execution(model, device)
+        print(f"{device}: measured choice {tuning.choice} (configured: {configured})")
+    return 0
+
+
+def _add_tune(sub: Any) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="time a model's latency and throughput engines here (no server)",
+        description="Compile MODEL with PERFORMANCE_HINT LATENCY and THROUGHPUT on each "
+        "of its devices, time both as the server does at load, and print single-request "
+        "latency and throughput per engine and the execution they lead to.",
+    )
+    p.add_argument("model")
+    p.add_argument("--config", metavar="FILE", help="configuration (default: the embedded one)")
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="time each engine for about S seconds (default: 0.5)",
+    )
+    p.set_defaults(func=cmd_tune)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -55,6 +55,16 @@ from twinfer.wire.frames import DEFAULT_MAX_FRAME_SIZE
 AUTO = "auto"
 QUEUE_SHARED = "shared"
 QUEUE_PER_DEVICE = "per-device"
+#: ``execution``: a latency and a throughput engine, chosen per job by the load.
+EXECUTION_ADAPTIVE = "adaptive"
+#: ``execution``: the model compiled with ``PERFORMANCE_HINT = THROUGHPUT`` alone.
+EXECUTION_THROUGHPUT = "throughput"
+#: ``execution``: the model compiled with ``PERFORMANCE_HINT = LATENCY`` alone.
+EXECUTION_LATENCY = "latency"
+EXECUTIONS = (EXECUTION_ADAPTIVE, EXECUTION_THROUGHPUT, EXECUTION_LATENCY)
+#: Properties that choose the engines themselves: when a device or a model
+#: sets one, it is compiled once with exactly its properties.
+EXPLICIT_EXECUTION_PROPERTIES = ("PERFORMANCE_HINT", "NUM_STREAMS")
 
 
 _name = rule(
@@ -83,7 +93,12 @@ def _whole(value: Any) -> int:
     return int(at_least(0)(value))
 
 
+def _execution(value: Any) -> str:
+    return one_of(*EXECUTIONS)(value)  # type: ignore[no-any-return]
+
+
 Name = Annotated[str, _name]
+Execution = Annotated[str | None, Raw(_execution)]
 Properties = Annotated[Mapping[str, str], Raw(_properties)]
 Duration = Annotated[int, Raw(_whole)]
 
@@ -139,6 +154,23 @@ class DeviceConfig:
     max_consecutive_failures: PositiveInt = 3
     #: Seconds between health probes of an idle (or failed) replica; 0 = never.
     health_check_interval_s: Annotated[float, at_least(0)] = 10.0
+    #: ``"adaptive"`` (a latency and a throughput engine, chosen per job by
+    #: the load), ``"throughput"`` or ``"latency"`` (that hint alone); a
+    #: model's own ``execution`` wins.  Default: adaptive on a CPU target,
+    #: throughput elsewhere.  ``PERFORMANCE_HINT`` or ``NUM_STREAMS`` in
+    #: ``properties`` win over both.
+    execution: Execution = None
+    #: Seconds each engine of an adaptive model is timed at load (0: not
+    #: timed, both engines kept).
+    tune_seconds: Annotated[float, between(0, 60)] = 0.5
+
+    @property
+    def default_execution(self) -> str:
+        """This device's ``execution``, or the default for its target."""
+        if self.execution is not None:
+            return self.execution
+        cpu = self.target.split(".")[0].upper() == "CPU"
+        return EXECUTION_ADAPTIVE if cpu else EXECUTION_THROUGHPUT
 
 
 @attrs.frozen
@@ -158,6 +190,9 @@ class ModelConfig:
     queue: Annotated[str, one_of(QUEUE_SHARED, QUEUE_PER_DEVICE)] = QUEUE_SHARED
     #: OpenVINO compile properties for this model, over its devices' own.
     properties: Properties = attrs.field(factory=dict)
+    #: ``"adaptive"``, ``"throughput"`` or ``"latency"`` on all its devices,
+    #: over each device's own ``execution``.
+    execution: Execution = None
     #: Dynamic batching: most rows per inference (1 = off).
     max_batch_size: PositiveInt = 1
     #: Dynamic batching: microseconds a partial batch may wait for more.
@@ -212,6 +247,16 @@ class Config:
     def device(self, name: str) -> DeviceConfig:
         """The device called ``name``."""
         return next(d for d in self.devices if d.name == name)
+
+    def execution(self, model: ModelConfig, device_name: str) -> str:
+        """How ``model`` runs on device ``device_name``: the model's
+        ``execution``, else the device's, else the device's default; a hint or
+        a stream count in the properties makes it ``"properties"``."""
+        device = self.device(device_name)
+        properties = {**device.properties, **model.properties}
+        if any(key in properties for key in EXPLICIT_EXECUTION_PROPERTIES):
+            return "properties"
+        return model.execution or device.default_execution
 
     def model_path(self, model: ModelConfig) -> str:
         """The model's path, resolved against the config file's directory."""

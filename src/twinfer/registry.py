@@ -1,9 +1,11 @@
 """Assemble the serving graph from a :class:`~twinfer.config.Config`.
 
-Reads each model once, compiles it once per device it is placed on, gives
-every device replica its own engine per model, and wires queues to workers:
-one shared queue per model, or one queue per (model, device) for models with
-``queue = "per-device"``.
+Reads each model once, compiles it once per device it is placed on (twice
+for ``execution = "adaptive"``: a latency and a throughput engine, timed at
+load by :mod:`twinfer.engines.tuning`), gives every device replica its own
+engine per model, one :class:`~twinfer.scheduling.execution.ExecutionPolicy`
+per device, and wires queues to workers: one shared queue per model, or one
+queue per (model, device) for models with ``queue = "per-device"``.
 """
 
 from __future__ import annotations
@@ -15,10 +17,28 @@ import attrs
 import openvino as ov
 from twisted.internet.interfaces import IReactorFromThreads
 
-from twinfer.config import AUTO, QUEUE_SHARED, Config, DeviceConfig, ModelConfig
+from twinfer.config import (
+    AUTO,
+    EXECUTION_ADAPTIVE,
+    EXECUTION_LATENCY,
+    EXECUTION_THROUGHPUT,
+    EXPLICIT_EXECUTION_PROPERTIES,
+    QUEUE_SHARED,
+    Config,
+    DeviceConfig,
+    ModelConfig,
+)
 from twinfer.engines import openvino as backend
 from twinfer.engines.openvino import Engine, OpenVINOEngine, Signature
-from twinfer.scheduling import BatchPolicy, Dispatcher, JobQueue, ModelEntry, Worker
+from twinfer.engines.tuning import Tuning, choose, sample_inputs, time_engine
+from twinfer.scheduling import (
+    BatchPolicy,
+    Dispatcher,
+    ExecutionPolicy,
+    JobQueue,
+    ModelEntry,
+    Worker,
+)
 from twinfer.tasks import prepare
 
 
@@ -28,10 +48,22 @@ class LoadedModel:
 
     name: str
     signature: Signature
-    #: Compiled model per device name.
+    #: Compiled model per device name (the throughput engine of an adaptive model).
     compiled: Mapping[str, ov.CompiledModel]
     #: The image task (:class:`twinfer.tasks.ImageTask`) when the config sets one.
     task: Any = None
+    #: The latency engine per device where the model runs adaptive.
+    latency: Mapping[str, ov.CompiledModel] = attrs.field(factory=dict)
+    #: How it runs per device: ``adaptive``, ``throughput``, ``latency`` or
+    #: ``properties`` (compiled once with the configured properties).
+    execution: Mapping[str, str] = attrs.field(factory=dict)
+    #: What the load-time timing measured per device, where it ran.
+    tuning: Mapping[str, Tuning] = attrs.field(factory=dict)
+
+    def for_latency(self) -> LoadedModel:
+        """This model with its latency engines as its compiled models, for an
+        :data:`EngineFactory` to make the latency engines with."""
+        return attrs.evolve(self, compiled=self.latency, latency={})
 
 
 #: Makes the engine for one replica of one model on one device; tests swap
@@ -75,21 +107,88 @@ def load_models(config: Config, core: ov.Core | None = None) -> dict[str, Loaded
             signature = Signature.of(model)
         except Exception as e:
             raise ValueError(f"model {model_config.name!r}: {e}") from e
-        compiled = {}
+        compiled, latency, executions, timings = {}, {}, {}, {}
         for device_name in model_config.devices:
             device = config.device(device_name)
-            properties = {**device.properties, **model_config.properties}
-            try:
-                compiled[device_name] = backend.compile_model(
-                    core, model, device.target, properties
-                )
-            except Exception as e:
-                raise ValueError(
-                    f"model {model_config.name!r}: cannot compile for device {device_name!r} "
-                    f"({device.target}, properties {properties}): {e}"
-                ) from e
-        loaded[model_config.name] = LoadedModel(model_config.name, signature, compiled, task)
+            execution = config.execution(model_config, device_name)
+            engines = compile_engines(core, model, model_config, device, execution)
+            if execution == EXECUTION_ADAPTIVE and device.tune_seconds > 0:
+                timing = time_engines(engines, signature, device.tune_seconds)
+                if timing is not None:
+                    timings[device_name] = timing
+                    execution = timing.choice
+                    if execution != EXECUTION_ADAPTIVE:  # one wins on both: it alone
+                        engines = {EXECUTION_THROUGHPUT: engines[execution]}
+            compiled[device_name] = engines[EXECUTION_THROUGHPUT]
+            if EXECUTION_LATENCY in engines:
+                latency[device_name] = engines[EXECUTION_LATENCY]
+            executions[device_name] = execution
+        loaded[model_config.name] = LoadedModel(
+            model_config.name, signature, compiled, task, latency, executions, timings
+        )
     return loaded
+
+
+def compile_engines(
+    core: ov.Core, model: ov.Model, model_config: ModelConfig, device: DeviceConfig, execution: str
+) -> dict[str, ov.CompiledModel]:
+    """The compiled engines of ``model`` on ``device`` for ``execution``: the
+    ``throughput`` one (the only one, whatever its hint, unless adaptive) and
+    for ``adaptive`` the ``latency`` one."""
+    properties = {**device.properties, **model_config.properties}
+    hints = {EXECUTION_THROUGHPUT: "THROUGHPUT"}
+    if execution == EXECUTION_LATENCY:
+        hints = {EXECUTION_THROUGHPUT: "LATENCY"}
+    elif execution == EXECUTION_ADAPTIVE:
+        hints = {EXECUTION_THROUGHPUT: "THROUGHPUT", EXECUTION_LATENCY: "LATENCY"}
+    elif execution != EXECUTION_THROUGHPUT:  # "properties": exactly as configured
+        hints = {EXECUTION_THROUGHPUT: ""}
+    engines = {}
+    for role, hint in hints.items():
+        with_hint = {**properties, "PERFORMANCE_HINT": hint} if hint else properties
+        try:
+            engines[role] = backend.compile_model(core, model, device.target, with_hint)
+        except Exception as e:
+            raise ValueError(
+                f"model {model_config.name!r}: cannot compile for device {device.name!r} "
+                f"({device.target}, properties {with_hint}): {e}"
+            ) from e
+    return engines
+
+
+def time_engines(
+    engines: Mapping[str, ov.CompiledModel], signature: Signature, seconds: float
+) -> Tuning | None:
+    """Time an adaptive model's two engines for about ``seconds`` each (see
+    :mod:`twinfer.engines.tuning`); ``None`` when its inputs cannot be made up."""
+    inputs = sample_inputs(signature)
+    if inputs is None:
+        return None
+    through = engines[EXECUTION_THROUGHPUT]
+    streams = backend.optimal_requests(through)
+    timing = time_engine(through, inputs, streams, seconds)
+    alone = time_engine(engines[EXECUTION_LATENCY], inputs, 1, seconds)
+    return Tuning(choose(timing, alone), timing, alone)
+
+
+def tune_model(
+    config: Config, name: str, seconds: float, core: ov.Core | None = None
+) -> dict[str, Tuning]:
+    """Time model ``name``'s two engines on each of its devices for about
+    ``seconds`` each, whatever its configured execution (a configured hint or
+    stream count is left out, so that both engines are timed)."""
+    [model] = [m for m in config.models if m.name == name]
+
+    def unpinned(properties: Mapping[str, str]) -> dict[str, str]:
+        return {k: v for k, v in properties.items() if k not in EXPLICIT_EXECUTION_PROPERTIES}
+
+    devices = tuple(
+        attrs.evolve(d, tune_seconds=seconds, properties=unpinned(d.properties))
+        for d in config.devices
+    )
+    model = attrs.evolve(model, execution=EXECUTION_ADAPTIVE, properties=unpinned(model.properties))
+    loaded = load_models(attrs.evolve(config, devices=devices, models=(model,)), core)
+    return dict(loaded[name].tuning)
 
 
 def make_batchable(model: ov.Model, max_batch_size: int) -> None:
@@ -171,6 +270,8 @@ def make_entry(
         default_timeout=model_config.default_timeout_ms / 1000,
         default_level=model_config.default_priority - 1,
         task=model.task,
+        execution=model.execution,
+        tuning=model.tuning,
     )
 
 
@@ -181,18 +282,40 @@ def make_worker(
     engines: Mapping[str, Engine],
     queues: Sequence[JobQueue],
     models: Sequence[ModelConfig],
+    policy: ExecutionPolicy | None = None,
+    latency_engines: Mapping[str, Engine | None] | None = None,
 ) -> Worker:
-    """Replica ``replica`` of ``device``, serving ``models`` from ``queues``."""
+    """Replica ``replica`` of ``device``, serving ``models`` from ``queues``,
+    sharing the device's execution ``policy``."""
     return Worker.on_own_thread(
         f"{device.name}#{replica}",
         device.name,
         reactor,
         engines,
         queues,
-        batching={m.name: policy for m in models if (policy := batch_policy(m)) is not None},
+        batching={m.name: b for m in models if (b := batch_policy(m)) is not None},
         max_failures=device.max_consecutive_failures,
         probe_interval=device.health_check_interval_s,
+        policy=policy,
+        latency_engines=latency_engines,
     )
+
+
+def make_policy(device: DeviceConfig, replicas: int, reactor: Any) -> ExecutionPolicy:
+    """The execution policy shared by ``device``'s ``replicas`` workers: it
+    enters THROUGHPUT mode when enough jobs wait to keep every stream busy."""
+    return ExecutionPolicy(device.name, reactor, enter_waiting=max(2, replicas))
+
+
+def latency_engines(
+    models: Sequence[LoadedModel], device: str, replica: int, engine_factory: EngineFactory
+) -> dict[str, Engine]:
+    """Replica ``replica``'s latency engine per adaptive model on ``device``."""
+    return {
+        m.name: engine_factory(m.for_latency(), device, replica)
+        for m in models
+        if device in m.latency
+    }
 
 
 def build_dispatcher(
@@ -217,9 +340,22 @@ def build_dispatcher(
         served = [m for m in config.models if device.name in m.devices]
         if not served:
             continue
+        policy = make_policy(device, counts[device.name], reactor)
         for replica in range(counts[device.name]):
             engines = {m.name: engine_factory(loaded[m.name], device.name, replica) for m in served}
+            fast = latency_engines(
+                [loaded[m.name] for m in served], device.name, replica, engine_factory
+            )
             workers.append(
-                make_worker(device, replica, reactor, engines, device_queues[device.name], served)
+                make_worker(
+                    device,
+                    replica,
+                    reactor,
+                    engines,
+                    device_queues[device.name],
+                    served,
+                    policy,
+                    fast,
+                )
             )
     return Dispatcher(entries, workers, reactor)

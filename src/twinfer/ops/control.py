@@ -50,6 +50,7 @@ from twinfer.registry import (
     batch_policy,
     load_models,
     make_entry,
+    make_policy,
     make_queues,
     make_worker,
     openvino_engine,
@@ -97,6 +98,8 @@ class _Compiled:
     loaded: LoadedModel
     #: Engines per device for workers that exist, or for new workers to create.
     engines: dict[str, list[Engine]]
+    #: Latency engines per device likewise (``None`` where the model has none).
+    latency: dict[str, list[Engine | None]]
 
 
 class Controller:
@@ -390,6 +393,8 @@ class Controller:
         for device in config.devices:
             if device in counts:
                 continue
+            fast = compiled.latency[device]
+            execution = make_policy(self.config.device(device), len(fast), self.reactor)
             for replica, engine in enumerate(compiled.engines[device]):
                 worker = make_worker(
                     self.config.device(device),
@@ -398,6 +403,8 @@ class Controller:
                     {config.name: engine},
                     [by_device[device]],
                     [config],
+                    execution,
+                    {config.name: fast[replica]},
                 )
                 self.born[worker] = time.monotonic()
                 self.dispatcher.add_worker(worker)
@@ -409,9 +416,15 @@ class Controller:
                 self._detach(config.name, old.queues, keep=set(counts))
             policy = {config.name: batch_policy(config)}
             for device in counts:
-                for worker, engine in zip(existing[device], compiled.engines[device], strict=True):
+                fast = compiled.latency[device]
+                for worker, engine, latency in zip(
+                    existing[device], compiled.engines[device], fast, strict=True
+                ):
                     worker.reconfigure(
-                        {config.name: engine}, add=[by_device[device]], batching=policy
+                        {config.name: engine},
+                        add=[by_device[device]],
+                        batching=policy,
+                        latency_engines={config.name: latency},
                     )
         finally:
             entry.attaching = False
@@ -432,6 +445,7 @@ class Controller:
         """Read, compile and make engines: runs in a pool thread."""
         loaded = load_models(config)[model.name]
         engines: dict[str, list[Engine]] = {}
+        latency: dict[str, list[Engine | None]] = {}
         for device in model.devices:
             count = counts.get(device)
             if count is None:
@@ -442,7 +456,11 @@ class Controller:
                     else int(replicas)
                 )
             engines[device] = [self.engine_factory(loaded, device, i) for i in range(count)]
-        return _Compiled(loaded, engines)
+            fast = loaded.for_latency() if device in loaded.latency else None
+            latency[device] = [
+                None if fast is None else self.engine_factory(fast, device, i) for i in range(count)
+            ]
+        return _Compiled(loaded, engines, latency)
 
     def _settled(self, queues: Sequence[JobQueue]) -> Deferred[Any]:
         """Fires once every job now waiting in or running from ``queues`` is answered."""
@@ -460,7 +478,7 @@ class Controller:
             if not any(q in worker.queues for q in queues):
                 continue
             engines: dict[str, Engine | None] = {} if worker.device in keep else {model: None}
-            worker.reconfigure(engines, remove=queues)
+            worker.reconfigure(engines, remove=queues, latency_engines=dict(engines))
             if not worker.queues and worker.device not in keep:
                 self._retire(worker)
         self.dispatcher.reindex()

@@ -6,13 +6,16 @@
 - :mod:`~twinfer.scheduling.batcher`: dynamic batching as one object
   (admission, collection, stacking and splitting);
 - :mod:`~twinfer.scheduling.worker`: one device replica (its thread, its
-  pipeline, its health probes, its drain state).
+  pipeline, its health probes, its drain state);
+- :mod:`~twinfer.scheduling.execution`: the per-device policy choosing the
+  latency or the throughput engines, per job, from the load.
 
 A job's result travels one way: device thread -> worker -> the job's
 Deferred (an :class:`InferResult` carrying what a front end needs).
 """
 
 from twinfer.scheduling.batcher import Batcher, BatchPolicy
+from twinfer.scheduling.execution import ExecutionPolicy, Mode
 from twinfer.scheduling.queueing import InferResult, Job, JobQueue
 from twinfer.scheduling.router import Dispatcher, ModelEntry
 from twinfer.scheduling.worker import PIPELINE_DEPTH, DeviceError, Worker, WorkerState
@@ -23,9 +26,11 @@ __all__ = [
     "Batcher",
     "DeviceError",
     "Dispatcher",
+    "ExecutionPolicy",
     "InferResult",
     "Job",
     "JobQueue",
+    "Mode",
     "ModelEntry",
     "Worker",
     "WorkerState",

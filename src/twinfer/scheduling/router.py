@@ -74,6 +74,12 @@ class ModelEntry:
     default_level: int = 0
     #: The model's image task (a :class:`twinfer.tasks.ImageTask`), if any.
     task: Any = None
+    #: How it runs per device (``adaptive``, ``throughput``, ``latency``,
+    #: ``properties``; see :mod:`twinfer.engines.tuning`).
+    execution: Mapping[str, str] = attrs.field(factory=dict)
+    #: The load-time timing of its engines per device (a
+    #: :class:`twinfer.engines.tuning.Tuning`), where it ran.
+    tuning: Mapping[str, Any] = attrs.field(factory=dict)
     #: Workers that take from each queue (filled in by the dispatcher).
     workers_of: dict[str, list[Worker]] = attrs.field(factory=dict)
     #: Set while a (re)load attaches the queues to workers: requests then

@@ -12,6 +12,10 @@ once: one on the device and one waiting right behind it.  Only an idle
 worker waits on its queues, so a new job goes to an idle device before a
 busy one; a worker that serves several queues visits them round-robin.
 
+Execution: the replicas of a device may share an ExecutionPolicy that says,
+per job, which may take one and on which engine (latency or throughput): see
+:mod:`twinfer.scheduling.execution`.
+
 Health: a worker whose device raises :class:`DeviceError` or fails
 ``max_failures`` times in a row turns ``FAILED``; every ``probe_interval``
 seconds an idle worker probes its device and comes back ``READY`` when it
@@ -41,6 +45,7 @@ from twisted.python.threadpool import ThreadPool
 from twinfer.engines.openvino import Engine
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.scheduling.batcher import SKIPPED, Batcher, BatchPolicy, execute
+from twinfer.scheduling.execution import ExecutionPolicy, Mode
 from twinfer.scheduling.queueing import InferResult, Job, JobQueue
 from twinfer.threadnames import name_os_thread
 
@@ -100,7 +105,9 @@ class Worker:
     ``clock`` schedules the batch collection and the health probes;
     ``runner`` runs work in the replica's thread (see :data:`ThreadRunner`);
     ``thread``, when given, is the one-thread pool behind ``runner``, started
-    and stopped with the worker.
+    and stopped with the worker.  ``policy`` is the device's execution policy
+    (shared by its replicas; ``None``: always the throughput engines) and
+    ``latency_engines`` the latency engine per model, where it has one.
     """
 
     def __init__(
@@ -116,6 +123,8 @@ class Worker:
         batching: Mapping[str, BatchPolicy] | None = None,
         max_failures: int = 3,
         probe_interval: float = 0.0,
+        policy: ExecutionPolicy | None = None,
+        latency_engines: Mapping[str, Engine | None] | None = None,
     ) -> None:
         self.name = name
         self.device = device
@@ -124,6 +133,9 @@ class Worker:
         self._thread = thread
         #: The engine per model this replica runs (the next job uses the current set).
         self.engines = dict(engines)
+        #: The latency engine per model, run when the policy is in LATENCY mode.
+        self.latency_engines = {m: e for m, e in (latency_engines or {}).items() if e is not None}
+        self.policy = policy
         #: The queues this worker takes from, visited round-robin.
         self.queues = list(queues)
         self.batcher = Batcher(clock, batching, self._collected)
@@ -148,6 +160,8 @@ class Worker:
         #: fails on this device, and with (worker) when the worker's state changes.
         self.on_job_failed: Callable[[Job, Worker, str], None] = fail_on_device
         self.on_state_changed: Callable[[Worker], None] = lambda worker: None
+        if policy is not None:
+            policy.join(self)
 
     @classmethod
     def on_own_thread(
@@ -218,8 +232,10 @@ class Worker:
         add: Sequence[JobQueue] = (),
         remove: Sequence[JobQueue] = (),
         batching: Mapping[str, BatchPolicy | None] | None = None,
+        latency_engines: Mapping[str, Engine | None] | None = None,
     ) -> None:
-        """Swap engines (``None`` drops one), queues and batching between two jobs.
+        """Swap engines (``None`` drops one), latency engines, queues and
+        batching between two jobs.
 
         A job already on the device keeps the engine it started with; the
         next job taken uses the new set.  The dispatcher must be re-indexed
@@ -231,6 +247,11 @@ class Worker:
                 self.batcher.set_policy(model, None)
             else:
                 self.engines[model] = engine
+        for model, engine in (latency_engines or {}).items():
+            if engine is None:
+                self.latency_engines.pop(model, None)
+            else:
+                self.latency_engines[model] = engine
         for model, policy in (batching or {}).items():
             self.batcher.set_policy(model, policy)
         self.queues = [q for q in self.queues if q not in remove]
@@ -260,6 +281,8 @@ class Worker:
         self._probe_timer = None
         for job in self.batcher.cancel():
             job.fail(ErrorCode.UNAVAILABLE, "the server is shutting down")
+        if self.policy is not None and was_running:
+            self.policy.leave(self)
         if self._thread is not None and was_running:
             self._thread.stop()
 
@@ -282,6 +305,8 @@ class Worker:
             self._take_next()
         else:
             self._stop_waiting()
+        if self.policy is not None:
+            self.policy.reconsider()  # the leader may have changed
         self.on_state_changed(self)
 
     # -- taking jobs ----------------------------------------------------------
@@ -302,12 +327,32 @@ class Worker:
                 return job
         return None
 
-    def _take_next(self) -> None:
+    def policy_changed(self, depth: int | None = None) -> None:
+        """The device's execution mode (or leader) changed: stop waiting on the
+        queues if this worker may no longer take jobs, else take up to ``depth``
+        (default: :data:`PIPELINE_DEPTH`)."""
+        self._stop_waiting()
+        self._take_next(depth or PIPELINE_DEPTH)
+
+    def _allowed(self) -> bool:
+        """Whether the execution policy lets this worker start a job now."""
+        return self.policy is None or self.policy.may_take(self)
+
+    def _engine_for(self, model: str) -> Engine:
+        """The engine the current execution mode runs ``model`` on."""
+        if self.policy is not None and self.policy.mode is Mode.LATENCY:
+            return self.latency_engines.get(model) or self.engines[model]
+        return self.engines[model]
+
+    def _take_next(self, depth: int = PIPELINE_DEPTH) -> None:
+        if self.policy is not None:
+            self.policy.review()
         # A loop, not recursion: a run of cancelled jobs must not grow the stack.
         while (
             self.available
-            and self._launched < PIPELINE_DEPTH
+            and self._launched < depth
             and not (self.batcher.collecting or self._probing or self._waits)
+            and self._allowed()
         ):
             job = self._poll()
             if job is None:
@@ -323,6 +368,13 @@ class Worker:
     def _woken(self, job: Job) -> None:
         self._waits = [w for w in self._waits if not w.called]
         self._stop_waiting()
+        if self.policy is not None:
+            self.policy.review(arriving=1)
+            self._stop_waiting()  # a switch made in the review may have set new waits
+            if not self._allowed() and job.queue is not None:
+                job.queue.put_front(job)  # the mode changed: a job for another replica
+                self._take_next()
+                return
         self._start(job)
         self._take_next()
 
@@ -356,7 +408,9 @@ class Worker:
         self._on_device = self._on_device + batch
         self.batches_run += 1
         first = batch[0]
-        engine = self.engines[first.model]
+        engine = self._engine_for(first.model)
+        if self.policy is not None:
+            self.policy.started()
         if first.work is not None:
             d = self._run_in_thread(_execute_work, engine, first)
         else:
@@ -404,6 +458,8 @@ class Worker:
     def _finish(self, batch: list[Job]) -> None:
         self._launched -= 1
         self._on_device = [job for job in self._on_device if job not in batch]
+        if self.policy is not None:
+            self.policy.finished()
         # Take the next job before the replies are encoded and written, so the
         # device is busy again as soon as possible.
         self._take_next()
@@ -418,25 +474,36 @@ class Worker:
         """Check the device while idle: a failed one comes back when it answers."""
         self._probe_timer = None
         busy = self._launched or self.batcher.collecting or self._probing
-        if not self._running or busy or self.state is WorkerState.DRAINED:
+        # Under an execution policy a replica probes only when it could run a
+        # job (a failed one always): a probe must not run beside the other engine.
+        allowed = self.state is WorkerState.FAILED or self._allowed()
+        if not self._running or busy or self.state is WorkerState.DRAINED or not allowed:
             self._schedule_probe()
             return
-        probe = getattr(next(iter(self.engines.values()), None), "probe", None)
+        model = next(iter(self.engines), None)
+        probe = getattr(self._engine_for(model), "probe", None) if model is not None else None
         if probe is None:
             return
         self._stop_waiting()
         self._probing = True
+        if self.policy is not None:
+            self.policy.started()
         d = self._run_in_thread(probe)
         d.addCallbacks(self._probe_passed, self._probe_failed)
 
-    def _probe_passed(self, _: object) -> None:
+    def _probe_done(self) -> None:
         self._probing = False
+        if self.policy is not None:
+            self.policy.finished()
+
+    def _probe_passed(self, _: object) -> None:
+        self._probe_done()
         if self.state is WorkerState.FAILED:
             self.set_state(WorkerState.READY)
         self._take_next()
         self._schedule_probe()
 
     def _probe_failed(self, failure: Failure) -> None:
-        self._probing = False
+        self._probe_done()
         self.set_state(WorkerState.FAILED, f"health probe: {failure.getErrorMessage()}")
         self._schedule_probe()

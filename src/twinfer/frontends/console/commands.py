@@ -23,7 +23,7 @@ from twinfer.dataplane import DataPlane, FrontendState
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.frontends.console.text import counts, duration, ms, table
 from twinfer.ops.stats import Stats
-from twinfer.scheduling import WorkerState
+from twinfer.scheduling import Mode, ModelEntry, Worker, WorkerState
 
 if TYPE_CHECKING:
     from twinfer.frontends.console.protocol import ConsoleProtocol
@@ -131,9 +131,28 @@ def cmd_models(session: ConsoleProtocol, args: list[str]) -> str:
                 model_stats.count if model_stats else 0,
                 model_stats.errors if model_stats else 0,
                 config.path if config else "?",
+                describe_execution(entry),
             )
         )
-    return table(("MODEL", "DEVICES", "QUEUED", "INPUTS", "REQUESTS", "ERRORS", "PATH"), rows)
+    header = ("MODEL", "DEVICES", "QUEUED", "INPUTS", "REQUESTS", "ERRORS", "PATH", "EXECUTION")
+    return table(header, rows)
+
+
+def describe_execution(entry: ModelEntry) -> str:
+    """How a model runs per device and, where its engines were timed at load,
+    their figures: ``cpu:adaptive(lat 5.9ms 181/s, thr 9.1ms 194/s)``."""
+    parts = []
+    for device, execution in entry.execution.items():
+        timing = entry.tuning.get(device)
+        figures = ""
+        if timing is not None:
+            fast, streams = timing.latency, timing.throughput
+            figures = (
+                f"(lat {fast.latency_ms:.1f}ms {fast.throughput:.0f}/s, "
+                f"thr {streams.latency_ms:.1f}ms {streams.throughput:.0f}/s)"
+            )
+        parts.append(f"{device}:{execution}{figures}")
+    return " ".join(parts) or "-"
 
 
 def cmd_devices(session: ConsoleProtocol, args: list[str]) -> str:
@@ -166,9 +185,24 @@ def cmd_devices(session: ConsoleProtocol, args: list[str]) -> str:
                 worker.jobs_done,
                 worker.jobs_failed,
                 f"{busy:.1f}",
+                describe_engines(worker),
             )
         )
-    return table(("DEVICE", "WORKER", "STATE", "CURRENT", "DONE", "FAILED", "BUSY%"), rows)
+    header = ("DEVICE", "WORKER", "STATE", "CURRENT", "DONE", "FAILED", "BUSY%", "ENGINES")
+    return table(header, rows)
+
+
+def describe_engines(worker: Worker) -> str:
+    """Which engines an adaptive device's replica runs now: ``latency`` (the
+    leader), ``standby`` (another replica in LATENCY mode), ``throughput``,
+    with ``->MODE`` while a switch waits; ``single`` with one engine per model."""
+    policy = worker.policy
+    if policy is None or not policy.adaptive:
+        return "single"
+    mode = policy.mode.value
+    if policy.mode is Mode.LATENCY and policy.leader() is not worker:
+        mode = "standby"
+    return f"{mode}->{policy.target.value}" if policy.switching else mode
 
 
 def cmd_queues(session: ConsoleProtocol, args: list[str]) -> str:
