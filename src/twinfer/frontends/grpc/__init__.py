@@ -18,6 +18,7 @@ sans-I/O); ``grpc_service.proto`` and its generated, committed modules
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -177,7 +178,8 @@ class GRPCService(service.Service):
             # Start-up only: the reactor is not running yet, nothing waits on it.
             self.port = started.result(START_TIMEOUT)
         except Exception as e:
-            self._error = CannotListen(f"cannot listen on {self.description}: {_reason(e)}")
+            reason = _bind_error(self.endpoint) or _reason(e)
+            self._error = CannotListen(f"cannot listen on {self.description}: {reason}")
             self._loop.call_soon_threadsafe(self._loop.stop)
             raise self._error from None
         host = self.endpoint.interface or "0.0.0.0"
@@ -199,6 +201,9 @@ class GRPCService(service.Service):
         options = [
             ("grpc.max_receive_message_length", self.max_message_size),
             ("grpc.max_send_message_length", self.max_message_size),
+            # gRPC binds with SO_REUSEPORT by default, which lets two servers
+            # share a port silently; a port in use must fail as the others do.
+            ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(options=options)
         bridge = ReactorBridge(self.reactor, self._loop)
@@ -265,4 +270,17 @@ class GRPCService(service.Service):
 
 def _reason(error: BaseException) -> str:
     text = str(error) or type(error).__name__
-    return text.splitlines()[0]
+    return text.splitlines()[0].split(";")[0]
+
+
+def _bind_error(endpoint: GRPCEndpoint) -> str | None:
+    """Why binding ``endpoint`` fails (``address already in use``), as the
+    other ports say it: gRPC's own error names no reason."""
+    host = endpoint.interface or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, endpoint.port))
+    except OSError as e:
+        return (e.strerror or str(e)).lower()
+    return None
