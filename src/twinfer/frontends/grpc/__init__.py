@@ -181,6 +181,8 @@ class GRPCService(service.Service):
             reason = _bind_error(self.endpoint) or _reason(e)
             self._error = CannotListen(f"cannot listen on {self.description}: {reason}")
             self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(START_TIMEOUT)  # start-up again: the thread ends at once
+            self._loop = self._thread = None
             raise self._error from None
         host = self.endpoint.interface or "0.0.0.0"
         log.info(

@@ -24,7 +24,7 @@ import math
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.python.failure import Failure
 
 from twinfer.dataplane import DataPlane, Session
@@ -157,7 +157,7 @@ class GRPCAdapter:
         except TwinferError as e:  # refused before it became a job: count it too
             self.plane.refuse(session, model, e)
             self.release(owner)
-            raise
+            return fail(e)
         d = self.plane.infer(
             session,
             key,

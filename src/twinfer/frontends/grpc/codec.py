@@ -114,7 +114,9 @@ def contents_to_array(
             f"contents.{field} has {len(values)}",
         )
     target = dtype.numpy
-    wide = np.array(values, dtype=np.result_type(target, np.int64) if target.kind in "iu" else None)
+    # The field's own width (int64 for every signed kind, uint64 for the
+    # unsigned ones): mixing them would make numpy go through float64.
+    wide = np.array(values, dtype={"i": np.int64, "u": np.uint64}.get(target.kind))
     if count and target.kind in "iu":
         # int_contents is int32 for INT8 and INT16 too: check the range, never wrap.
         info = np.iinfo(target)
