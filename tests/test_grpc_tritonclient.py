@@ -14,6 +14,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from certs import ClientFiles, make_client_files, make_tls_files
 from twinfer.blocking import BlockingClient
 from twinfer.frontends.grpc import grpc_service_pb2 as pb
 from twinfer.frontends.grpc import grpc_service_pb2_grpc as pb_grpc
@@ -197,3 +198,33 @@ def test_extensions_served_elsewhere_are_unimplemented(
 ) -> None:
     error = error_of(client.get_model_config, "tiny")
     assert error.status() == "StatusCode.UNIMPLEMENTED" and "ModelConfig" in error.message()
+
+
+def test_mutual_tls(start_twistd: StartTwistd, tmp_path_factory: pytest.TempPathFactory) -> None:
+    directory = tmp_path_factory.mktemp("grpc-tls")
+    tls = make_tls_files(directory, "localhost")
+    member = make_client_files(directory, tls, "client")
+    elsewhere = tmp_path_factory.mktemp("grpc-other-ca")
+    stranger = make_client_files(elsewhere, make_tls_files(elsewhere, "localhost"), "stranger")
+    port = f"ssl:0:interface=127.0.0.1:privateKey={tls.key}:certKey={tls.cert}"
+    server = start_twistd(
+        TWISTD_TINY_CONFIG, args=[f"--tls-client-ca={tls.ca}", f"--grpc-port={port}"]
+    )
+    try:
+
+        def connect(client: ClientFiles) -> triton.InferenceServerClient:
+            return triton.InferenceServerClient(
+                f"localhost:{server.ports['grpc']}",
+                ssl=True,
+                root_certificates=str(tls.ca),
+                private_key=str(client.key),
+                certificate_chain=str(client.cert),
+            )
+
+        with connect(member) as client:
+            x = np.eye(4, dtype=np.float32)
+            assert client.infer("tiny", [tiny_input(x)]).as_numpy("y").shape == (4, 3)
+        with connect(stranger) as client:
+            assert error_of(client.is_server_live).status() == "StatusCode.UNAVAILABLE"
+    finally:
+        server.stop()

@@ -134,9 +134,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 reply = pb.ModelStreamInferResponse(
                     infer_response=await self._infer(owner, request, None)
                 )
-            except TwinferError as e:
+            except Exception as e:  # TwinferError, or a bug: that request fails alone
+                message = e.message if isinstance(e, TwinferError) else f"internal error: {e!r}"
                 reply = pb.ModelStreamInferResponse(
-                    error_message=e.message,
+                    error_message=message,
                     infer_response=pb.ModelInferResponse(
                         model_name=request.model_name, id=request.id
                     ),
@@ -144,13 +145,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             replies.put_nowait(reply)
 
         async def read() -> None:
-            async for request in request_iterator:
-                task = asyncio.ensure_future(answer(request))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            if pending:
-                await asyncio.wait(set(pending))
-            replies.put_nowait(None)  # every request answered: end the stream
+            try:
+                async for request in request_iterator:
+                    task = asyncio.ensure_future(answer(request))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                if pending:
+                    await asyncio.wait(set(pending))
+            finally:
+                replies.put_nowait(None)  # every request answered (or reading failed): end
 
         reader = asyncio.ensure_future(read())
         try:
