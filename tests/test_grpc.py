@@ -22,9 +22,10 @@ from twinfer.dataplane import DataPlane
 from twinfer.engines import builtin
 from twinfer.engines.openvino import Signature
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.frontends.grpc import GRPCEndpoint, codec, parse_endpoint
+from twinfer.frontends.grpc import codec
 from twinfer.frontends.grpc import grpc_service_pb2 as pb
 from twinfer.frontends.grpc.adapter import GRPCAdapter, ReactorBridge
+from twinfer.frontends.grpc.service import GRPCEndpoint, parse_endpoint
 from twinfer.frontends.grpc.servicer import status_of
 from twinfer.frontends.http import kserve
 from twinfer.outcomes import outcome

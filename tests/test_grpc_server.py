@@ -26,9 +26,9 @@ from twinfer import tap
 from twinfer.dataplane import DataPlane
 from twinfer.engines import builtin
 from twinfer.engines.openvino import Signature
-from twinfer.frontends.grpc import GRPCService
 from twinfer.frontends.grpc import grpc_service_pb2 as pb
 from twinfer.frontends.grpc import grpc_service_pb2_grpc as pb_grpc
+from twinfer.frontends.grpc.service import GRPCService
 from twinfer.scheduling import Dispatcher, InferResult, JobQueue, ModelEntry
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4)

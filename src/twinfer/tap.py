@@ -381,7 +381,7 @@ def _add_grpc(
     top: TwinferService, options: Options, config: Config, dataplane: DataPlane, reactor: Any
 ) -> None:
     """The gRPC front end (imported only when asked for: it loads grpcio)."""
-    from twinfer.frontends.grpc import GRPCService
+    from twinfer.frontends.grpc.service import GRPCService
 
     description = options["grpc-port"]
     try:
