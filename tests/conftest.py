@@ -14,9 +14,17 @@ own thread, so blocking clients, the CLI and end-to-end checks talk to a real
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 
 import pytest
+
+# The gRPC tests leave gRPC's core threads running in this process, and
+# other tests fork children (reactor.spawnProcess) that only exec: gRPC's
+# fork handlers, run while its threads are busy, abort such a child
+# (SIGABRT). They are only for children that go on using gRPC, which no
+# test does. Set before anything imports grpc.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from twistd_process import (
     LOOPBACK_PORT,

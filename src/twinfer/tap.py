@@ -67,7 +67,8 @@ class Options(usage.Options):
     synopsis = "[--port ENDPOINT] [--http-port ENDPOINT] [--config FILE]"
     longdesc = (
         "Serve OpenVINO models over twinfer's binary protocol and, with --http-port, "
-        "over HTTP (KServe v2 REST and the seed's REST API). Without --config, "
+        "over HTTP (KServe v2 REST and the seed's REST API), with --grpc-port over KServe v2 "
+        "gRPC. Without --config, "
         "serves the embedded default (SqueezeNet, ResNet-50 and a tiny model on the CPU)."
     )
     optParameters = [
@@ -84,6 +85,13 @@ class Options(usage.Options):
             None,
             "Port number or Twisted server endpoint for the HTTP front end (off by default), "
             "e.g. tcp:8080:interface=127.0.0.1 or ssl:8443:privateKey=key.pem:certKey=cert.pem.",
+        ],
+        [
+            "grpc-port",
+            None,
+            None,
+            "Port number or endpoint for the KServe v2 gRPC front end (off by default), "
+            "e.g. tcp:8001:interface=127.0.0.1 or ssl:8443:privateKey=key.pem:certKey=cert.pem.",
         ],
         ["config", "c", None, "TOML configuration file (see etc/twinfer.toml)."],
         [
@@ -141,7 +149,8 @@ class Options(usage.Options):
             None,
             None,
             "Once every port listens, write their port numbers there as JSON, e.g. "
-            '{"binary": 9000, "http": 8080} (useful with tcp:0); removed on shutdown.',
+            '{"binary": 9000, "grpc": 8001, "http": 8080} (useful with tcp:0); removed on '
+            "shutdown.",
         ],
     ]
     optFlags = [
@@ -159,6 +168,8 @@ class Options(usage.Options):
         self["port"] = endpoint_description(self["port"])
         if self["http-port"]:
             self["http-port"] = endpoint_description(self["http-port"])
+        if self["grpc-port"]:
+            self["grpc-port"] = endpoint_description(self["grpc-port"])
         try:
             self.config = load_config(self["config"]) if self["config"] else default_config()
         except ConfigError as e:
@@ -263,9 +274,12 @@ class TwinferService(service.MultiService):
         #: The PEM bundle of CAs every ssl: port verifies client certificates with.
         self.tls_client_ca: str | None = None
 
-    def listening_services(self) -> list[ListeningService]:
-        """The services of the listening ports, in the order they were added."""
-        return [s for s in self if isinstance(s, ListeningService)]
+    def listening_services(self) -> list[Any]:
+        """The services of the listening ports, in the order they were added
+        (``ListeningService`` and the gRPC front end's service)."""
+        return [
+            s for s in self if isinstance(s, ListeningService) or getattr(s, "reports_port", False)
+        ]
 
     def bound_addresses(self) -> dict[str, IAddress]:
         """The address each listening port is bound to, by port name (``binary``, ``http``...)."""
@@ -365,7 +379,32 @@ def makeService(options: Options) -> TwinferService:
         )
         front.setServiceParent(top)
         _listen(top, reactor, "http", options["http-port"], front.site, label="http")
+    if options["grpc-port"]:
+        _add_grpc(top, options, config, dataplane, reactor)
     return top
+
+
+def _add_grpc(
+    top: TwinferService, options: Options, config: Config, dataplane: DataPlane, reactor: Any
+) -> None:
+    """The gRPC front end (imported only when asked for: it loads grpcio)."""
+    from twinfer.frontends.grpc.service import GRPCService
+
+    description = options["grpc-port"]
+    try:
+        grpc_service = GRPCService(
+            dataplane,
+            reactor,
+            description,
+            client_ca=top.tls_client_ca,
+            max_message_size=config.server.max_frame_size,
+            max_inflight=config.server.max_inflight_per_connection,
+            # In-flight calls finish within the drain (new requests get UNAVAILABLE).
+            grace=options["drain-timeout"] + 1.0,
+        )
+    except ValueError as e:
+        raise SystemExit(f"twinfer: bad endpoint {description!r}: {e}") from e
+    grpc_service.setServiceParent(top)
 
 
 def _listen(
