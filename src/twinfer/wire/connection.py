@@ -82,12 +82,14 @@ from twinfer.wire.frames import (
 )
 from twinfer.wire.messages import (
     PROTOCOL_VERSION,
+    SHM_VERSION,
     AdminReply,
     AdminRequest,
     Cancel,
     Error,
     GetHealth,
     GetMetadata,
+    GetRegionStatus,
     GoAway,
     Health,
     Hello,
@@ -101,6 +103,9 @@ from twinfer.wire.messages import (
     Ping,
     Pong,
     Predictions,
+    RegionStatus,
+    RegisterRegion,
+    UnregisterRegion,
 )
 
 #: The protocol versions this implementation speaks.
@@ -113,11 +118,14 @@ _ABSENT = object()
 #: Messages a client sends (besides HELLO, which both sides send).
 CLIENT_MESSAGES: frozenset[type] = frozenset(
     {Ping, InferRequest, Cancel, ListModels, GetMetadata, ImageRequest, GetHealth, AdminRequest}
+    | {RegisterRegion, UnregisterRegion, GetRegionStatus}
 )
 #: Messages a server sends (besides HELLO).
 SERVER_MESSAGES: frozenset[type] = frozenset(
-    {Pong, InferReply, ModelList, Metadata, Predictions, Health, AdminReply, Error}
+    {Pong, InferReply, ModelList, Metadata, Predictions, Health, AdminReply, Error, RegionStatus}
 )
+#: Messages that exist from protocol version 2 (shared-memory regions).
+REGION_MESSAGES: frozenset[type] = frozenset({RegisterRegion, UnregisterRegion, GetRegionStatus})
 #: Requests whose ids the server tracks while they are in flight.
 TRACKED_REQUESTS: frozenset[type] = frozenset({InferRequest, ImageRequest})
 
@@ -149,6 +157,25 @@ def closes_connection(code: int) -> bool:
         return ErrorCode(code).closes_connection
     except ValueError:
         return code < 100
+
+
+def needs_version(message: Message) -> int:
+    """The lowest protocol version that can carry ``message`` (2 for
+    shared-memory messages and region references, else 1)."""
+    if type(message) in REGION_MESSAGES or (
+        isinstance(message, InferRequest) and message.uses_regions
+    ):
+        return SHM_VERSION
+    return 1
+
+
+def _version_error(message: Message, version: int) -> str:
+    what = type(message).__name__
+    if isinstance(message, InferRequest) and message.uses_regions:
+        what = "an InferRequest with shared-memory region references"
+    return (
+        f"{what} needs protocol version {SHM_VERSION}; this connection negotiated version {version}"
+    )
 
 
 def negotiate(offer: Hello, supported: range = SUPPORTED_VERSIONS) -> int:
@@ -287,6 +314,13 @@ class Connection:
             raise LocalProtocolError(
                 ErrorCode.UNSUPPORTED_MESSAGE,
                 f"a client does not send {type(message).__name__} as a request",
+            )
+        # Before the server's HELLO arrives, requests are sent on the hope
+        # of the highest version offered (the server refuses them if not).
+        version = self.version or self.versions.stop - 1
+        if needs_version(message) > version:
+            raise LocalProtocolError(
+                ErrorCode.UNSUPPORTED_MESSAGE, _version_error(message, version)
             )
         if request_id is None:
             request_id = self._allocate_id()
@@ -499,6 +533,11 @@ class Connection:
                     ErrorCode.UNSUPPORTED_MESSAGE, f"the server does not accept {name} messages"
                 ),
             )
+        elif needs_version(message) > self.version:
+            error = RemoteProtocolError(
+                ErrorCode.UNSUPPORTED_MESSAGE, _version_error(message, self.version)
+            )
+            self._violation(request_id, error, message)
         elif type(message) in TRACKED_REQUESTS and request_id in self.in_flight:
             error = RemoteProtocolError(
                 ErrorCode.DUPLICATE_REQUEST_ID,
