@@ -49,7 +49,7 @@ def infer(
     key: Hashable,
     model: str,
     table: RegionTable,
-    inputs: Mapping[str, np.ndarray | RegionTensor],
+    inputs: Mapping[str, Any],
     outputs: tuple[str, ...] = (),
     output_regions: Mapping[str, RegionRef] | None = None,
     *,
@@ -71,7 +71,7 @@ def infer(
                 leases.append(lease)
                 arrays[name] = lease.array
             else:
-                arrays[name] = value  # type: ignore[assignment]
+                arrays[name] = value
         into: dict[str, np.ndarray] = {}
         for name, ref in output_regions.items():
             if outputs and name not in outputs:
@@ -180,10 +180,10 @@ class _WriteOutputs:
 
 def region_outputs(
     outputs: Mapping[str, np.ndarray], output_regions: Mapping[str, RegionRef]
-) -> dict[str, np.ndarray | RegionTensor]:
+) -> dict[str, Any]:
     """The reply's outputs: region outputs as :class:`RegionTensor` (their
     shape, dtype and the bytes written), the others as they are."""
-    reply: dict[str, np.ndarray | RegionTensor] = {}
+    reply: dict[str, Any] = {}
     for name, array in outputs.items():
         ref = output_regions.get(name)
         if ref is None:

@@ -150,6 +150,13 @@ class Options(usage.Options):
             None,
             "Obey ADMIN_REQUEST messages (load/unload/reload/drain) from clients.",
         ],
+        [
+            "allow-shm",
+            None,
+            "Accept shared-memory regions (POSIX shm objects of same-host clients) for "
+            "tensors, over the binary protocol and HTTP; off: every shared-memory request is "
+            "refused.",
+        ],
     ]
 
     config: Config
@@ -347,6 +354,17 @@ def makeService(options: Options) -> TwinferService:
     # Every front end's requests go through this one data plane.
     dataplane = DataPlane(dispatcher, budget=BufferBudget(config.server.max_buffered_bytes))
     factory = TwinferFactory(dataplane, config.server, clock=reactor)
+    server_regions = None
+    if options["allow-shm"]:
+        from twinfer.sharedmem import SharedMemory
+
+        factory.shared_memory = shm = SharedMemory()
+        # Triton's semantics: regions registered over HTTP are server-wide.
+        server_regions = shm.table(
+            config.server.http_shm_max_regions,
+            config.server.http_shm_max_bytes,
+            "the server-wide (HTTP) regions",
+        )
     # The operations services (graceful drain, console, metrics) go in first
     # so that the front ends stop after them.
     _add_operations_services(top, options, config, dataplane, factory, reactor)
@@ -355,7 +373,7 @@ def makeService(options: Options) -> TwinferService:
         # Imported only when asked for: twisted.web is not needed otherwise.
         from twinfer.frontends.http import HTTPFrontEnd
 
-        front = HTTPFrontEnd(dataplane, config, reactor)
+        front = HTTPFrontEnd(dataplane, config, reactor, shared_regions=server_regions)
         front.setServiceParent(top)
         _listen(top, reactor, "http", options["http-port"], front.site, label="http")
     return top

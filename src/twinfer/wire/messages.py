@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
+from typing import Any
 
 import attrs
 import numpy as np
@@ -185,8 +186,9 @@ class InferRequest:
     """Run ``model`` on ``inputs``; reply with ``outputs`` (all when empty)."""
 
     model: str
-    #: Inputs carried in the frame (arrays) or read from a region (v2).
-    inputs: Mapping[str, np.ndarray | RegionTensor]
+    #: Inputs: arrays carried in the frame, or (v2) :class:`RegionTensor`
+    #: read from a region (typed Any so that v1 code reads them as arrays).
+    inputs: Mapping[str, Any]
     #: Names of the outputs wanted; empty means every output.
     outputs: tuple[str, ...] = ()
     #: Give up if not started within this many milliseconds; 0 = server default.
@@ -209,8 +211,9 @@ class InferRequest:
 class InferReply:
     """The outputs of one inference, with the server's own timings."""
 
-    #: Outputs carried in the frame, or (v2) written into the region named.
-    outputs: Mapping[str, np.ndarray | RegionTensor]
+    #: Outputs: arrays carried in the frame, or (v2) :class:`RegionTensor`
+    #: for those written into a region.
+    outputs: Mapping[str, Any]
     #: Microseconds the job waited in the queue.
     queue_us: int = 0
     #: Microseconds the device spent on it (including copies in the device thread).

@@ -23,8 +23,10 @@ from twinfer.config import Config
 from twinfer.dataplane import DataPlane
 from twinfer.frontends.http.channel import TwinferSite
 from twinfer.frontends.http.rest import SeedAPI
+from twinfer.frontends.http.shm import SharedMemoryAPI
 from twinfer.frontends.http.site import STATUS_BY_CODE, Router, status_for
 from twinfer.frontends.http.v2 import KServeAPI
+from twinfer.sharedmem import RegionTable
 
 __all__ = ["HTTPFrontEnd", "STATUS_BY_CODE", "status_for"]
 
@@ -44,10 +46,13 @@ class HTTPFrontEnd(service.Service):
         dataplane: DataPlane,
         config: Config,
         reactor: Any,
+        shared_regions: RegionTable | None = None,
     ) -> None:
         self.pool = ThreadPool(minthreads=0, maxthreads=CODEC_THREADS, name="twinfer-http-codec")
         router = Router()
-        KServeAPI(dataplane, reactor, self.pool).install(router)
+        # shared_regions: the server-wide shared-memory regions (--allow-shm).
+        KServeAPI(dataplane, reactor, self.pool, shared_regions).install(router)
+        SharedMemoryAPI(shared_regions).install(router)
         # The image API needs the data plane's image tasks (none: 501).
         self.seed = SeedAPI(dataplane, config, dataplane.tasks)
         self.seed.install(router)
