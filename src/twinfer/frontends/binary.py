@@ -186,11 +186,12 @@ class TwinferProtocol(Protocol, TimeoutMixin):
         budget.forget(self._memory_granted)
         unassigned, self._unassigned = self._unassigned, 0
         budget.release(unassigned)
+        # Its regions go (each unmapped once its requests' leases end).
+        binary_shm.close(self)
         if self.session is not None:
             # Queued jobs never run; running ones' results are dropped (and
             # their budget bytes released).
             self.session.close()
-        binary_shm.close(self)  # after the session: its requests' leases end first
 
     # -- the buffer budget -----------------------------------------------------
 
