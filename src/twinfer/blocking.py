@@ -456,7 +456,9 @@ class BlockingClient(Channel):
                     self._call(prepared.register)
                 except TwinferError as e:
                     shm.refused(prepared, e)
-                    log.info("shared memory not used for %s: %s", model, e)
+                    log.info(
+                        "shared memory not used for %s, tensors go through the socket: %s", model, e
+                    )
                     return None
             reply = _expect(self._call(prepared.request), InferReply)
             return InferReply(prepared.finish(reply), reply.queue_us, reply.compute_us)

@@ -409,7 +409,11 @@ class TwinferClient:
                     await self.protocol.request(prepared.register)
                 except TwinferError as e:
                     shm.refused(prepared, e)
-                    log.info("shared memory not used for {model}: {why}", model=model, why=e)
+                    log.info(
+                        "shared memory not used for {model}, tensors go through the socket: {why}",
+                        model=model,
+                        why=e,
+                    )
                     return await self.infer_reply(
                         model, inputs, outputs, timeout_ms=timeout_ms, priority=priority
                     )
