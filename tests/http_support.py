@@ -115,15 +115,18 @@ class HTTPServerTestCase(ServerTestCase):
         engine_factory: EngineFactory = openvino_engine,
         tasks: Any = None,
         base_dir: Path = Path("."),
+        shared_regions: Any = None,
     ) -> int:
         """Start everything; return the HTTP port (``self.http_port`` too).
 
         ``tasks``: None for no image tasks (``POST /inference`` answers 501),
         True for the real :mod:`twinfer.tasks`, or a stand-in module.
+        ``shared_regions``: the server-wide shared-memory regions (None: off).
         """
         text = config_text or self.config_text
         await self.start_server(text, engine_factory, base_dir=base_dir, tasks=tasks)
-        self.front = HTTPFrontEnd(self.dataplane, config_from(text, base_dir), reactor)
+        config = config_from(text, base_dir)
+        self.front = HTTPFrontEnd(self.dataplane, config, reactor, shared_regions=shared_regions)
         self.front.startService()
         self.addCleanup(self.front.stopService)
         endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
