@@ -4,6 +4,9 @@ client's ``shared_memory=True`` and Triton's own client
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,3 +173,28 @@ def test_tritonclient_shared_memory_off_names_the_flag(
     finally:
         client.close()
         server.stop()
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "twinfer.bench", "--warmup", "0", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_bench_shared_memory(shm_server: ServerProcess, tmp_path: Path, processes: int) -> None:
+    out = tmp_path / "result.json"
+    done = run_bench(
+        "--model", "identity", "--server", shm_server.endpoint, "--requests", "30",
+        "--concurrency", "1,3", "--processes", str(processes), "--shared-memory",
+        "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    points = json.loads(out.read_text())["points"]
+    assert [(p["count"], p["error_count"]) for p in points] == [(30, 0), (30, 0)]
+
+
+def test_bench_shared_memory_needs_allow_shm(twistd_server: ServerProcess) -> None:
+    done = run_bench(
+        "--model", "tiny", "--server", twistd_server.endpoint, "--requests", "5", "--shared-memory"
+    )
+    assert done.returncode == 2 and "--allow-shm" in done.stderr, done.stderr

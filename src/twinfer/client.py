@@ -285,7 +285,7 @@ class TwinferClient:
     ) -> Deferred[InferReply]:
         """Like :meth:`infer`, but fires with the whole :class:`InferReply`
         (outputs plus the server's queue and compute times)."""
-        if shared_memory and self._shm_pool() is not None:  # else: the socket
+        if shared_memory and self.shared_memory_pool() is not None:  # else: the socket
             return Deferred.fromCoroutine(
                 self._infer_shm(model, inputs, tuple(outputs or ()), timeout_ms, priority)
             )
@@ -376,8 +376,9 @@ class TwinferClient:
         self._shm.close()
         return self.protocol.close()
 
-    def _shm_pool(self) -> RegionPool | None:
-        """The shm pool, or None when shm is off (logged once)."""
+    def shared_memory_pool(self) -> RegionPool | None:
+        """The pool of shm objects that ``shared_memory=True`` uses (closed by
+        :meth:`close`), or None when shared memory is off (logged once)."""
         protocol, off = self.protocol, self._shm.off
         if not isinstance(protocol, ClientProtocol):
             self._shm.off = "a client over several connections does not use shared memory"
