@@ -5,6 +5,7 @@ client's ``shared_memory=True`` and Triton's own client
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import uuid
@@ -20,6 +21,11 @@ from tritonclient.utils import InferenceServerException
 from support import save_identity_model
 from twinfer.blocking import BlockingClient
 from twinfer.engines.builtin import tiny_reference
+from twinfer.errors import ErrorCode
+from twinfer.wire.decode import decode_message
+from twinfer.wire.encode import encode_bytes
+from twinfer.wire.frames import FrameDecoder
+from twinfer.wire.messages import Error, Hello, InferReply, InferRequest, Ping, Pong, RegisterRegion
 from twistd_process import TWISTD_TINY_CONFIG, ServerProcess, StartTwistd
 
 HTTP = "--http-port=tcp:0:interface=127.0.0.1"
@@ -198,3 +204,28 @@ def test_bench_shared_memory_needs_allow_shm(twistd_server: ServerProcess) -> No
         "--model", "tiny", "--server", twistd_server.endpoint, "--requests", "5", "--shared-memory"
     )
     assert done.returncode == 2 and "--allow-shm" in done.stderr, done.stderr
+
+
+def test_a_version_1_client_keeps_working_and_is_refused_v2_messages(
+    shm_server: ServerProcess,
+) -> None:
+    x = np.ones((1, 4), np.float32)
+    requests = [
+        (0, Hello(1, 1, 0, "v1-client")),
+        (1, RegisterRegion("in", "/whatever", 0, 64)),
+        (2, Ping()),
+        (3, InferRequest("tiny", {"x": x})),
+    ]
+    with socket.create_connection((shm_server.host, shm_server.port), timeout=30) as sock:
+        sock.sendall(b"".join(encode_bytes(rid, message) for rid, message in requests))
+        decoder, replies = FrameDecoder(), []
+        while len(replies) < 4:
+            data = sock.recv(65536)
+            assert data, "the server closed the connection"
+            replies += [(f.request_id, decode_message(f)) for f in decoder.feed(data)]
+    (_, hello), (_, refused), (_, pong), (_, reply) = replies
+    assert isinstance(hello, Hello) and (hello.min_version, hello.max_version) == (1, 1)
+    assert isinstance(refused, Error) and refused.code == ErrorCode.UNSUPPORTED_MESSAGE
+    assert "needs protocol version 2; this connection negotiated version 1" in refused.message
+    assert isinstance(pong, Pong) and isinstance(reply, InferReply)
+    np.testing.assert_allclose(reply.outputs["y"], tiny_reference(x)["y"], atol=1e-5)
