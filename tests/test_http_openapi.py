@@ -197,6 +197,8 @@ class SharedMemoryOpenAPITests(OpenAPICase):
         await self.check("POST", f"{shm}/region/tiny/unregister", expect=404)
         await self.check("POST", "/v2/models/tiny/infer", json.dumps(document).encode(), expect=404)
         await self.check("POST", f"{shm}/unregister")
+        errors = self.dataplane.frontends["http"].protocol_errors
+        assert errors == {"INVALID_REGION": 1, "UNKNOWN_REGION": 2}
 
 
 class NoTasksOpenAPITests(OpenAPICase):

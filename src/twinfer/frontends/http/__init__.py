@@ -52,7 +52,7 @@ class HTTPFrontEnd(service.Service):
         router = Router()
         # shared_regions: the server-wide shared-memory regions (--allow-shm).
         KServeAPI(dataplane, reactor, self.pool, shared_regions).install(router)
-        SharedMemoryAPI(shared_regions).install(router)
+        SharedMemoryAPI(shared_regions, dataplane).install(router)
         # The image API needs the data plane's image tasks (none: 501).
         self.seed = SeedAPI(dataplane, config, dataplane.tasks)
         self.seed.install(router)

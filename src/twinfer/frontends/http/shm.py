@@ -13,7 +13,8 @@ Routes, in Triton's shapes (``tritonclient.http`` calls them):
 Regions registered over HTTP are server-wide (Triton's semantics: any HTTP
 client may name them), in one :class:`~twinfer.sharedmem.RegionTable` with
 its own limits (``server.http_shm_max_regions`` / ``http_shm_max_bytes``).
-Without ``--allow-shm`` every route answers 501 naming the flag.
+Without ``--allow-shm`` every route answers 501 naming the flag.  Every
+refusal is counted as a protocol error of the HTTP front end, by code.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twinfer.dataplane import DataPlane
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.frontends.http.site import LimitedRequest, Response, Router
+from twinfer.frontends.http.site import FRONTEND, Handler, LimitedRequest, Response, Router
 from twinfer.sharedmem import RegionTable
 from twinfer.wire.messages import RegionInfo
 
@@ -46,19 +48,30 @@ def _status(regions: list[RegionInfo]) -> list[dict[str, Any]]:
 
 class SharedMemoryAPI:
     """The ``/v2/systemsharedmemory`` routes over the server-wide regions
-    (``None``: shared memory is off)."""
+    (``None``: shared memory is off); ``plane`` counts the refusals."""
 
-    def __init__(self, table: RegionTable | None) -> None:
+    def __init__(self, table: RegionTable | None, plane: DataPlane) -> None:
         self.table = table
+        self._plane = plane
 
     def install(self, router: Router) -> None:
         """Add the routes to ``router``."""
         base = "/v2/systemsharedmemory"
-        router.route("POST", base + "/region/{name}/register", self.register)
-        router.route("POST", base + "/region/{name}/unregister", self.unregister)
-        router.route("POST", base + "/unregister", self.unregister)
-        router.route("GET", base + "/region/{name}/status", self.status)
-        router.route("GET", base + "/status", self.status)
+        router.route("POST", base + "/region/{name}/register", self._counted(self.register))
+        router.route("POST", base + "/region/{name}/unregister", self._counted(self.unregister))
+        router.route("POST", base + "/unregister", self._counted(self.unregister))
+        router.route("GET", base + "/region/{name}/status", self._counted(self.status))
+        router.route("GET", base + "/status", self._counted(self.status))
+
+    def _counted(self, handler: Handler) -> Handler:
+        async def counted(request: LimitedRequest, *args: str) -> Response:
+            try:
+                return await handler(request, *args)
+            except TwinferError as e:
+                self._plane.protocol_error(FRONTEND, e.code)
+                raise
+
+        return counted
 
     async def register(self, request: LimitedRequest, name: str) -> Response:
         """Register the region ``name``; 200 with an empty body."""
