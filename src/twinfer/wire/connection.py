@@ -82,7 +82,6 @@ from twinfer.wire.frames import (
 )
 from twinfer.wire.messages import (
     PROTOCOL_VERSION,
-    SHM_VERSION,
     AdminReply,
     AdminRequest,
     Cancel,
@@ -106,6 +105,8 @@ from twinfer.wire.messages import (
     RegionStatus,
     RegisterRegion,
     UnregisterRegion,
+    needs_version,
+    version_error,
 )
 
 #: The protocol versions this implementation speaks.
@@ -124,8 +125,6 @@ CLIENT_MESSAGES: frozenset[type] = frozenset(
 SERVER_MESSAGES: frozenset[type] = frozenset(
     {Pong, InferReply, ModelList, Metadata, Predictions, Health, AdminReply, Error, RegionStatus}
 )
-#: Messages that exist from protocol version 2 (shared-memory regions).
-REGION_MESSAGES: frozenset[type] = frozenset({RegisterRegion, UnregisterRegion, GetRegionStatus})
 #: Requests whose ids the server tracks while they are in flight.
 TRACKED_REQUESTS: frozenset[type] = frozenset({InferRequest, ImageRequest})
 
@@ -157,25 +156,6 @@ def closes_connection(code: int) -> bool:
         return ErrorCode(code).closes_connection
     except ValueError:
         return code < 100
-
-
-def needs_version(message: Message) -> int:
-    """The lowest protocol version that can carry ``message`` (2 for
-    shared-memory messages and region references, else 1)."""
-    if type(message) in REGION_MESSAGES or (
-        isinstance(message, InferRequest) and message.uses_regions
-    ):
-        return SHM_VERSION
-    return 1
-
-
-def _version_error(message: Message, version: int) -> str:
-    what = type(message).__name__
-    if isinstance(message, InferRequest) and message.uses_regions:
-        what = "an InferRequest with shared-memory region references"
-    return (
-        f"{what} needs protocol version {SHM_VERSION}; this connection negotiated version {version}"
-    )
 
 
 def negotiate(offer: Hello, supported: range = SUPPORTED_VERSIONS) -> int:
@@ -319,9 +299,7 @@ class Connection:
         # of the highest version offered (the server refuses them if not).
         version = self.version or self.versions.stop - 1
         if needs_version(message) > version:
-            raise LocalProtocolError(
-                ErrorCode.UNSUPPORTED_MESSAGE, _version_error(message, version)
-            )
+            raise LocalProtocolError(ErrorCode.UNSUPPORTED_MESSAGE, version_error(message, version))
         if request_id is None:
             request_id = self._allocate_id()
         elif request_id in self.in_flight:
@@ -535,7 +513,7 @@ class Connection:
             )
         elif needs_version(message) > self.version:
             error = RemoteProtocolError(
-                ErrorCode.UNSUPPORTED_MESSAGE, _version_error(message, self.version)
+                ErrorCode.UNSUPPORTED_MESSAGE, version_error(message, self.version)
             )
             self._violation(request_id, error, message)
         elif type(message) in TRACKED_REQUESTS and request_id in self.in_flight:

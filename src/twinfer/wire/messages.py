@@ -406,6 +406,29 @@ class Error:
     message: str
 
 
+#: Messages that exist from protocol version 2 (shared-memory regions).
+REGION_MESSAGES: frozenset[type] = frozenset({RegisterRegion, UnregisterRegion, GetRegionStatus})
+
+
+def needs_version(message: object) -> int:
+    """The lowest protocol version that can carry ``message`` (2 for
+    shared-memory messages and region references, else 1)."""
+    if type(message) in REGION_MESSAGES or (
+        isinstance(message, InferRequest) and message.uses_regions
+    ):
+        return SHM_VERSION
+    return 1
+
+
+def version_error(message: object, version: int) -> str:
+    """Why ``message`` cannot travel on a connection of protocol ``version``."""
+    what = type(message).__name__
+    if isinstance(message, InferRequest) and message.uses_regions:
+        what = "an InferRequest with shared-memory region references"
+    needed = needs_version(message)
+    return f"{what} needs protocol version {needed}; this connection negotiated version {version}"
+
+
 #: Any message of the protocol.
 Message = (
     Hello
