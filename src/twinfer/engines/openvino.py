@@ -282,8 +282,11 @@ class OpenVINOEngine:
                     continue
                 data = request.get_output_tensor(port.index).data
                 if into and port.name in into:
+                    done = bound.get(port.name)  # written in place: its view of the region
                     result[port.name] = (
-                        data if port.name in bound else write_into(into[port.name], data, port.name)
+                        done[2]
+                        if done is not None
+                        else write_into(into[port.name], data, port.name)
                     )
                 else:
                     result[port.name] = np.ndarray(data.shape, data.dtype, buffer=data.tobytes())
