@@ -117,6 +117,7 @@ class HTTPServerTestCase(ServerTestCase):
         tasks: Any = None,
         base_dir: Path = Path("."),
         admin: bool = False,
+        shared_regions: Any = None,
     ) -> int:
         """Start everything; return the HTTP port (``self.http_port`` too).
 
@@ -124,6 +125,7 @@ class HTTPServerTestCase(ServerTestCase):
         True for the real :mod:`twinfer.tasks`, or a stand-in module.
         ``admin``: a controller serves Triton's load/unload, as with
         ``--allow-admin`` (``self.controller``).
+        ``shared_regions``: the server-wide shared-memory regions (None: off).
         """
         text = config_text or self.config_text
         await self.start_server(text, engine_factory, base_dir=base_dir, tasks=tasks)
@@ -134,6 +136,7 @@ class HTTPServerTestCase(ServerTestCase):
             reactor,
             controller=self.controller,
             allow_admin=admin,
+            shared_regions=shared_regions,
         )
         self.front.startService()
         self.addCleanup(self.front.stopService)

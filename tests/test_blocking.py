@@ -36,7 +36,7 @@ def client(twistd_server: ServerProcess) -> Iterator[BlockingClient]:
 
 def test_handshake_and_ping(client: BlockingClient) -> None:
     assert client.server is not None
-    assert client.server.max_version == 1
+    assert client.server.max_version == 2  # shared memory
     assert client.server.agent.startswith("twinfer/")
     assert 0 < client.ping() < 5
 
@@ -282,7 +282,7 @@ def test_a_request_before_hello_is_refused_locally(twistd_server: ServerProcess)
             client.models()
         assert info.value.code is ErrorCode.HANDSHAKE_FAILED
         # Nothing was sent, so the connection is still good for a handshake.
-        assert client.handshake().max_version == 1
+        assert client.handshake().max_version == 2
         assert client.ping() > 0
 
 

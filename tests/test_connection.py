@@ -21,6 +21,7 @@ from twinfer.wire.events import (
 )
 from twinfer.wire.frames import HEADER, HEADER_SIZE, HELLO_MAX_FRAME_SIZE, MAGIC, FrameDecoder
 from twinfer.wire.messages import (
+    PROTOCOL_VERSION,
     Cancel,
     Error,
     GetMetadata,
@@ -89,8 +90,9 @@ def test_server_handshake_answers_hello_with_the_chosen_version_and_its_limit() 
     assert connection.state is State.HANDSHAKING
     [event] = receive(connection, encode_bytes(7, Hello(1, 3, 0, "test-client")))
     assert event == HandshakeComplete(7, Hello(1, 3, 0, "test-client"))
-    assert connection.state is State.OPEN and connection.version == 1
-    assert sent(connection) == [(7, Hello(1, 1, 4096, "test-server"))]
+    # The highest version both speak: this server's own (2, shared memory).
+    assert connection.state is State.OPEN and connection.version == PROTOCOL_VERSION == 2
+    assert sent(connection) == [(7, Hello(2, 2, 4096, "test-server"))]
 
 
 def test_server_refuses_a_first_frame_that_is_not_hello_and_closes() -> None:
@@ -322,7 +324,7 @@ def test_client_sends_hello_with_id_0_and_requests_from_1() -> None:
     # Requests may follow the HELLO at once (the server handles frames in order).
     assert connection.send_request(Ping(), "a") == 1
     assert connection.send_request(ListModels(), "b") == 2
-    assert sent(connection) == [(0, Hello(1, 1, 0, "test-client")), (1, Ping()), (2, ListModels())]
+    assert sent(connection) == [(0, Hello(1, 2, 0, "test-client")), (1, Ping()), (2, ListModels())]
     with pytest.raises(LocalProtocolError):
         connection.start_handshake()  # HELLO twice
 
@@ -337,8 +339,8 @@ def test_client_handshake_takes_the_servers_limits() -> None:
 
 def test_client_refuses_a_version_it_did_not_offer() -> None:
     connection = client(server_hello=None)
-    event = violation(receive(connection, encode_bytes(0, Hello(2, 2, 4096))))
-    assert event.error.code is ErrorCode.HANDSHAKE_FAILED and "2..2" in event.error.message
+    event = violation(receive(connection, encode_bytes(0, Hello(3, 3, 4096))))
+    assert event.error.code is ErrorCode.HANDSHAKE_FAILED and "3..3" in event.error.message
     assert connection.closed
     assert connection.data_to_send() == []  # a client never sends ERROR frames
 
@@ -450,7 +452,7 @@ def test_client_and_server_connections_talk_to_each_other() -> None:
     s.send_reply(request.request_id, InferReply({"y": X * 2}, 3, 4))
     c.receive_data(b"".join(bytes(chunk) for chunk in s.data_to_send()))
     done, reply = c.events()
-    assert isinstance(done, HandshakeComplete) and done.hello == Hello(1, 1, 1 << 20, "s")
+    assert isinstance(done, HandshakeComplete) and done.hello == Hello(2, 2, 1 << 20, "s")
     assert isinstance(reply, MessageReceived) and reply.request_id == request_id
     assert reply.handle == "mine" and isinstance(reply.message, InferReply)
     np.testing.assert_array_equal(reply.message.outputs["y"], X * 2)

@@ -14,8 +14,16 @@ import yaml
 from openapi_core import OpenAPI
 from openapi_core.testing import MockRequest, MockResponse
 
-from http_support import IMAGE_CONFIG, HTTPResult, HTTPServerTestCase, write_image_models
+from http_support import (
+    IMAGE_CONFIG,
+    TINY_HTTP_CONFIG,
+    HTTPResult,
+    HTTPServerTestCase,
+    write_image_models,
+)
 from tasks_support import blank_png
+from twinfer.engines.builtin import tiny_reference
+from twinfer.sharedmem import SharedMemory
 
 SPEC_PATH = Path(__file__).parent.parent / "docs" / "openapi.yaml"
 HOST = "http://127.0.0.1:8080"
@@ -121,6 +129,14 @@ class OpenAPITests(OpenAPICase):
         await self.check("GET", "/v2/models/tiny/versions/1/config")
         await self.check("POST", "/v2/repository/models/tiny/unload", b"{}")
         await self.check("POST", "/v2/repository/models/tiny/load", b"{}")
+        # Shared memory is off on this server (no --allow-shm): 501 naming the flag.
+        shm = "/v2/systemsharedmemory"
+        register = json.dumps({"key": "/x", "offset": 0, "byte_size": 16}).encode()
+        await self.check("POST", f"{shm}/region/tiny/register", register, expect=501)
+        await self.check("POST", f"{shm}/region/tiny/unregister", expect=501)
+        await self.check("POST", f"{shm}/unregister", expect=501)
+        await self.check("GET", f"{shm}/region/tiny/status", expect=501)
+        await self.check("GET", f"{shm}/status", expect=501)
         documented = {
             (method.upper(), path)
             for path, item in yaml.safe_load(SPEC_PATH.read_text())["paths"].items()
@@ -157,6 +173,53 @@ class OpenAPITests(OpenAPICase):
         await self.check("POST", "/v2/repository/models/nope/unload", b"{}", expect=404)
         config = b'{"parameters": {"config": "{}"}}'
         await self.check("POST", "/v2/repository/models/tiny/load", config, expect=400)
+
+
+class SharedMemoryOpenAPITests(OpenAPICase):
+    """With ``--allow-shm``: the shared-memory routes and tensors in regions."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.shm_dir = Path(tempfile.mkdtemp(prefix="twinfer-shm-"))
+        self.addCleanup(shutil.rmtree, self.shm_dir, ignore_errors=True)
+        self.regions = SharedMemory(str(self.shm_dir)).table(4, 1 << 20, "HTTP")
+        await self.start_http(TINY_HTTP_CONFIG, shared_regions=self.regions)
+        self.openapi = spec()
+        self.checked = []
+
+    async def test_shared_memory_routes_and_tensors_answer_as_documented(self) -> None:
+        (self.shm_dir / "obj").write_bytes(np.arange(64, dtype=np.float32).tobytes())
+        shm = "/v2/systemsharedmemory"
+        register = json.dumps({"key": "/obj", "offset": 0, "byte_size": 256}).encode()
+        await self.check("POST", f"{shm}/region/tiny/register", register)
+        status = await self.check("GET", f"{shm}/status")
+        assert json.loads(status.body) == [
+            {"name": "tiny", "key": "/obj", "offset": 0, "byte_size": 256}
+        ]
+        await self.check("GET", f"{shm}/region/tiny/status")
+        region = {"shared_memory_region": "tiny", "shared_memory_byte_size": 32}
+        document = {
+            "inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "parameters": region}],
+            "outputs": [
+                {"name": "y", "parameters": {**region, "shared_memory_offset": 128}},
+                {"name": "label"},
+            ],
+        }
+        result = await self.check("POST", "/v2/models/tiny/infer", json.dumps(document).encode())
+        [y, label] = json.loads(result.body)["outputs"]
+        assert y["parameters"]["shared_memory_byte_size"] == 24 and "data" not in y
+        x = np.arange(8, dtype=np.float32).reshape(2, 4)
+        written = np.frombuffer((self.shm_dir / "obj").read_bytes()[128:152], np.float32)
+        np.testing.assert_allclose(written.reshape(2, 3), tiny_reference(x)["y"], atol=1e-5)
+        assert label["data"] == tiny_reference(x)["label"].tolist()
+        bad = json.dumps({"key": "/../etc/passwd", "byte_size": 16}).encode()
+        await self.check("POST", f"{shm}/region/other/register", bad, expect=400)
+        await self.check("POST", f"{shm}/region/tiny/unregister")
+        await self.check("GET", f"{shm}/region/tiny/status", expect=404)
+        await self.check("POST", f"{shm}/region/tiny/unregister", expect=404)
+        await self.check("POST", "/v2/models/tiny/infer", json.dumps(document).encode(), expect=404)
+        await self.check("POST", f"{shm}/unregister")
+        errors = self.dataplane.frontends["http"].protocol_errors
+        assert errors == {"INVALID_REGION": 1, "UNKNOWN_REGION": 2}
 
 
 class NoTasksOpenAPITests(OpenAPICase):

@@ -293,4 +293,5 @@ def test_model_and_server_metadata() -> None:
         "model_repository",
         "statistics",
         "model_configuration",
+        "system_shared_memory",
     ]

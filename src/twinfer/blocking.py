@@ -38,6 +38,7 @@ that does not come in time :class:`ReplyTimeout` (``DEADLINE_EXCEEDED``).
 from __future__ import annotations
 
 import collections
+import logging
 import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -58,6 +59,7 @@ from twinfer.blocking_net import (
     split_endpoints,
 )
 from twinfer.errors import ErrorCode, TwinferError
+from twinfer.shm_client import SharedMemoryState
 from twinfer.wire.messages import (
     Error,
     GetMetadata,
@@ -96,6 +98,7 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_WINDOW = 64
 
 M = TypeVar("M")
+log = logging.getLogger(__name__)
 
 
 def _expect(message: Message, kind: type[M]) -> M:
@@ -141,6 +144,7 @@ class BlockingClient(Channel):
         self.timeout = timeout
         #: Inference requests sent a second time after a lost connection or a GOAWAY.
         self.resent = 0
+        self._shm = SharedMemoryState()  # (shared_memory=True)
         super().__init__(sock)
 
     # -- connecting ---------------------------------------------------------
@@ -287,9 +291,14 @@ class BlockingClient(Channel):
         *,
         timeout_ms: int = 0,
         priority: int = 0,
+        shared_memory: bool = False,
     ) -> InferReply:
         """Like :meth:`infer`, but returns the whole :class:`InferReply`
         (outputs plus the server's queue and compute times in microseconds)."""
+        if shared_memory:
+            reply = self._infer_shm(model, inputs, tuple(outputs or ()), timeout_ms, priority)
+            if reply is not None:
+                return reply
         request = InferRequest(model, dict(inputs), tuple(outputs or ()), timeout_ms, priority)
         return _expect(self._call(request), InferReply)
 
@@ -301,14 +310,24 @@ class BlockingClient(Channel):
         *,
         timeout_ms: int = 0,
         priority: int = 0,
+        shared_memory: bool = False,
     ) -> dict[str, np.ndarray]:
         """Run ``model`` on ``inputs`` (name -> array); return output name -> array.
 
         Only ``outputs`` are returned when given.  ``timeout_ms`` is the
         server-side deadline for the job to start (0: the server's default).
         Raises :class:`TwinferError` with the server's code on a server error.
+        ``shared_memory=True``: the tensors go through POSIX shared memory
+        when the server is on this host (see :meth:`twinfer.client.TwinferClient.infer`).
         """
-        reply = self.infer_reply(model, inputs, outputs, timeout_ms=timeout_ms, priority=priority)
+        reply = self.infer_reply(
+            model,
+            inputs,
+            outputs,
+            timeout_ms=timeout_ms,
+            priority=priority,
+            shared_memory=shared_memory,
+        )
         return dict(reply.outputs)
 
     def infer_many(
@@ -396,6 +415,7 @@ class BlockingClient(Channel):
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
+        self._shm.close()  # (the server unregisters the regions as the connection ends)
         if self._lost is None:
             self._lost = ConnectionLost(ErrorCode.UNAVAILABLE, "the client was closed")
         self._close_socket()
@@ -410,6 +430,40 @@ class BlockingClient(Channel):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    def _infer_shm(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        outputs: tuple[str, ...],
+        timeout_ms: int,
+        priority: int,
+    ) -> InferReply | None:
+        """Infer through shared memory; None: use the socket instead (logged once)."""
+        shm, sock, off = self._shm, self._sock, self._shm.off
+        peer = sock.getpeername() if sock is not None else None
+        version = self.server.max_version if self.server is not None else 0
+        pool = shm.pool_for(sock, version, peer)
+        if off is None and shm.off is not None:
+            log.info("shared memory off, tensors go through the socket: %s", shm.off)
+        if pool is None:
+            return None
+        metadata = shm.metadata[model] = shm.metadata.get(model) or self.metadata(model)
+        prepared = pool.prepare(metadata, inputs, outputs, timeout_ms, priority)
+        try:
+            if prepared.register is not None:
+                try:
+                    self._call(prepared.register)
+                except TwinferError as e:
+                    shm.refused(prepared, e)
+                    log.info(
+                        "shared memory not used for %s, tensors go through the socket: %s", model, e
+                    )
+                    return None
+            reply = _expect(self._call(prepared.request), InferReply)
+            return InferReply(prepared.finish(reply), reply.queue_us, reply.compute_us)
+        finally:
+            prepared.abandon()
 
     # -- requests and replies -------------------------------------------------
 

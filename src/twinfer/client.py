@@ -27,6 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+import attrs
 import numpy as np
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -34,11 +35,13 @@ from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapC
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, PrivateCertificate
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import twinfer
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.netutil import set_no_delay
+from twinfer.shm_client import RegionPool, SharedMemoryState
 from twinfer.tls import client_options, load_private_certificate
 from twinfer.wire.connection import Connection, Role
 from twinfer.wire.events import (
@@ -73,6 +76,8 @@ from twinfer.wire.messages import (
 
 if TYPE_CHECKING:
     from twinfer.failover import ClientPool
+
+log = Logger()
 
 AGENT = f"twinfer-client/{twinfer.__version__}"
 DEFAULT_SERVER = "tcp:127.0.0.1:9000"
@@ -260,6 +265,7 @@ class TwinferClient:
         self.protocol = protocol
         #: The server's HELLO: its protocol version, frame limit and agent.
         self.server: Hello = protocol.server_hello
+        self._shm = SharedMemoryState()  # (shared_memory=True)
 
     @property
     def resent(self) -> int:
@@ -275,9 +281,14 @@ class TwinferClient:
         *,
         timeout_ms: int = 0,
         priority: int = 0,
+        shared_memory: bool = False,
     ) -> Deferred[InferReply]:
         """Like :meth:`infer`, but fires with the whole :class:`InferReply`
         (outputs plus the server's queue and compute times)."""
+        if shared_memory and self.shared_memory_pool() is not None:  # else: the socket
+            return Deferred.fromCoroutine(
+                self._infer_shm(model, inputs, tuple(outputs or ()), timeout_ms, priority)
+            )
         request = InferRequest(model, dict(inputs), tuple(outputs or ()), timeout_ms, priority)
         d = self.protocol.request(request)
         return d.addCallback(_expect, InferReply)
@@ -290,13 +301,27 @@ class TwinferClient:
         *,
         timeout_ms: int = 0,
         priority: int = 0,
+        shared_memory: bool = False,
     ) -> Deferred[dict[str, np.ndarray]]:
         """Run ``model`` on ``inputs`` (name -> array).
 
         Fires with a dict of output name -> numpy array (only ``outputs`` if
         given); fails with :class:`TwinferError` on a server error.
+
+        ``shared_memory=True`` passes the tensors through POSIX shared memory
+        instead of the socket when the server is on this host (loopback or
+        UNIX socket, ``--allow-shm``): the client keeps a pool of shm objects
+        registered once and reused (see :mod:`twinfer.shm_client`), unlinked
+        by :meth:`close`.  Otherwise it logs why once and uses the socket.
         """
-        d = self.infer_reply(model, inputs, outputs, timeout_ms=timeout_ms, priority=priority)
+        d = self.infer_reply(
+            model,
+            inputs,
+            outputs,
+            timeout_ms=timeout_ms,
+            priority=priority,
+            shared_memory=shared_memory,
+        )
         return d.addCallback(lambda reply: dict(reply.outputs))
 
     def predict(self, model: str, image: bytes, task: str = "") -> Deferred[list[Prediction]]:
@@ -348,7 +373,55 @@ class TwinferClient:
     def close(self) -> Deferred[None]:
         """Close the connection; fires with ``None`` once it is closed (from
         ``connectionLost``).  Pending requests fail with UNAVAILABLE."""
+        self._shm.close()
         return self.protocol.close()
+
+    def shared_memory_pool(self) -> RegionPool | None:
+        """The pool of shm objects that ``shared_memory=True`` uses (closed by
+        :meth:`close`), or None when shared memory is off (logged once)."""
+        protocol, off = self.protocol, self._shm.off
+        if not isinstance(protocol, ClientProtocol):
+            self._shm.off = "a client over several connections does not use shared memory"
+            pool = None
+        else:
+            peer = protocol.transport.getPeer()
+            pool = self._shm.pool_for(protocol, self.server.max_version, peer)
+        if off is None and self._shm.off is not None:
+            log.info("shared memory off, tensors go through the socket: {why}", why=self._shm.off)
+        return pool
+
+    async def _infer_shm(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        outputs: tuple[str, ...],
+        timeout_ms: int,
+        priority: int,
+    ) -> InferReply:
+        shm = self._shm
+        pool = shm.pool
+        assert pool is not None
+        metadata = shm.metadata.get(model) or await self.metadata(model)
+        shm.metadata[model] = metadata
+        prepared = pool.prepare(metadata, inputs, outputs, timeout_ms, priority)
+        try:
+            if prepared.register is not None:
+                try:
+                    await self.protocol.request(prepared.register)
+                except TwinferError as e:
+                    shm.refused(prepared, e)
+                    log.info(
+                        "shared memory not used for {model}, tensors go through the socket: {why}",
+                        model=model,
+                        why=e,
+                    )
+                    return await self.infer_reply(
+                        model, inputs, outputs, timeout_ms=timeout_ms, priority=priority
+                    )
+            reply = _expect(await self.protocol.request(prepared.request), InferReply)
+            return attrs.evolve(reply, outputs=prepared.finish(reply))
+        finally:
+            prepared.abandon()
 
 
 def client_endpoint(

@@ -137,6 +137,14 @@ class ServerConfig:
     #: the HAProxy agent (``--agent-port``) as ``maxconn:N``; 0: none advertised.
     #: Advisory: twinfer itself accepts connections beyond it.
     agent_maxconn: Annotated[int, at_least(0)] = 0
+    #: Shared-memory regions (``--allow-shm``) one binary connection may
+    #: register at once, and their byte sizes summed.
+    shm_max_regions: PositiveInt = 16
+    shm_max_bytes: PositiveInt = 256 * 1024 * 1024
+    #: The same for the server-wide regions registered over HTTP (Triton's
+    #: semantics: every HTTP client sees them).
+    http_shm_max_regions: PositiveInt = 64
+    http_shm_max_bytes: PositiveInt = 1024 * 1024 * 1024
 
 
 @attrs.frozen

@@ -259,6 +259,7 @@ class DataPlane:
         *,
         timeout_ms: int = 0,
         priority: int = 0,
+        work: Callable[[Any], Any] | None = None,
     ) -> Deferred[InferResult]:
         """Run ``model`` on ``inputs`` for ``session``'s request ``key``.
 
@@ -268,13 +269,16 @@ class DataPlane:
         :meth:`Session.cancel` ``key``) to withdraw the request.
         ``timeout_ms`` (0: the model's default) bounds its wait for a
         device; ``priority`` is a level from 1 (lowest), 0 for the default.
+        ``work`` (validated like ``inputs``) replaces ``engine.run`` in the
+        device thread and must return the :class:`InferResult` itself (the
+        shared-memory requests of :mod:`twinfer.sharedmem_requests`).
         """
         started = self._now()
         try:
             self._admit(session, key)
             self.dispatcher.entry(model).signature.validate(model, inputs, outputs)
             d = self.dispatcher.submit(
-                model, inputs, outputs, timeout_ms=timeout_ms, priority=priority
+                model, inputs, outputs, timeout_ms=timeout_ms, priority=priority, work=work
             )
         except TwinferError as e:
             return self._refused(session, model, e, started)

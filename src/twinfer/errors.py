@@ -43,6 +43,13 @@ class ErrorCode(enum.IntEnum):
     #: An image request for a model without an image task (``task`` in its
     #: config), or with a different one (``detect`` on a classifier).
     WRONG_TASK = 107
+    #: A shared-memory region named by a request is not registered (for this
+    #: connection, or server-wide over HTTP).
+    UNKNOWN_REGION = 108
+    #: A shared-memory registration or reference is invalid: a key that is not
+    #: a shm object's name, an offset and size beyond the region or object, a
+    #: byte size that does not match the tensor, a name already registered.
+    INVALID_REGION = 109
     #: The model's queue (or the connection's in-flight limit) is full; retry later.
     OVERLOADED = 110
     #: No device can serve the model right now (failed, draining, shutting down).
@@ -51,6 +58,8 @@ class ErrorCode(enum.IntEnum):
     DEADLINE_EXCEEDED = 112
     #: The request was cancelled by the client.
     CANCELLED = 113
+    #: A per-client shared-memory limit (regions or mapped bytes) is reached.
+    REGION_LIMIT = 114
     #: The device raised while running the model.
     INFERENCE_FAILED = 120
     #: A bug in twinfer; the message says what happened.

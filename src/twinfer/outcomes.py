@@ -53,6 +53,10 @@ _BY_CODE: dict[ErrorCode, Outcome] = {
         # An image sent to a model without an image task (or the other task).
         (ErrorCode.WRONG_TASK, 400, "INVALID_ARGUMENT", False),
         # 429 Too Many Requests: come back later.
+        # Shared-memory regions (Triton's system shared-memory extension).
+        (ErrorCode.UNKNOWN_REGION, 404, "NOT_FOUND", False),
+        (ErrorCode.INVALID_REGION, 400, "INVALID_ARGUMENT", False),
+        (ErrorCode.REGION_LIMIT, 400, "RESOURCE_EXHAUSTED", False),
         (ErrorCode.OVERLOADED, 429, "RESOURCE_EXHAUSTED", True),
         (ErrorCode.UNAVAILABLE, 503, "UNAVAILABLE", True),
         (ErrorCode.DEADLINE_EXCEEDED, 504, "DEADLINE_EXCEEDED", False),

@@ -160,6 +160,13 @@ class Options(usage.Options):
             "Obey ADMIN_REQUEST messages (load/unload/reload/drain) from clients, "
             "and HTTP's Triton model load/unload.",
         ],
+        [
+            "allow-shm",
+            None,
+            "Accept shared-memory regions (POSIX shm objects of same-host clients) for "
+            "tensors, over the binary protocol and HTTP; off: every shared-memory request is "
+            "refused.",
+        ],
     ]
 
     config: Config
@@ -362,6 +369,17 @@ def makeService(options: Options) -> TwinferService:
     # Every front end's requests go through this one data plane.
     dataplane = DataPlane(dispatcher, budget=BufferBudget(config.server.max_buffered_bytes))
     factory = TwinferFactory(dataplane, config.server, clock=reactor)
+    server_regions = None
+    if options["allow-shm"]:
+        from twinfer.sharedmem import SharedMemory
+
+        factory.shared_memory = shm = SharedMemory()
+        # Triton's semantics: regions registered over HTTP are server-wide.
+        server_regions = shm.table(
+            config.server.http_shm_max_regions,
+            config.server.http_shm_max_bytes,
+            "the server-wide (HTTP) regions",
+        )
     # The operations services (graceful drain, console, metrics) go in first
     # so that the front ends stop after them.
     _add_operations_services(top, options, config, dataplane, factory, reactor)
@@ -376,6 +394,7 @@ def makeService(options: Options) -> TwinferService:
             reactor,
             controller=factory.controller,
             allow_admin=factory.allow_admin,
+            shared_regions=server_regions,
         )
         front.setServiceParent(top)
         _listen(top, reactor, "http", options["http-port"], front.site, label="http")

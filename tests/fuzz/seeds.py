@@ -20,9 +20,11 @@ from twinfer.wire.encode import encode_message
 from twinfer.wire.messages import (
     AdminRequest,
     Cancel,
+    DType,
     Error,
     GetHealth,
     GetMetadata,
+    GetRegionStatus,
     GoAway,
     Health,
     Hello,
@@ -32,6 +34,12 @@ from twinfer.wire.messages import (
     ListModels,
     Ping,
     Pong,
+    RegionInfo,
+    RegionRef,
+    RegionStatus,
+    RegionTensor,
+    RegisterRegion,
+    UnregisterRegion,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -69,6 +77,28 @@ def server_frames() -> list[bytes]:
     ]
 
 
+def region_frames() -> list[bytes]:
+    """Protocol version 2: shared-memory regions, and tensors that reference them."""
+    ref = RegionRef("in", 8, 24)
+    return [
+        frame(0, Hello(1, 2, 0, "seed")),
+        frame(1, RegisterRegion("in", "/seed", 0, 64)),
+        frame(
+            2,
+            InferRequest(
+                "m",
+                {"x": RegionTensor(DType.F32, (2, 3), ref)},
+                ("y",),
+                output_regions={"y": RegionRef("in", 32, 24)},
+            ),
+        ),
+        frame(3, GetRegionStatus("")),
+        frame(4, UnregisterRegion("in")),
+        frame(5, InferReply({"y": RegionTensor(DType.F32, (2, 3), ref)}, 5, 7)),
+        frame(6, RegionStatus((RegionInfo("in", "/seed", 0, 64),))),
+    ]
+
+
 def chunked(stream: bytes, bits: int = 0) -> bytes:
     """``stream`` in chunks of 64 bytes, each after a control byte (size - 1 | ``bits``)."""
     out = bytearray()
@@ -96,6 +126,8 @@ def seeds() -> dict[str, dict[str, bytes]]:
     frames["stream-in-place"] = b"\xff\x0f" + chunked(stream, 0x80)
     frames["bad-magic"] = b"\xff\x0f" + chunked(b"XX" + stream[2:40])
     frames["too-large"] = b"\x10\x00" + chunked(requests[2])
+    shm = region_frames()
+    frames.update({f"shm-{i}": b"\xff\x0f" + chunked(f) for i, f in enumerate(shm)})
     # connection: the role (odd: server), then chunks (see chunked()).
     connection = {
         "server": b"\x01" + chunked(stream, 0x40),
@@ -104,6 +136,9 @@ def seeds() -> dict[str, dict[str, bytes]]:
         "server-duplicate": b"\x01" + chunked(requests[0] + requests[2] + requests[2]),
         "client": b"\x00" + chunked(b"".join(replies), 0x80),
         "client-refused": b"\x00" + chunked(frame(0, Error(7, "go away"))),
+        "server-v2-shm": b"\x01" + chunked(b"".join(shm[:5]), 0x40),
+        # Region messages on a connection that negotiated version 1: refused.
+        "server-v1-shm": b"\x01" + chunked(requests[0] + b"".join(shm[1:5]), 0x40),
     }
     body = {
         "inputs": [
@@ -135,6 +170,32 @@ def seeds() -> dict[str, dict[str, bytes]]:
             {"inputs": [{"name": "b", "shape": [2], "datatype": "BOOL", "data": [True, False]}]}
         ).encode(),
         "empty": b"\x00{}",
+        "shm": b"\x00"
+        + json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "shape": [2, 3],
+                        "datatype": "FP32",
+                        "parameters": {
+                            "shared_memory_region": "in",
+                            "shared_memory_offset": 8,
+                            "shared_memory_byte_size": 24,
+                        },
+                    }
+                ],
+                "outputs": [
+                    {
+                        "name": "y",
+                        "parameters": {
+                            "shared_memory_region": "out",
+                            "shared_memory_byte_size": 24,
+                        },
+                    }
+                ],
+            }
+        ).encode(),
     }
     config = {
         path.stem: b"\x00" + path.read_bytes() for path in sorted((ROOT / "etc").glob("*.toml"))

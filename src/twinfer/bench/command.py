@@ -178,6 +178,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="per-request queueing deadline sent to the server (default: server's)",
     )
+    parser.add_argument(
+        "--shared-memory",
+        action="store_true",
+        help="pass tensors through POSIX shared memory (a server on this host, --allow-shm): "
+        "each user's inputs in its own registered region, outputs of static shape written there",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument(
         "-q", "--quiet", action="store_true", help="no live progress line even on a terminal"

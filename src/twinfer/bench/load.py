@@ -30,7 +30,7 @@ from twinfer.bench.loop import ClosedLoop
 from twinfer.bench.report import Progress, Samples, merge
 from twinfer.client import TwinferClient, Unreachable, connect, parse_servers
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.wire.messages import InferRequest
+from twinfer.wire.messages import InferRequest, Metadata
 
 #: Exit statuses (those of the ``twinfer`` command, plus 1 for failed requests).
 EXIT_OK = 0
@@ -93,6 +93,8 @@ class Share:
     shapes: Mapping[str, tuple[int, ...]] = attrs.field(factory=dict)
     seed: int = 0
     timeout_ms: int = 0
+    #: Tensors through shared memory (``--shared-memory``): one region per user.
+    shared_memory: bool = False
 
 
 def close_all(clients: Iterable[TwinferClient]) -> None:
@@ -104,7 +106,12 @@ def close_all(clients: Iterable[TwinferClient]) -> None:
 async def open_clients(reactor: Any, share: Share) -> list[TwinferClient]:
     """Open ``share.connections`` connections spread over ``share.server``'s
     endpoints (comma-separated), handshakes done, as one client that moves
-    (:class:`~twinfer.failover.ClientPool`); fires with ``[client]``."""
+    (:class:`~twinfer.failover.ClientPool`); fires with ``[client]``.
+    With shared memory: one plain connection."""
+    if share.shared_memory:
+        if share.connections > 1 or len(parse_servers(share.server)) > 1:
+            raise BenchError("--shared-memory takes one server and one connection per process")
+        return [await connect(reactor, share.server, trust_root=share.trust_root)]
     client = await connect(
         reactor,
         parse_servers(share.server),
@@ -116,20 +123,45 @@ async def open_clients(reactor: Any, share: Share) -> list[TwinferClient]:
     return [client]
 
 
-async def prepare(reactor: Any, share: Share) -> tuple[list[TwinferClient], InferRequest]:
-    """Connect and pre-build the one request message every user will send."""
+async def prepare(
+    reactor: Any, share: Share
+) -> tuple[list[TwinferClient], InferRequest | list[InferRequest]]:
+    """Connect and pre-build the request message every user will send (with
+    shared memory: one per user, each in its own registered region)."""
     clients = await open_clients(reactor, share)
     try:
         metadata = await clients[0].metadata(share.model)
         inputs = make_inputs(metadata, share.files, share.shapes, share.seed)
+        if share.shared_memory:
+            return clients, await _shared_messages(clients[0], metadata, inputs, share)
     except Exception:
         close_all(clients)
         raise
     return clients, InferRequest(share.model, inputs, (), share.timeout_ms)
 
 
+async def _shared_messages(
+    client: TwinferClient, metadata: Metadata, inputs: dict[str, Any], share: Share
+) -> list[InferRequest]:
+    """One region per user, registered, holding the inputs (and the outputs
+    of static shape, which the server writes there)."""
+    pool = client.shared_memory_pool()
+    if pool is None:
+        raise BenchError(f"--shared-memory: {client._shm.off}")
+    messages = []
+    for _ in range(share.users):
+        prepared = pool.prepare(metadata, inputs, (), share.timeout_ms)
+        if prepared.register is not None:
+            await client.protocol.request(prepared.register)
+        messages.append(prepared.request)
+    return messages
+
+
 def _loop(
-    reactor: Any, clients: Sequence[TwinferClient], message: InferRequest, share: Share
+    reactor: Any,
+    clients: Sequence[TwinferClient],
+    message: InferRequest | list[InferRequest],
+    share: Share,
 ) -> ClosedLoop:
     return ClosedLoop(
         reactor,
@@ -164,6 +196,7 @@ def shares_for(concurrency: int, args: argparse.Namespace) -> list[Share]:
             shapes=args.shapes,
             seed=args.seed + i,
             timeout_ms=args.timeout_ms,
+            shared_memory=args.shared_memory,
         )
         for i in range(processes)
     ]

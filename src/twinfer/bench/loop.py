@@ -53,7 +53,7 @@ class ClosedLoop:
         self,
         clock: Any,
         protocols: Sequence[ClientProtocol | ClientPool],
-        message: InferRequest,
+        message: InferRequest | Sequence[InferRequest],
         users: int,
         *,
         duration: float | None = None,
@@ -64,7 +64,8 @@ class ClosedLoop:
             raise ValueError("give exactly one of duration and requests")
         self._clock = clock
         self._protocols = list(protocols)
-        self._message = message
+        # One message for every user, or one each (their own shm regions).
+        self._messages = [message] if isinstance(message, InferRequest) else list(message)
         self._users = users
         self._duration_ns = None if duration is None else int(duration * 1e9)
         self._limit = requests
@@ -108,7 +109,8 @@ class ClosedLoop:
         self._clock.callLater(self._warmup_ns / 1e9, self._mark_cpu)
         self._active = self._users
         for user in range(self._users):
-            self._send(self._protocols[user % len(self._protocols)])
+            message = self._messages[user % len(self._messages)]
+            self._send(self._protocols[user % len(self._protocols)], message)
 
     def _mark_cpu(self) -> None:
         self._cpu0 = time.process_time()
@@ -117,7 +119,7 @@ class ClosedLoop:
     def _resent(self) -> int:
         return sum(p.resent for p in self._protocols if isinstance(p, ClientPool))
 
-    def _send(self, protocol: ClientProtocol | ClientPool) -> None:
+    def _send(self, protocol: ClientProtocol | ClientPool, message: InferRequest) -> None:
         now = time.monotonic_ns()
         if self._t1 is not None and now >= self._t1:
             self._user_stopped()
@@ -127,9 +129,12 @@ class ClosedLoop:
                 self._user_stopped()
                 return
             self._issued += 1
-        d = protocol.request(self._message)
+        d = protocol.request(message)
         d.addCallbacks(
-            self._replied, self._failed, callbackArgs=(protocol, now), errbackArgs=(protocol, now)
+            self._replied,
+            self._failed,
+            callbackArgs=(protocol, now, message),
+            errbackArgs=(protocol, now, message),
         )
 
     def _measured(self, sent: int, now: int) -> bool:
@@ -137,7 +142,9 @@ class ClosedLoop:
             return self._t0 <= now < self._t1
         return sent >= self._t0
 
-    def _replied(self, reply: Any, protocol: ClientProtocol | ClientPool, sent: int) -> None:
+    def _replied(
+        self, reply: Any, protocol: ClientProtocol | ClientPool, sent: int, message: InferRequest
+    ) -> None:
         now = time.monotonic_ns()
         self.completed += 1
         if type(reply) is not InferReply:
@@ -149,9 +156,15 @@ class ClosedLoop:
             self._last_done = now
         # Replies always arrive from dataReceived, never synchronously, so this
         # does not recurse.
-        self._send(protocol)
+        self._send(protocol, message)
 
-    def _failed(self, failure: Failure, protocol: ClientProtocol | ClientPool, sent: int) -> None:
+    def _failed(
+        self,
+        failure: Failure,
+        protocol: ClientProtocol | ClientPool,
+        sent: int,
+        message: InferRequest,
+    ) -> None:
         now = time.monotonic_ns()
         self.completed += 1
         self._count_error(error_name(failure), sent, now)
@@ -160,7 +173,7 @@ class ClosedLoop:
         else:
             # A failure may fire synchronously (e.g. an encoding error):
             # go through the reactor so a run of them cannot grow the stack.
-            self._clock.callLater(0, self._send, protocol)
+            self._clock.callLater(0, self._send, protocol, message)
 
     def _count_error(self, name: str, sent: int, now: int) -> None:
         if self._measured(sent, now):

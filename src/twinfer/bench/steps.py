@@ -291,6 +291,10 @@ def run_steps_in_process(
         except Exception as e:
             failures.append(e)
             return
+        if isinstance(message, list):  # one region per user: the users are fixed
+            close_all(clients)
+            failures.append(BenchError("--steps cannot be combined with --shared-memory"))
+            return
         try:
             loop = SteppedLoop(
                 reactor, [c.protocol for c in clients], message, phases, settle=args.settle

@@ -19,6 +19,7 @@ import openvino as ov
 
 from twinfer.engines import builtin
 from twinfer.errors import ErrorCode, TwinferError
+from twinfer.sharedmem import write_into
 from twinfer.wire.messages import DType, Metadata, TensorSpec
 
 
@@ -192,6 +193,29 @@ class Signature:
 _WIRE_DTYPES = {d.numpy for d in DType}
 
 
+def _bind_outputs(
+    request: ov.InferRequest, ports: tuple[Port, ...], into: Mapping[str, np.ndarray]
+) -> dict[str, tuple[int, ov.Tensor, np.ndarray]]:
+    """Point the outputs of static shape named in ``into`` at those bytes;
+    returns each one's port index and own tensor (to restore after) and the
+    output's view of the bytes."""
+    bound = {}
+    for port in ports:
+        dest = into.get(port.name)
+        if dest is None or port.bounds is None or any(lo != hi for lo, hi in port.bounds):
+            continue
+        shape = tuple(lo for lo, _ in port.bounds)
+        nbytes = int(np.prod(shape)) * port.dtype.numpy.itemsize
+        if nbytes > dest.nbytes:
+            continue  # write_into refuses it after the inference, precisely
+        view = dest[:nbytes].view(port.dtype.numpy).reshape(shape)
+        if not view.flags.aligned:
+            continue
+        bound[port.name] = (port.index, request.get_output_tensor(port.index), view)
+        request.set_output_tensor(port.index, ov.Tensor(view, shared_memory=True))
+    return bound
+
+
 def read_model(core: ov.Core, path: str) -> ov.Model:
     """Read a model file (IR, ONNX, TFLite, Paddle) or a ``builtin:`` model."""
     if path.startswith(builtin.PREFIX):
@@ -226,9 +250,17 @@ class OpenVINOEngine:
         self._signature = signature
 
     def run(
-        self, inputs: Mapping[str, np.ndarray], outputs: tuple[str, ...]
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: tuple[str, ...],
+        into: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """Infer and return the outputs, each backed by its own ``bytes`` object.
+
+        ``into`` maps outputs to shared-memory bytes (uint8) to write them
+        into instead (:mod:`twinfer.sharedmem`), returned as views there: an
+        output of static shape is OpenVINO's own output tensor for this
+        inference (no copy at all), any other is copied there once.
 
         Inputs are shared with OpenVINO, not copied (they are writable views
         of the request's frame).  Each output is copied exactly once, from
@@ -237,17 +269,30 @@ class OpenVINOEngine:
         as it is, so the reactor thread never copies tensor data.
         """
         request = self._request
-        request.infer(
-            {port.index: inputs[port.name] for port in self._signature.inputs},
-            share_inputs=True,
-            share_outputs=True,
-        )
-        result = {}
-        for port in self._signature.outputs:
-            if outputs and port.name not in outputs:
-                continue
-            data = request.get_output_tensor(port.index).data
-            result[port.name] = np.ndarray(data.shape, data.dtype, buffer=data.tobytes())
+        bound = _bind_outputs(request, self._signature.outputs, into) if into else {}
+        try:
+            request.infer(
+                {port.index: inputs[port.name] for port in self._signature.inputs},
+                share_inputs=True,
+                share_outputs=True,
+            )
+            result = {}
+            for port in self._signature.outputs:
+                if outputs and port.name not in outputs:
+                    continue
+                data = request.get_output_tensor(port.index).data
+                if into and port.name in into:
+                    done = bound.get(port.name)  # written in place: its view of the region
+                    result[port.name] = (
+                        done[2]
+                        if done is not None
+                        else write_into(into[port.name], data, port.name)
+                    )
+                else:
+                    result[port.name] = np.ndarray(data.shape, data.dtype, buffer=data.tobytes())
+        finally:
+            for index, own, _ in bound.values():  # the next request writes its own tensors
+                request.set_output_tensor(index, own)
         return result
 
     def probe(self) -> None:

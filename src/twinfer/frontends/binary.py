@@ -33,6 +33,7 @@ import twinfer
 from twinfer.config import ServerConfig
 from twinfer.dataplane import DataPlane, ImagePredictions, Session
 from twinfer.errors import CodecError, ErrorCode, TwinferError
+from twinfer.frontends import binary_shm
 from twinfer.netutil import set_no_delay
 from twinfer.scheduling import InferResult
 from twinfer.wire.connection import Connection, Role
@@ -45,6 +46,7 @@ from twinfer.wire.messages import (
     Error,
     GetHealth,
     GetMetadata,
+    GetRegionStatus,
     Health,
     ImageRequest,
     InferReply,
@@ -56,10 +58,13 @@ from twinfer.wire.messages import (
     Pong,
     Prediction,
     Predictions,
+    RegisterRegion,
+    UnregisterRegion,
 )
 
 if TYPE_CHECKING:
     from twinfer.ops.control import Controller
+    from twinfer.sharedmem import RegionTable, SharedMemory
 
 log = Logger()
 
@@ -101,6 +106,8 @@ class TwinferProtocol(Protocol, TimeoutMixin):
     factory: TwinferFactory
     # A TCP or TLS transport: also an IConsumer and IProducer.
     transport: Any
+    #: This connection's shared-memory regions (:mod:`twinfer.frontends.binary_shm`).
+    regions: RegionTable | None = None
 
     def __init__(self) -> None:
         self._connection = Connection(Role.SERVER, agent=AGENT)
@@ -179,6 +186,8 @@ class TwinferProtocol(Protocol, TimeoutMixin):
         budget.forget(self._memory_granted)
         unassigned, self._unassigned = self._unassigned, 0
         budget.release(unassigned)
+        # Its regions go (each unmapped once its requests' leases end).
+        binary_shm.close(self)
         if self.session is not None:
             # Queued jobs never run; running ones' results are dropped (and
             # their budget bytes released).
@@ -314,6 +323,9 @@ class TwinferProtocol(Protocol, TimeoutMixin):
 
     def _on_infer(self, request_id: int, message: InferRequest) -> None:
         assert self.session is not None
+        if message.uses_regions:
+            binary_shm.on_infer(self, request_id, message)
+            return
         d = self.factory.dataplane.infer(
             self.session,
             request_id,
@@ -404,6 +416,9 @@ class TwinferProtocol(Protocol, TimeoutMixin):
         Cancel: _on_cancel,
         GetHealth: _on_get_health,
         AdminRequest: _on_admin,
+        RegisterRegion: binary_shm.on_register,
+        UnregisterRegion: binary_shm.on_unregister,
+        GetRegionStatus: binary_shm.on_status,
     }
 
     # -- flow control ---------------------------------------------------------
@@ -490,6 +505,8 @@ class TwinferFactory(Factory):
     controller: Controller | None = None
     #: Whether ADMIN_REQUEST messages are obeyed (``--allow-admin``).
     allow_admin = False
+    #: The server's shm mappings (``--allow-shm``); None: shared memory is refused.
+    shared_memory: SharedMemory | None = None
 
     def __init__(
         self, dataplane: DataPlane, config: ServerConfig | None = None, clock: Any = None

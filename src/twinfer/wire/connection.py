@@ -88,6 +88,7 @@ from twinfer.wire.messages import (
     Error,
     GetHealth,
     GetMetadata,
+    GetRegionStatus,
     GoAway,
     Health,
     Hello,
@@ -101,6 +102,11 @@ from twinfer.wire.messages import (
     Ping,
     Pong,
     Predictions,
+    RegionStatus,
+    RegisterRegion,
+    UnregisterRegion,
+    needs_version,
+    version_error,
 )
 
 #: The protocol versions this implementation speaks.
@@ -113,10 +119,11 @@ _ABSENT = object()
 #: Messages a client sends (besides HELLO, which both sides send).
 CLIENT_MESSAGES: frozenset[type] = frozenset(
     {Ping, InferRequest, Cancel, ListModels, GetMetadata, ImageRequest, GetHealth, AdminRequest}
+    | {RegisterRegion, UnregisterRegion, GetRegionStatus}
 )
 #: Messages a server sends (besides HELLO).
 SERVER_MESSAGES: frozenset[type] = frozenset(
-    {Pong, InferReply, ModelList, Metadata, Predictions, Health, AdminReply, Error}
+    {Pong, InferReply, ModelList, Metadata, Predictions, Health, AdminReply, Error, RegionStatus}
 )
 #: Requests whose ids the server tracks while they are in flight.
 TRACKED_REQUESTS: frozenset[type] = frozenset({InferRequest, ImageRequest})
@@ -288,6 +295,11 @@ class Connection:
                 ErrorCode.UNSUPPORTED_MESSAGE,
                 f"a client does not send {type(message).__name__} as a request",
             )
+        # Before the server's HELLO arrives, requests are sent on the hope
+        # of the highest version offered (the server refuses them if not).
+        version = self.version or self.versions.stop - 1
+        if needs_version(message) > version:
+            raise LocalProtocolError(ErrorCode.UNSUPPORTED_MESSAGE, version_error(message, version))
         if request_id is None:
             request_id = self._allocate_id()
         elif request_id in self.in_flight:
@@ -499,6 +511,11 @@ class Connection:
                     ErrorCode.UNSUPPORTED_MESSAGE, f"the server does not accept {name} messages"
                 ),
             )
+        elif needs_version(message) > self.version:
+            error = RemoteProtocolError(
+                ErrorCode.UNSUPPORTED_MESSAGE, version_error(message, self.version)
+            )
+            self._violation(request_id, error, message)
         elif type(message) in TRACKED_REQUESTS and request_id in self.in_flight:
             error = RemoteProtocolError(
                 ErrorCode.DUPLICATE_REQUEST_ID,

@@ -19,12 +19,16 @@ import numpy as np
 from twinfer.errors import CodecError, ErrorCode
 from twinfer.wire.frames import (
     ERROR_FIXED,
+    FLAG_REGIONS,
     GOAWAY_FIXED,
     HELLO_FIXED,
     HELLO_MAGIC,
     INFER_REPLY_FIXED,
     INFER_REQUEST_FIXED,
+    KIND_FRAME,
+    KIND_REGION,
     MAX_NDIM,
+    REGION_REF,
     U8,
     U16,
     U64,
@@ -41,6 +45,7 @@ from twinfer.wire.messages import (
     Error,
     GetHealth,
     GetMetadata,
+    GetRegionStatus,
     GoAway,
     Health,
     Hello,
@@ -57,7 +62,13 @@ from twinfer.wire.messages import (
     Pong,
     Prediction,
     Predictions,
+    RegionInfo,
+    RegionRef,
+    RegionStatus,
+    RegionTensor,
+    RegisterRegion,
     TensorSpec,
+    UnregisterRegion,
 )
 
 
@@ -114,7 +125,25 @@ class _Reader:
             )
 
 
-def _read_descriptors(r: _Reader, count: int) -> list[tuple[str, DType, tuple[int, ...]]]:
+def _read_region_ref(r: _Reader, what: str) -> RegionRef:
+    region = r.string(f"{what} region name")
+    offset, byte_size = r.unpack(REGION_REF, f"{what} region offset and size")
+    return RegionRef(region, offset, byte_size)
+
+
+def _read_kind(r: _Reader, what: str) -> RegionRef | None:
+    """(v2 bodies) A kind byte, then a region reference for :data:`KIND_REGION`."""
+    kind = r.u8(f"{what} kind")
+    if kind == KIND_FRAME:
+        return None
+    if kind != KIND_REGION:
+        raise CodecError(ErrorCode.MALFORMED_FRAME, f"{r.what}: {what} has unknown kind {kind}")
+    return _read_region_ref(r, what)
+
+
+def _read_descriptors(
+    r: _Reader, count: int, kinds: bool = False
+) -> list[tuple[str, DType, tuple[int, ...], RegionRef | None]]:
     out = []
     for i in range(count):
         name = r.string(f"tensor {i} name")
@@ -132,17 +161,21 @@ def _read_descriptors(r: _Reader, count: int) -> list[tuple[str, DType, tuple[in
                 f"{r.what}: tensor {name!r} has rank {ndim}, the limit is {MAX_NDIM}",
             )
         dims = r.unpack(struct.Struct(f"<{ndim}Q"), f"tensor {name!r} dims")
-        out.append((name, dtype, tuple(int(d) for d in dims)))
+        ref = _read_kind(r, f"tensor {name!r}") if kinds else None
+        out.append((name, dtype, tuple(int(d) for d in dims), ref))
     return out
 
 
-def _read_tensors(r: _Reader, count: int) -> dict[str, np.ndarray]:
-    descriptors = _read_descriptors(r, count)
+def _read_tensors(r: _Reader, count: int, kinds: bool = False) -> dict[str, Any]:
+    descriptors = _read_descriptors(r, count, kinds)
     r.align()
-    tensors: dict[str, np.ndarray] = {}
-    for name, dtype, shape in descriptors:
+    tensors: dict[str, Any] = {}
+    for name, dtype, shape, ref in descriptors:
         if name in tensors:
             raise CodecError(ErrorCode.MALFORMED_FRAME, f"{r.what}: tensor {name!r} sent twice")
+        if ref is not None:
+            tensors[name] = RegionTensor(dtype, shape, ref)
+            continue
         npdtype = dtype.numpy
         elements = 1
         for d in shape:
@@ -245,16 +278,24 @@ def _decode_empty(cls: type) -> Any:
 
 def _decode_infer_request(r: _Reader) -> InferRequest:
     model = r.string("model name")
-    timeout_ms, priority, n_in, n_out, _reserved = r.unpack(INFER_REQUEST_FIXED, "fixed fields")
-    outputs = tuple(r.string(f"output name {i}") for i in range(n_out))
-    inputs = _read_tensors(r, n_in)
+    timeout_ms, priority, n_in, n_out, flags = r.unpack(INFER_REQUEST_FIXED, "fixed fields")
+    kinds = bool(flags & FLAG_REGIONS)
+    names = []
+    regions: dict[str, RegionRef] = {}
+    for i in range(n_out):
+        name = r.string(f"output name {i}")
+        names.append(name)
+        ref = _read_kind(r, f"output {name!r}") if kinds else None
+        if ref is not None:
+            regions[name] = ref
+    inputs = _read_tensors(r, n_in, kinds)
     r.end()
-    return InferRequest(model, inputs, outputs, timeout_ms, priority)
+    return InferRequest(model, inputs, tuple(names), timeout_ms, priority, regions)
 
 
 def _decode_infer_reply(r: _Reader) -> InferReply:
-    queue_us, compute_us, n_out = r.unpack(INFER_REPLY_FIXED, "fixed fields")
-    outputs = _read_tensors(r, n_out)
+    queue_us, compute_us, n_out, flags = r.unpack(INFER_REPLY_FIXED, "fixed fields")
+    outputs = _read_tensors(r, n_out, bool(flags & FLAG_REGIONS))
     r.end()
     return InferReply(outputs, queue_us, compute_us)
 
@@ -380,6 +421,42 @@ def _decode_admin_reply(r: _Reader) -> AdminReply:
     return AdminReply(message)
 
 
+def _decode_register_region(r: _Reader) -> RegisterRegion:
+    name = r.string("region name")
+    key = r.string("key")
+    offset, byte_size = r.unpack(REGION_REF, "offset and size")
+    r.end()
+    return RegisterRegion(name, key, offset, byte_size)
+
+
+def _decode_region_name(cls: type) -> Any:
+    def decode(r: _Reader) -> Any:
+        name = r.string("region name")
+        r.end()
+        return cls(name)
+
+    return decode
+
+
+def _decode_region_status(r: _Reader) -> RegionStatus:
+    body = _json_body(r.buf, r.what)
+    entries = body.get("regions")
+    if not isinstance(entries, list):
+        raise CodecError(ErrorCode.MALFORMED_FRAME, "REGION_STATUS: 'regions' must be a list")
+    regions = []
+    for e in entries:
+        if not (
+            isinstance(e, dict)
+            and isinstance(e.get("name"), str)
+            and isinstance(e.get("key"), str)
+            and type(e.get("offset")) is int
+            and type(e.get("byte_size")) is int
+        ):
+            raise CodecError(ErrorCode.MALFORMED_FRAME, f"REGION_STATUS: bad entry {e!r}")
+        regions.append(RegionInfo(e["name"], e["key"], e["offset"], e["byte_size"]))
+    return RegionStatus(tuple(regions))
+
+
 def _decode_goaway(r: _Reader) -> GoAway:
     (last_request_id,) = r.unpack(GOAWAY_FIXED, "last request id")
     reason = r.string("reason")
@@ -413,5 +490,9 @@ READERS: dict[MessageType, Callable[[_Reader], Message]] = {
     MessageType.HEALTH: _decode_health,
     MessageType.ADMIN_REQUEST: _decode_admin_request,
     MessageType.ADMIN_REPLY: _decode_admin_reply,
+    MessageType.REGISTER_REGION: _decode_register_region,
+    MessageType.UNREGISTER_REGION: _decode_region_name(UnregisterRegion),
+    MessageType.GET_REGION_STATUS: _decode_region_name(GetRegionStatus),
+    MessageType.REGION_STATUS: _decode_region_status,
     MessageType.ERROR: _decode_error,
 }

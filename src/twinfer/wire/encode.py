@@ -20,14 +20,18 @@ import numpy as np
 from twinfer.errors import CodecError, ErrorCode
 from twinfer.wire.frames import (
     ERROR_FIXED,
+    FLAG_REGIONS,
     GOAWAY_FIXED,
     HELLO_FIXED,
     HELLO_MAGIC,
     INFER_REPLY_FIXED,
     INFER_REQUEST_FIXED,
+    KIND_FRAME,
+    KIND_REGION,
     MAX_NDIM,
     MAX_STR,
     PADDING,
+    REGION_REF,
     U16,
     Chunk,
     aligned,
@@ -41,6 +45,7 @@ from twinfer.wire.messages import (
     Error,
     GetHealth,
     GetMetadata,
+    GetRegionStatus,
     GoAway,
     Health,
     Hello,
@@ -55,7 +60,12 @@ from twinfer.wire.messages import (
     Ping,
     Pong,
     Predictions,
+    RegionRef,
+    RegionStatus,
+    RegionTensor,
+    RegisterRegion,
     TensorSpec,
+    UnregisterRegion,
 )
 
 
@@ -98,18 +108,38 @@ def tensor_payload(array: np.ndarray) -> Chunk:
     return array.reshape(-1).view(np.uint8).data
 
 
-def _tensors(tensors: Mapping[str, Any], prefix_len: int) -> tuple[bytes, list[Chunk]]:
+def _region_ref(ref: RegionRef) -> bytes:
+    if not (0 <= ref.offset < 2**64 and 0 <= ref.byte_size < 2**64):
+        raise CodecError(ErrorCode.INVALID_REGION, f"region {ref.region!r}: offset or size")
+    return _string(ref.region, "region name") + REGION_REF.pack(ref.offset, ref.byte_size)
+
+
+def _tensors(
+    tensors: Mapping[str, Any], prefix_len: int, kinds: bool = False
+) -> tuple[bytes, list[Chunk]]:
     """Descriptors (as bytes, padded) and the data chunks of ``tensors``.
 
     ``prefix_len`` is the number of body bytes before the descriptors, so
     padding puts every tensor's data on an 8-byte boundary of the body.
+    ``kinds`` (v2, :data:`FLAG_REGIONS`): each descriptor ends with its kind
+    byte, and a :class:`RegionTensor` has a region reference and no data.
     """
     descriptors = bytearray()
     arrays = []
     for name, value in tensors.items():
+        if type(value) is RegionTensor:
+            if not kinds:
+                raise CodecError(ErrorCode.INVALID_REGION, f"tensor {name!r}: region tensor")
+            shape = value.shape
+            descriptors += _string(name, "tensor name")
+            descriptors += struct.pack(f"<BB{len(shape)}Q", value.dtype, len(shape), *shape)
+            descriptors += bytes([KIND_REGION]) + _region_ref(value.ref)
+            continue
         dtype, array = wire_array(value, name)
         descriptors += _string(name, "tensor name")
         descriptors += struct.pack(f"<BB{array.ndim}Q", dtype, array.ndim, *array.shape)
+        if kinds:
+            descriptors.append(KIND_FRAME)
         arrays.append(array)
     offset = prefix_len + len(descriptors)
     descriptors += PADDING[: aligned(offset) - offset]
@@ -149,25 +179,37 @@ def _write_hello(message: Hello) -> list[Chunk]:
 def _write_infer_request(message: InferRequest) -> list[Chunk]:
     if len(message.inputs) > 255 or len(message.outputs) > 255:
         raise CodecError(ErrorCode.INVALID_INPUT, "at most 255 inputs and 255 outputs")
+    regions = message.uses_regions
     head = bytearray(_string(message.model, "model name"))
     head += INFER_REQUEST_FIXED.pack(
-        message.timeout_ms, message.priority, len(message.inputs), len(message.outputs), 0
+        message.timeout_ms,
+        message.priority,
+        len(message.inputs),
+        len(message.outputs),
+        FLAG_REGIONS if regions else 0,
     )
     for name in message.outputs:
         head += _string(name, "output name")
-    descriptors, data = _tensors(message.inputs, len(head))
+        if regions:
+            ref = message.output_regions.get(name)
+            head += bytes([KIND_FRAME]) if ref is None else bytes([KIND_REGION]) + _region_ref(ref)
+    if set(message.output_regions) - set(message.outputs):
+        raise CodecError(ErrorCode.INVALID_REGION, "output_regions names outputs not in outputs")
+    descriptors, data = _tensors(message.inputs, len(head), regions)
     return [bytes(head) + descriptors, *data]
 
 
 def _write_infer_reply(message: InferReply) -> list[Chunk]:
     if len(message.outputs) > 255:
         raise CodecError(ErrorCode.INVALID_INPUT, "at most 255 outputs")
+    regions = any(type(v) is RegionTensor for v in message.outputs.values())
     fixed = INFER_REPLY_FIXED.pack(
         min(message.queue_us, 0xFFFFFFFF),
         min(message.compute_us, 0xFFFFFFFF),
         len(message.outputs),
+        FLAG_REGIONS if regions else 0,
     )
-    descriptors, data = _tensors(message.outputs, len(fixed))
+    descriptors, data = _tensors(message.outputs, len(fixed), regions)
     return [fixed + descriptors, *data]
 
 
@@ -236,6 +278,28 @@ def _write_admin_reply(message: AdminReply) -> list[Chunk]:
     return _json({"message": message.message})
 
 
+def _write_register_region(message: RegisterRegion) -> list[Chunk]:
+    if not (0 <= message.offset < 2**64 and 0 <= message.byte_size < 2**64):
+        raise CodecError(ErrorCode.INVALID_REGION, f"region {message.name!r}: offset or size")
+    names = _string(message.name, "region name") + _string(message.key, "key")
+    return [names + REGION_REF.pack(message.offset, message.byte_size)]
+
+
+def _write_region_name(message: UnregisterRegion | GetRegionStatus) -> list[Chunk]:
+    return [_string(message.name, "region name")]
+
+
+def _write_region_status(message: RegionStatus) -> list[Chunk]:
+    return _json(
+        {
+            "regions": [
+                {"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size}
+                for r in message.regions
+            ]
+        }
+    )
+
+
 #: Each message class's type byte and the writer of its body.
 WRITERS: dict[type, tuple[MessageType, Callable[[Any], list[Chunk]]]] = {
     Hello: (MessageType.HELLO, _write_hello),
@@ -255,6 +319,10 @@ WRITERS: dict[type, tuple[MessageType, Callable[[Any], list[Chunk]]]] = {
     Health: (MessageType.HEALTH, _write_health),
     AdminRequest: (MessageType.ADMIN_REQUEST, _write_admin_request),
     AdminReply: (MessageType.ADMIN_REPLY, _write_admin_reply),
+    RegisterRegion: (MessageType.REGISTER_REGION, _write_register_region),
+    UnregisterRegion: (MessageType.UNREGISTER_REGION, _write_region_name),
+    GetRegionStatus: (MessageType.GET_REGION_STATUS, _write_region_name),
+    RegionStatus: (MessageType.REGION_STATUS, _write_region_status),
     Error: (MessageType.ERROR, _write_error),
 }
 

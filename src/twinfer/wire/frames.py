@@ -58,10 +58,18 @@ U64 = struct.Struct("<Q")
 #: HELLO: magic, min_version, max_version, max_frame_size (then the agent string).
 HELLO_FIXED = struct.Struct("<4sHHI")
 HELLO_MAGIC = b"TWNF"
-#: INFER_REQUEST after the model name: timeout_ms priority n_in n_out reserved.
+#: INFER_REQUEST after the model name: timeout_ms priority n_in n_out flags.
 INFER_REQUEST_FIXED = struct.Struct("<IBBBB")
-#: INFER_REPLY: queue_us compute_us n_out (then 3 reserved bytes).
-INFER_REPLY_FIXED = struct.Struct("<IIBxxx")
+#: INFER_REPLY: queue_us compute_us n_out flags (then 2 reserved bytes).
+INFER_REPLY_FIXED = struct.Struct("<IIBBxx")
+#: The INFER_REQUEST / INFER_REPLY flag (v2) of bodies whose every tensor
+#: descriptor and output name ends with a kind byte (:data:`KIND_FRAME` or
+#: :data:`KIND_REGION`, then a region reference).
+FLAG_REGIONS = 0x01
+KIND_FRAME = 0
+KIND_REGION = 1
+#: A region reference after its region name: offset, byte_size.
+REGION_REF = struct.Struct("<QQ")
 #: GOAWAY: the last request id the server answers (then the reason string).
 GOAWAY_FIXED = struct.Struct("<Q")
 #: ERROR: the code (then the message string).

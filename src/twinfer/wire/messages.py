@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
+from typing import Any
 
 import attrs
 import numpy as np
 
-#: The protocol versions this implementation speaks.
-PROTOCOL_VERSION = 1
+#: The protocol versions this implementation speaks (1..this).
+PROTOCOL_VERSION = 2
+#: The first version with shared-memory regions (messages 0x50-0x53 and
+#: region references in INFER_REQUEST / INFER_REPLY).
+SHM_VERSION = 2
 
 
 class MessageType(enum.IntEnum):
@@ -39,6 +43,10 @@ class MessageType(enum.IntEnum):
     HEALTH = 0x25
     ADMIN_REQUEST = 0x40
     ADMIN_REPLY = 0x41
+    REGISTER_REGION = 0x50
+    REGION_STATUS = 0x51
+    UNREGISTER_REGION = 0x52
+    GET_REGION_STATUS = 0x53
     ERROR = 0x7F
 
 
@@ -153,25 +161,59 @@ class GoAway:
     reason: str = ""
 
 
+@attrs.frozen
+class RegionRef:
+    """``byte_size`` bytes at ``offset`` in the shared-memory region ``region``
+    (an offset within the region, not within the shm object)."""
+
+    region: str
+    offset: int
+    byte_size: int
+
+
+@attrs.frozen
+class RegionTensor:
+    """A tensor whose bytes are in a shared-memory region instead of the frame
+    (protocol version 2): an input to read there, or an output written there."""
+
+    dtype: DType
+    shape: tuple[int, ...]
+    ref: RegionRef
+
+
 @attrs.frozen(eq=False)
 class InferRequest:
     """Run ``model`` on ``inputs``; reply with ``outputs`` (all when empty)."""
 
     model: str
-    inputs: Mapping[str, np.ndarray]
+    #: Inputs: arrays carried in the frame, or (v2) :class:`RegionTensor`
+    #: read from a region (typed Any so that v1 code reads them as arrays).
+    inputs: Mapping[str, Any]
     #: Names of the outputs wanted; empty means every output.
     outputs: tuple[str, ...] = ()
     #: Give up if not started within this many milliseconds; 0 = server default.
     timeout_ms: int = 0
     #: Scheduling priority; 0 = the model's default.
     priority: int = 0
+    #: (v2) Outputs to write into a region instead of the reply, each also
+    #: named in ``outputs``.
+    output_regions: Mapping[str, RegionRef] = attrs.field(factory=dict)
+
+    @property
+    def uses_regions(self) -> bool:
+        """Whether the request references a shared-memory region (v2 only)."""
+        return bool(self.output_regions) or any(
+            type(v) is RegionTensor for v in self.inputs.values()
+        )
 
 
 @attrs.frozen(eq=False)
 class InferReply:
     """The outputs of one inference, with the server's own timings."""
 
-    outputs: Mapping[str, np.ndarray]
+    #: Outputs: arrays carried in the frame, or (v2) :class:`RegionTensor`
+    #: for those written into a region.
+    outputs: Mapping[str, Any]
     #: Microseconds the job waited in the queue.
     queue_us: int = 0
     #: Microseconds the device spent on it (including copies in the device thread).
@@ -312,11 +354,79 @@ class AdminReply:
 
 
 @attrs.frozen
+class RegisterRegion:
+    """(v2) Map ``byte_size`` bytes at ``offset`` of the POSIX shared-memory
+    object ``key`` as the region ``name``, for this connection; answered with
+    :class:`RegionStatus` listing it.  Refused unless the server runs with
+    ``--allow-shm``."""
+
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+
+
+@attrs.frozen
+class UnregisterRegion:
+    """(v2) Forget the region ``name`` (``""``: every region of this
+    connection); answered with :class:`RegionStatus` listing those removed."""
+
+    name: str = ""
+
+
+@attrs.frozen
+class GetRegionStatus:
+    """(v2) Ask for the region ``name`` (``""``: every region of this connection)."""
+
+    name: str = ""
+
+
+@attrs.frozen
+class RegionInfo:
+    """One registered region, as :class:`RegionStatus` lists it."""
+
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+
+
+@attrs.frozen
+class RegionStatus:
+    """(v2) Regions: those registered, removed or asked for."""
+
+    regions: tuple[RegionInfo, ...]
+
+
+@attrs.frozen
 class Error:
     """A failure; see :class:`twinfer.errors.ErrorCode` for ``code``."""
 
     code: int
     message: str
+
+
+#: Messages that exist from protocol version 2 (shared-memory regions).
+REGION_MESSAGES: frozenset[type] = frozenset({RegisterRegion, UnregisterRegion, GetRegionStatus})
+
+
+def needs_version(message: object) -> int:
+    """The lowest protocol version that can carry ``message`` (2 for
+    shared-memory messages and region references, else 1)."""
+    if type(message) in REGION_MESSAGES or (
+        isinstance(message, InferRequest) and message.uses_regions
+    ):
+        return SHM_VERSION
+    return 1
+
+
+def version_error(message: object, version: int) -> str:
+    """Why ``message`` cannot travel on a connection of protocol ``version``."""
+    what = type(message).__name__
+    if isinstance(message, InferRequest) and message.uses_regions:
+        what = "an InferRequest with shared-memory region references"
+    needed = needs_version(message)
+    return f"{what} needs protocol version {needed}; this connection negotiated version {version}"
 
 
 #: Any message of the protocol.
@@ -338,5 +448,9 @@ Message = (
     | Health
     | AdminRequest
     | AdminReply
+    | RegisterRegion
+    | UnregisterRegion
+    | GetRegionStatus
+    | RegionStatus
     | Error
 )

@@ -26,9 +26,11 @@ from twinfer.dataplane import DataPlane
 from twinfer.frontends.http.channel import TwinferSite
 from twinfer.frontends.http.extensions import TritonExtensionsAPI
 from twinfer.frontends.http.rest import SeedAPI
+from twinfer.frontends.http.shm import SharedMemoryAPI
 from twinfer.frontends.http.site import STATUS_BY_CODE, Router, status_for
 from twinfer.frontends.http.v2 import KServeAPI
 from twinfer.ops.repository import ModelRepository
+from twinfer.sharedmem import RegionTable
 
 if TYPE_CHECKING:
     from twinfer.ops.control import Controller
@@ -57,6 +59,7 @@ class HTTPFrontEnd(service.Service):
         *,
         controller: Controller | None = None,
         allow_admin: bool = False,
+        shared_regions: RegionTable | None = None,
     ) -> None:
         self.pool = ThreadPool(minthreads=0, maxthreads=CODEC_THREADS, name="twinfer-http-codec")
         router = Router()
@@ -70,7 +73,9 @@ class HTTPFrontEnd(service.Service):
         )
         # First: ``/v2/models/stats`` is not the metadata of a model "stats".
         TritonExtensionsAPI(self.repository).install(router)
-        KServeAPI(dataplane, reactor, self.pool).install(router)
+        # shared_regions: the server-wide shared-memory regions (--allow-shm).
+        KServeAPI(dataplane, reactor, self.pool, shared_regions).install(router)
+        SharedMemoryAPI(shared_regions, dataplane).install(router)
         # The image API needs the data plane's image tasks (none: 501).
         self.seed = SeedAPI(dataplane, config, dataplane.tasks)
         self.seed.install(router)

@@ -33,7 +33,7 @@ import numpy as np
 
 import twinfer
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.wire.messages import DType, Metadata, TensorSpec
+from twinfer.wire.messages import DType, Metadata, RegionRef, RegionTensor, TensorSpec
 
 #: The response header (and request header) that splits JSON from binary data.
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -46,6 +46,7 @@ EXTENSIONS = (
     "model_repository",
     "statistics",
     "model_configuration",
+    "system_shared_memory",
 )
 
 _KSERVE_BY_DTYPE = {
@@ -99,7 +100,9 @@ class RequestedOutput:
 class InferRequest:
     """A decoded ``POST .../infer`` body."""
 
-    inputs: dict[str, np.ndarray]
+    #: Arrays, or :class:`RegionTensor` for inputs in shared memory
+    #: (``parameters.shared_memory_region``).
+    inputs: dict[str, Any]
     #: The outputs asked for, in order; empty means every output.
     outputs: tuple[RequestedOutput, ...] = ()
     #: Echoed in the response when given.
@@ -110,6 +113,15 @@ class InferRequest:
     timeout_us: int | None = None
     #: Triton's ``priority`` request parameter: 1 is the highest, 0 the default.
     priority: int = 0
+    #: Outputs to write into shared-memory regions instead of the response.
+    output_regions: dict[str, RegionRef] = attrs.field(factory=dict)
+
+    @property
+    def uses_regions(self) -> bool:
+        """Whether a tensor is in a shared-memory region (``--allow-shm``)."""
+        return bool(self.output_regions) or any(
+            type(v) is RegionTensor for v in self.inputs.values()
+        )
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -198,7 +210,7 @@ def decode_infer_request(
     raw_inputs = request.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise _invalid("request.inputs: expected a non-empty list of tensors")
-    inputs: dict[str, np.ndarray] = {}
+    inputs: dict[str, Any] = {}
     offset = 0
     for i, raw in enumerate(raw_inputs):
         where = f"inputs[{i}]"
@@ -211,8 +223,14 @@ def decode_infer_request(
             raise _invalid(f"{where} is given twice")
         shape = _shape(tensor.get("shape"), where)
         dtype = parse_datatype(tensor.get("datatype"), f"{where}.datatype")
-        size = _binary_size(_parameters(tensor, where), where)
-        if size is None:
+        input_parameters = _parameters(tensor, where)
+        region = region_ref(input_parameters, where)
+        size = _binary_size(input_parameters, where)
+        if region is not None:
+            if "data" in tensor or size is not None:
+                raise _invalid(f"{where}: has both a shared-memory region and data")
+            inputs[name] = RegionTensor(dtype, shape, region)
+        elif size is None:
             if "data" not in tensor:
                 raise _invalid(f"{where}: has neither data nor parameters.binary_data_size")
             inputs[name] = json_to_array(tensor["data"], dtype, shape, where)
@@ -233,6 +251,7 @@ def decode_infer_request(
         )
 
     outputs: list[RequestedOutput] = []
+    output_regions: dict[str, RegionRef] = {}
     raw_outputs = request.get("outputs", [])
     if not isinstance(raw_outputs, list):
         raise _invalid("request.outputs: expected a list")
@@ -250,6 +269,9 @@ def decode_infer_request(
         if any(o.name == name for o in outputs):
             raise _invalid(f"{where} is requested twice")
         outputs.append(RequestedOutput(name, _flag(output_parameters, "binary_data", where)))
+        region = region_ref(output_parameters, where)
+        if region is not None:
+            output_regions[name] = region
     return InferRequest(
         inputs,
         tuple(outputs),
@@ -257,7 +279,31 @@ def decode_infer_request(
         bool(_flag(parameters, "binary_data_output", "request")),
         timeout or None,
         priority or 0,
+        output_regions,
     )
+
+
+def region_ref(parameters: Mapping[str, Any], where: str) -> RegionRef | None:
+    """Triton's ``shared_memory_region``, ``_offset`` (default 0) and
+    ``_byte_size`` parameters of one tensor, if it has them."""
+    region = parameters.get("shared_memory_region")
+    if region is None:
+        return None
+    if not isinstance(region, str):
+        raise TwinferError(
+            ErrorCode.INVALID_REGION,
+            f"{where}.parameters.shared_memory_region: expected a string, got {region!r}",
+        )
+    values = []
+    for key, default in (("shared_memory_offset", 0), ("shared_memory_byte_size", None)):
+        value = parameters.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise TwinferError(
+                ErrorCode.INVALID_REGION,
+                f"{where}.parameters.{key}: expected bytes >= 0, got {value!r}",
+            )
+        values.append(value)
+    return RegionRef(region, values[0], values[1])
 
 
 def _count(parameters: Mapping[str, Any], key: str, what: str) -> int | None:
@@ -367,7 +413,7 @@ def _tensor_bytes(array: np.ndarray) -> bytes:
 def encode_infer_response(
     model: str,
     request: InferRequest,
-    outputs: Mapping[str, np.ndarray],
+    outputs: Mapping[str, Any],
 ) -> tuple[list[bytes], int | None]:
     """The response body for ``outputs`` as byte chunks, and the JSON header length.
 
@@ -381,6 +427,21 @@ def encode_infer_response(
     binaries: list[bytes] = []
     for wanted in order:
         array = outputs[wanted.name]
+        if type(array) is RegionTensor:  # written into shared memory: no data here
+            ref = array.ref
+            tensors.append(
+                {
+                    "name": wanted.name,
+                    "datatype": datatype_name(array.dtype),
+                    "shape": list(array.shape),
+                    "parameters": {
+                        "shared_memory_region": ref.region,
+                        "shared_memory_offset": ref.offset,
+                        "shared_memory_byte_size": ref.byte_size,
+                    },
+                }
+            )
+            continue
         try:
             datatype = datatype_name(DType.from_numpy(array.dtype))
         except KeyError:

@@ -23,15 +23,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import attrs
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.web import http
 
+from twinfer import sharedmem_requests
 from twinfer.dataplane import DataPlane
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.frontends.http import kserve
+from twinfer.frontends.http.shm import regions_of
 from twinfer.frontends.http.site import HTTPError, LimitedRequest, Response, Router, session_of
 from twinfer.scheduling import InferResult
+from twinfer.sharedmem import RegionTable
 
 #: JSON headers larger than this many bytes are parsed in the codec pool.
 THREAD_THRESHOLD = 64 * 1024
@@ -42,8 +46,16 @@ THREAD_ELEMENTS = 16 * 1024
 class KServeAPI:
     """The ``/v2`` routes over one data plane."""
 
-    def __init__(self, dataplane: DataPlane, reactor: Any, codec_pool: ThreadPool) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        reactor: Any,
+        codec_pool: ThreadPool,
+        shared_regions: RegionTable | None = None,
+    ) -> None:
         self._plane = dataplane
+        #: The server-wide shared-memory regions (``--allow-shm``), if any.
+        self._regions = shared_regions
         self._dispatcher = dataplane.dispatcher
         self._reactor = reactor  # IReactorTime and IReactorFromThreads
         self._pool = codec_pool
@@ -112,18 +124,37 @@ class KServeAPI:
             self._check_model(name, version)
             decoded = await self._decode(request)
             priority = self._level(name, decoded.priority)
+            regions = regions_of(self._regions) if decoded.uses_regions else None
         except TwinferError as e:  # refused before it became a job: count it too
             self._plane.refuse(session, name, e)
             raise
-        result: InferResult = await self._plane.infer(
-            session,
-            request,
-            name,
-            decoded.inputs,
-            decoded.output_names,
-            timeout_ms=math.ceil(decoded.timeout_us / 1000) if decoded.timeout_us else 0,
-            priority=priority,
-        )
+        timeout_ms = math.ceil(decoded.timeout_us / 1000) if decoded.timeout_us else 0
+        result: InferResult
+        if regions is None:
+            result = await self._plane.infer(
+                session,
+                request,
+                name,
+                decoded.inputs,
+                decoded.output_names,
+                timeout_ms=timeout_ms,
+                priority=priority,
+            )
+        else:  # tensors in shared memory (parameters.shared_memory_region)
+            result = await sharedmem_requests.infer(
+                self._plane,
+                session,
+                request,
+                name,
+                regions,
+                decoded.inputs,
+                decoded.output_names,
+                decoded.output_regions,
+                timeout_ms=timeout_ms,
+                priority=priority,
+            )
+            outputs = sharedmem_requests.region_outputs(result.outputs, decoded.output_regions)
+            result = attrs.evolve(result, outputs=outputs)
 
         if _json_elements(decoded, result) > THREAD_ELEMENTS:
             chunks, header = await deferToThreadPool(
@@ -180,5 +211,5 @@ def _json_elements(request: kserve.InferRequest, result: InferResult) -> int:
     for name, array in result.outputs.items():
         binary = wanted.get(name) if request.outputs else None
         if not (request.binary_output if binary is None else binary):
-            total += array.size
+            total += getattr(array, "size", 0)  # (none for an output in shared memory)
     return total
