@@ -166,8 +166,56 @@ def _read_descriptors(
     return out
 
 
+#: ``struct`` formats for a tensor's dims, by rank (built once, not per tensor).
+_DIMS = tuple(struct.Struct(f"<{ndim}Q") for ndim in range(MAX_NDIM + 1))
+#: A tensor's dtype code and rank, read together on the fast path.
+_DTYPE_RANK = struct.Struct("<BB")
+#: Wire dtype codes -> (DType, numpy dtype), for the fast path.
+_DTYPES = {int(code): (code, code.numpy) for code in DType}
+
+
+def _read_descriptors_fast(
+    r: _Reader, count: int, kinds: bool = False
+) -> list[tuple[str, DType, tuple[int, ...], RegionRef | None]] | None:
+    """:func:`_read_descriptors` for well-formed descriptors of tensors carried
+    in the frame, without building a field description per read; ``None``
+    (``r.pos`` untouched) at the first thing that is not (a region reference
+    included), so that the careful reader reads it or raises the precise error."""
+    buf, pos = r.buf, r.pos
+    size = len(buf)
+    out: list[tuple[str, DType, tuple[int, ...], RegionRef | None]] = []
+    for _ in range(count):
+        if pos + 2 > size:
+            return None
+        (n,) = U16.unpack_from(buf, pos)
+        pos += 2
+        if pos + n + 2 > size:
+            return None
+        try:
+            name = bytes(buf[pos : pos + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        pos += n
+        code, ndim = _DTYPE_RANK.unpack_from(buf, pos)
+        pos += 2
+        dims = _DIMS[ndim] if ndim <= MAX_NDIM else None
+        if code not in _DTYPES or dims is None or pos + dims.size + kinds > size:
+            return None
+        shape = dims.unpack_from(buf, pos)
+        pos += dims.size
+        if kinds:
+            if buf[pos] != KIND_FRAME:
+                return None
+            pos += 1
+        out.append((name, _DTYPES[code][0], shape, None))
+    r.pos = pos
+    return out
+
+
 def _read_tensors(r: _Reader, count: int, kinds: bool = False) -> dict[str, Any]:
-    descriptors = _read_descriptors(r, count, kinds)
+    descriptors = _read_descriptors_fast(r, count, kinds)
+    if descriptors is None:
+        descriptors = _read_descriptors(r, count, kinds)
     r.align()
     tensors: dict[str, Any] = {}
     for name, dtype, shape, ref in descriptors:
@@ -181,7 +229,8 @@ def _read_tensors(r: _Reader, count: int, kinds: bool = False) -> dict[str, Any]
         for d in shape:
             elements *= d
         nbytes = elements * npdtype.itemsize
-        r._need(nbytes, f"tensor {name!r} data ({nbytes} bytes)")
+        if r.pos + nbytes > len(r.buf):
+            r._need(nbytes, f"tensor {name!r} data ({nbytes} bytes)")
         try:
             array = np.frombuffer(r.buf, dtype=npdtype, count=elements, offset=r.pos)
             array = array.reshape(shape)
