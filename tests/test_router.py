@@ -147,6 +147,16 @@ class SharedQueueTests(TwoDevices):
         assert code(late) == ErrorCode.DEADLINE_EXCEEDED
         assert self.queues["a"].depth == 0 and self.dispatcher.counters.deadline_exceeded == 1
 
+    def test_a_job_handed_straight_to_an_idle_device_arms_no_deadline_timer(self) -> None:
+        self.submit(timeout_ms=50)  # device a was idle: it runs at once
+        assert self.clock.getDelayedCalls() == []
+        self.submit(timeout_ms=50)  # so does b
+        assert self.clock.getDelayedCalls() == []
+        late = self.submit(timeout_ms=50)  # this one waits: its deadline is armed
+        assert [call.getTime() for call in self.clock.getDelayedCalls()] == [0.05]
+        self.run_all()
+        assert isinstance(late[0], InferResult) and self.clock.getDelayedCalls() == []
+
     def test_public_reads(self) -> None:
         d = self.dispatcher
         assert d.model("tiny") is self.entry and d.model("nope") is None

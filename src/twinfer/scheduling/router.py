@@ -316,7 +316,9 @@ class Dispatcher:
         queue.put(job)
         job.deferred.addErrback(self._count_cancelled, job)
         timeout = timeout_ms / 1000 if timeout_ms else entry.default_timeout
-        if timeout > 0 and not job.deferred.called:
+        # A job handed straight to a waiting worker is already running: its
+        # deadline (to reach a device) is met, and a timer would be a no-op.
+        if timeout > 0 and not job.running and not job.deferred.called:
             job.deadline = now + timeout
             job.timer = self._clock.callLater(timeout, self._expire, job, timeout)
         return job.deferred
