@@ -76,8 +76,17 @@ def _string(value: str, field: str) -> bytes:
     return U16.pack(len(raw)) + raw
 
 
+#: Each wire type by its exact numpy dtype (little-endian where it matters).
+_EXACT_DTYPES = {code.numpy: code for code in DType}
+
+
 def wire_array(value: Any, name: str) -> tuple[DType, np.ndarray]:
     """Coerce ``value`` to a C-contiguous little-endian array of a wire dtype."""
+    if type(value) is np.ndarray and value.flags.c_contiguous and value.ndim <= MAX_NDIM:
+        # The usual case, a backend's output: already an array the wire carries as it is.
+        known = _EXACT_DTYPES.get(value.dtype)
+        if known is not None:
+            return known, value
     array = np.asarray(value)
     try:
         dtype = DType.from_numpy(array.dtype)
@@ -114,6 +123,15 @@ def _region_ref(ref: RegionRef) -> bytes:
     return _string(ref.region, "region name") + REGION_REF.pack(ref.offset, ref.byte_size)
 
 
+#: Tensor names as encoded on the wire, kept for the next frame (the same
+#: few names recur in every request and reply of a model); bounded, so a
+#: client sending ever new names cannot grow it.
+_NAMES: dict[str, bytes] = {}
+_MAX_NAMES = 1024
+#: A tensor descriptor's dtype, rank and dims, by rank.
+_DESCRIPTOR = tuple(struct.Struct(f"<BB{ndim}Q") for ndim in range(MAX_NDIM + 1))
+
+
 def _tensors(
     tensors: Mapping[str, Any], prefix_len: int, kinds: bool = False
 ) -> tuple[bytes, list[Chunk]]:
@@ -136,8 +154,13 @@ def _tensors(
             descriptors += bytes([KIND_REGION]) + _region_ref(value.ref)
             continue
         dtype, array = wire_array(value, name)
-        descriptors += _string(name, "tensor name")
-        descriptors += struct.pack(f"<BB{array.ndim}Q", dtype, array.ndim, *array.shape)
+        encoded = _NAMES.get(name)
+        if encoded is None:
+            encoded = _string(name, "tensor name")
+            if len(_NAMES) < _MAX_NAMES:
+                _NAMES[name] = encoded
+        descriptors += encoded
+        descriptors += _DESCRIPTOR[array.ndim].pack(dtype, array.ndim, *array.shape)
         if kinds:
             descriptors.append(KIND_FRAME)
         arrays.append(array)
