@@ -222,19 +222,19 @@ class TwinferProtocol(Protocol, TimeoutMixin):
         self._connection.admitted()
         self._handle_events()
 
-    def _hold(self, d: Deferred[Any], size: int) -> None:
-        """Keep ``size`` reserved bytes (a request's tensors) until ``d`` fires."""
+    def _hold(self, size: int) -> int:
+        """Keep ``size`` reserved bytes (a request's tensors) until its reply:
+        returns the bytes held, for :meth:`_unhold` to give back."""
         size = min(size, self._unassigned - self._connection.body_in_progress)
         if size <= 0:
-            return
+            return 0
         self._unassigned -= size
-        budget = self.factory.dataplane.budget
+        return size
 
-        def release(result: object) -> object:
-            budget.release(size)
-            return result
-
-        d.addBoth(release)
+    def _unhold(self, held: int) -> None:
+        """A request finished: give its held bytes back to the budget."""
+        if held:
+            self.factory.dataplane.budget.release(held)
 
     def _release_handled(self) -> None:
         """The frames received so far are handled: give back their bytes,
@@ -343,10 +343,9 @@ class TwinferProtocol(Protocol, TimeoutMixin):
             # Back-pressure instead of buffering: stop reading this client's
             # requests until the queue drains to its low watermark.
             self.pause_reading("load")
-        self._hold(d, sum(array.nbytes for array in message.inputs.values()))
-        d.addCallbacks(
-            self._reply, self._reply_failed, callbackArgs=(request_id,), errbackArgs=(request_id,)
-        )
+        # One callback pair per request: the reply also releases the budget.
+        args = (request_id, self._hold(sum(a.nbytes for a in message.inputs.values())))
+        d.addCallbacks(self._reply, self._reply_failed, callbackArgs=args, errbackArgs=args)
 
     def _on_image(self, request_id: int, message: ImageRequest) -> None:
         assert self.session is not None
@@ -354,12 +353,9 @@ class TwinferProtocol(Protocol, TimeoutMixin):
         d = self.factory.dataplane.predict_image(
             self.session, request_id, message.model, message.image, message.task or None
         )
-        self._hold(d, len(message.image))
+        args = (request_id, self._hold(len(message.image)))
         d.addCallbacks(
-            self._reply_predictions,
-            self._reply_failed,
-            callbackArgs=(request_id,),
-            errbackArgs=(request_id,),
+            self._reply_predictions, self._reply_failed, callbackArgs=args, errbackArgs=args
         )
 
     def _on_get_health(self, request_id: int, message: GetHealth) -> None:
@@ -441,14 +437,16 @@ class TwinferProtocol(Protocol, TimeoutMixin):
 
     # -- replies ------------------------------------------------------------
 
-    def _reply(self, result: InferResult, request_id: int) -> None:
+    def _reply(self, result: InferResult, request_id: int, held: int = 0) -> None:
+        self._unhold(held)
         reply = InferReply(result.outputs, result.queue_us, result.compute_us)
         try:
             self._send(request_id, reply)
         except CodecError as e:  # e.g. an output dtype the wire cannot carry
             self._send_error(request_id, ErrorCode.INTERNAL, f"cannot encode the reply: {e}")
 
-    def _reply_predictions(self, result: ImagePredictions, request_id: int) -> None:
+    def _reply_predictions(self, result: ImagePredictions, request_id: int, held: int = 0) -> None:
+        self._unhold(held)
         reply = Predictions(
             result.task,
             tuple(
@@ -458,7 +456,8 @@ class TwinferProtocol(Protocol, TimeoutMixin):
         )
         self._send(request_id, reply)
 
-    def _reply_failed(self, failure: Failure, request_id: int) -> None:
+    def _reply_failed(self, failure: Failure, request_id: int, held: int = 0) -> None:
+        self._unhold(held)
         # The data plane fails requests only with TwinferError.
         error: TwinferError = failure.value  # type: ignore[assignment]
         self._send_error(request_id, error.code, error.message)
