@@ -13,7 +13,7 @@ from twinfer.client import ClientProtocol, TwinferClient
 from twinfer.errors import ErrorCode, LocalProtocolError, TwinferError
 from twinfer.wire.decode import decode_message
 from twinfer.wire.encode import encode_bytes
-from twinfer.wire.frames import FrameDecoder
+from twinfer.wire.frames import HEADER_SIZE, FrameDecoder
 from twinfer.wire.messages import (
     Cancel,
     Error,
@@ -144,3 +144,76 @@ class ClientProtocolTests(unittest.SynchronousTestCase):
         y = np.arange(3, dtype=np.float32).reshape(1, 3)
         self.protocol.dataReceived(encode_bytes(rid, InferReply({"y": y}, 1, 2)))
         np.testing.assert_array_equal(self.successResultOf(outputs)["y"], y)
+
+
+def _owner(array: np.ndarray) -> object:
+    """The object that owns an array's memory (the end of its ``base`` chain,
+    through a memoryview)."""
+    base: object = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return base.obj if isinstance(base, memoryview) else base
+
+
+class InPlaceReceiveTests(unittest.SynchronousTestCase):
+    """A large reply is reassembled in one buffer per frame and its tensors are
+    views of it: no per-chunk concatenation and no copy."""
+
+    # 50,000 x 3 f32 = 600 KB, and 50,000 i64 labels: a reply of ~1 MB.
+    y = np.random.default_rng(7).standard_normal((50_000, 3)).astype(np.float32)
+    label = np.arange(50_000, dtype=np.int64)
+
+    def setUp(self) -> None:
+        self.protocol = ClientProtocol()
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+        self.protocol.dataReceived(encode_bytes(0, SERVER_HELLO))
+        self.transport.clear()
+        self.outputs = TwinferClient(self.protocol).infer("tiny", {"x": np.ones((1, 4), "f4")})
+        [(self.rid, _)] = [(f.request_id, f) for f in FrameDecoder().feed(self.transport.value())]
+        self.reply = encode_bytes(self.rid, InferReply({"y": self.y, "label": self.label}, 1, 2))
+
+    def check_outputs(self) -> dict[str, np.ndarray]:
+        outputs = self.successResultOf(self.outputs)
+        np.testing.assert_array_equal(outputs["y"], self.y)
+        np.testing.assert_array_equal(outputs["label"], self.label)
+        return outputs
+
+    def test_a_reply_fed_in_64_kib_chunks_is_views_of_one_frame_buffer(self) -> None:
+        chunk = 65536
+        for start in range(0, len(self.reply), chunk):
+            assert not self.outputs.called
+            self.protocol.dataReceived(self.reply[start : start + chunk])
+        outputs = self.check_outputs()
+        owner = _owner(outputs["y"])
+        # Both tensors live in the one buffer the frame's body was reassembled
+        # in (its length is the body's), not in copies of their own.
+        assert isinstance(owner, bytearray) and len(owner) == len(self.reply) - HEADER_SIZE
+        assert _owner(outputs["label"]) is owner
+        assert np.shares_memory(outputs["y"], np.frombuffer(owner, np.uint8))
+
+    def test_a_reply_received_into_read_buffer_is_decoded_where_it_landed(self) -> None:
+        # As the direct-read transport does: the header and the start of the
+        # body arrive as bytes, the rest is received into read_buffer().
+        self.protocol.dataReceived(self.reply[:1000])
+        target = self.protocol.read_buffer()
+        assert target is not None and len(target) == len(self.reply) - 1000
+        position = 1000
+        while position < len(self.reply):
+            view = self.protocol.read_buffer()
+            assert view is not None
+            count = min(65536, len(view))
+            view[:count] = self.reply[position : position + count]  # "recv_into"
+            position += count
+            self.protocol.buffer_filled(count)
+        assert self.protocol.read_buffer() is None
+        outputs = self.check_outputs()
+        assert np.shares_memory(outputs["y"], np.asarray(target))
+        assert np.shares_memory(outputs["label"], np.asarray(target))
+
+    def test_no_read_buffer_is_offered_after_the_connection_is_lost(self) -> None:
+        self.protocol.dataReceived(self.reply[:1000])
+        assert self.protocol.read_buffer() is not None
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        assert self.protocol.read_buffer() is None
+        self.failureResultOf(self.outputs, TwinferError)

@@ -17,7 +17,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.scripts import twistd
 
 from twinfer.compat import exit_normally, twistd_log_observer
-from twinfer.netutil import DirectReadServer
+from twinfer.netutil import DirectReadClient, DirectReadServer
 
 
 def test_twistd_exits_with_the_signal_its_reactor_recorded() -> None:
@@ -66,6 +66,10 @@ def test_the_in_place_receive_transport_uses_names_twisted_still_has() -> None:
     # netutil.enable_direct_reads swaps the transport class of a tcp.Port.
     assert tcp.Port.transport is tcp.Server
     assert issubclass(DirectReadServer, tcp.Server)
+    # netutil.enable_direct_client_reads changes a connected tcp.Client's class
+    # to this subclass, which must add no state of its own but ``reader``.
+    assert issubclass(DirectReadClient, tcp.Client)
+    assert "__slots__" not in vars(tcp.Client) and "__slots__" not in vars(DirectReadClient)
     # DirectReadServer.doRead overrides Connection.doRead and reads Connection.socket.
     assert "self.socket.recv" in inspect.getsource(tcp.Connection.doRead)
     assert main.CONNECTION_LOST and main.CONNECTION_DONE

@@ -13,17 +13,27 @@ from twisted.internet.threads import deferToThread
 
 from http_support import Gate, GatedEngine
 from support import ServerTestCase
-from twinfer.client import TwinferClient, connect
+from twinfer.client import ClientProtocol, TwinferClient, connect
 from twinfer.engines import builtin
 from twinfer.engines.openvino import Engine
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.frontends.binary import TwinferProtocol
-from twinfer.netutil import DirectReadServer
+from twinfer.netutil import DirectReadClient, DirectReadServer
 from twinfer.registry import LoadedModel, openvino_engine
 from twinfer.wire.decode import decode_message
 from twinfer.wire.encode import encode_bytes
 from twinfer.wire.frames import FrameDecoder
 from twinfer.wire.messages import Hello
+
+
+def memory_owner(array: np.ndarray) -> object:
+    """The object that owns an array's memory (the end of its ``base`` chain,
+    through a memoryview)."""
+    base: object = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return base.obj if isinstance(base, memoryview) else base
+
 
 PLACEMENT_CONFIG = """
 [[devices]]
@@ -280,3 +290,29 @@ class DispatcherTests(ServerTestCase):
         [connection] = self.factory.connections
         assert isinstance(connection.transport, DirectReadServer)
         assert sum(received_in_place) > 6 * 500_000  # most of every body came in place
+
+    async def test_large_replies_are_received_in_place_by_the_twisted_client(self) -> None:
+        await self.start_server()
+        client = await self.connect()
+        received_in_place: list[int] = []
+        original = ClientProtocol.buffer_filled
+
+        def spy(protocol: ClientProtocol, count: int) -> None:
+            received_in_place.append(count)
+            original(protocol, count)
+
+        self.patch(ClientProtocol, "buffer_filled", spy)
+        # Replies of 40,000 x 3 f32 + 40,000 i64 = 800 KB each.
+        xs = [
+            np.random.default_rng(i).standard_normal((40_000, 4)).astype(np.float32)
+            for i in range(4)
+        ]
+        results = await defer.gatherResults([client.infer("tiny", {"x": x}) for x in xs])
+        for x, out in zip(xs, results):
+            np.testing.assert_allclose(out["y"], builtin.tiny_reference(x)["y"], atol=1e-4)
+            # Both outputs are views of the one buffer their frame landed in.
+            frame = np.frombuffer(memory_owner(out["y"]), np.uint8)
+            assert frame.nbytes > 800_000 and np.shares_memory(out["label"], frame)
+        assert isinstance(client.protocol, ClientProtocol)
+        assert isinstance(client.protocol.transport, DirectReadClient)
+        assert sum(received_in_place) > 4 * 600_000  # most of every reply came in place

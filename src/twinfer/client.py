@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 
 import twinfer
 from twinfer.errors import ErrorCode, TwinferError
-from twinfer.netutil import set_no_delay
+from twinfer.netutil import enable_direct_client_reads, set_no_delay
 from twinfer.shm_client import RegionPool, SharedMemoryState
 from twinfer.tls import client_options, load_private_certificate
 from twinfer.wire.connection import Connection, Role
@@ -117,11 +117,28 @@ class ClientProtocol(Protocol):
 
     def connectionMade(self) -> None:
         set_no_delay(self.transport)
+        enable_direct_client_reads(self.transport, self)  # large replies land in place
         self._connection.start_handshake()
         self._flush()
 
     def dataReceived(self, data: bytes) -> None:
         self._connection.receive_data(data)
+        self._handle_events()
+
+    def read_buffer(self) -> memoryview | None:
+        """Where the transport may receive the rest of a large reply in place
+        (see :class:`twinfer.netutil.DirectReads`): the frame's own buffer,
+        which the reply's tensors are then views of."""
+        if self._lost is not None:
+            return None
+        return self._connection.read_buffer()
+
+    def buffer_filled(self, count: int) -> None:
+        """``count`` bytes arrived in :meth:`read_buffer`."""
+        self._connection.buffer_filled(count)
+        self._handle_events()
+
+    def _handle_events(self) -> None:
         for event in self._connection.events():
             if isinstance(event, MessageReceived):
                 d: Deferred[Message] = event.handle

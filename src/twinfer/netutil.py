@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from errno import EWOULDBLOCK
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import main, tcp
 
@@ -23,8 +23,8 @@ def set_no_delay(transport: Any) -> None:
         transport = getattr(transport, "transport", None)  # TLS wraps the TCP transport
 
 
-class DirectReadServer(tcp.Server):
-    """A TCP server transport that receives large frame bodies in place.
+class DirectReads(tcp.Connection):
+    """A TCP transport that receives large frame bodies in place.
 
     When its protocol offers a buffer (``read_buffer()``: the unfilled rest of
     the frame being reassembled), bytes are received straight into it with
@@ -35,9 +35,13 @@ class DirectReadServer(tcp.Server):
 
     #: Below this many missing bytes, the ordinary path is as good.
     MIN_DIRECT = 16384
+    #: What offers the buffers, when not the transport's own protocol (a
+    #: client endpoint wraps the protocol in one that forwards only bytes).
+    reader: Any = None
 
     def doRead(self) -> Any:
-        read_buffer = getattr(self.protocol, "read_buffer", None)
+        reader: Any = self.reader if self.reader is not None else self.protocol
+        read_buffer = getattr(reader, "read_buffer", None)
         target = read_buffer() if read_buffer is not None else None
         if target is None or len(target) < self.MIN_DIRECT:
             return super().doRead()
@@ -49,8 +53,34 @@ class DirectReadServer(tcp.Server):
             return main.CONNECTION_LOST
         if not count:
             return main.CONNECTION_DONE
-        self.protocol.buffer_filled(count)  # type: ignore[attr-defined]
+        reader.buffer_filled(count)
         return None
+
+
+class DirectReadServer(DirectReads, tcp.Server):
+    """The server side of :class:`DirectReads` (see :func:`enable_direct_reads`)."""
+
+
+class DirectReadClient(DirectReads, tcp.Client):
+    """The client side of :class:`DirectReads` (see :func:`enable_direct_client_reads`)."""
+
+
+def enable_direct_client_reads(transport: Any, reader: Any) -> bool:
+    """Make a connected plain TCP client transport a :class:`DirectReadClient`
+    whose large frame bodies go to ``reader`` (its ``read_buffer`` and
+    ``buffer_filled``: the client protocol, from its ``connectionMade``);
+    returns whether it was.
+
+    Twisted's connector builds a ``tcp.Client`` and offers no hook to build
+    another class, so the transport's class is changed in place: the
+    subclass adds no state, only :meth:`DirectReads.doRead`.  Anything else
+    (TLS, a test transport) is left alone.
+    """
+    if type(transport) is tcp.Client:
+        transport.__class__ = DirectReadClient
+        cast(DirectReadClient, transport).reader = reader
+        return True
+    return False
 
 
 def enable_direct_reads(port: Any) -> bool:
