@@ -224,7 +224,7 @@ def _read_tensors(r: _Reader, count: int, kinds: bool = False) -> dict[str, Any]
         if ref is not None:
             tensors[name] = RegionTensor(dtype, shape, ref)
             continue
-        npdtype = dtype.numpy
+        npdtype = _DTYPES[dtype][1]  # (the enum property is slow on a hot path)
         elements = 1
         for d in shape:
             elements *= d
