@@ -137,3 +137,14 @@ def test_batch_keys_separate_shapes_dtypes_and_outputs() -> None:
     assert batch_key(a, ()) != batch_key({"x": np.zeros((2, 4), np.float32)}, ())
     assert batch_key(a, ()) != batch_key({"x": np.zeros((2, 3), np.float16)}, ())
     assert batch_key(a, ()) != batch_key(a, ("y",))
+
+
+def test_a_withdrawn_wait_never_fires_and_the_next_job_is_queued() -> None:
+    queue = JobQueue("m", size=4, levels=2)
+    waits = queue.wait()
+    assert queue.idle_workers == 1
+    assert all(queue.withdraw(wait) for wait in waits)
+    assert queue.idle_workers == 0 and not queue.withdraw(waits[0])  # not there any more
+    queue.put(job("a", level=1))
+    assert not any(wait.called for wait in waits) and queue.depth == 1
+    assert names(queue) == ["a"]

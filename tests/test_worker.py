@@ -104,6 +104,34 @@ class PipelineTests(unittest.TestCase):
         # ``busy`` has room in its pipeline, but only an idle worker waits on the queue.
         assert self.runner.handed == 1 and idle_runner.handed == 1
 
+    def test_a_worker_woken_by_one_queue_withdraws_from_the_others_without_failures(
+        self,
+    ) -> None:
+        other = JobQueue("tiny2", size=10)
+        worker = Worker(
+            "cpu#0",
+            "cpu",
+            {"tiny": tiny_engine(), "tiny2": tiny_engine()},
+            [self.queue, other],
+            clock=self.clock,
+            runner=self.runner,
+        )
+        waits_there: list[Any] = []
+        wait = other.wait
+        self.patch(other, "wait", lambda: waits_there.extend(wait()) or waits_there[-1:])
+        worker.start()
+        assert self.queue.idle_workers == other.idle_workers == 1
+        [wait_there] = waits_there
+        self.queue.put(tiny_job(rows(1)))
+        assert self.runner.handed == 1 and other.idle_workers == 0
+        # The other queue's wait was taken back, not cancelled: never fired.
+        assert not wait_there.called
+        other.put(tiny_job(rows(1), model="tiny2"))
+        assert other.depth == 1 and self.runner.handed == 1  # queued: nobody waits there
+        while self.runner.handed:
+            self.runner.run_next()
+        assert worker.jobs_done == 2 and other.depth == 0
+
     def test_a_job_cancelled_while_it_waits_in_the_thread_never_runs(self) -> None:
         device = BreakableDevice(tiny_engine())
         first, second = tiny_job(rows(1)), tiny_job(rows(2))

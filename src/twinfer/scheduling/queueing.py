@@ -201,6 +201,18 @@ class JobQueue:
         """
         return [level.get() for level in self._levels]
 
+    def withdraw(self, wait: Deferred[Job]) -> bool:
+        """Take back one of :meth:`wait`'s Deferreds that has not fired, without
+        firing it (cancelling would build a ``CancelledError`` failure, on every
+        wake-up of a worker serving several queues); True if it was waiting here."""
+        for level in self._levels:
+            try:
+                level.waiting.remove(wait)
+            except ValueError:
+                continue
+            return True
+        return False
+
     def _pop(self, level: DeferredQueue[Job]) -> Job:
         # Straight from the pending list: no worker waits while jobs are
         # pending, so this is what ``level.get()`` would hand over, without

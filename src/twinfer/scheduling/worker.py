@@ -314,7 +314,10 @@ class Worker:
     def _stop_waiting(self) -> None:
         waits, self._waits = self._waits, []
         for wait in waits:
-            wait.cancel()
+            # Withdrawn rather than cancelled where possible: this runs each
+            # time an idle worker is woken, once per other queue it serves.
+            if not any(queue.withdraw(wait) for queue in self.queues):
+                wait.cancel()
 
     def _poll(self) -> Job | None:
         """Take a waiting job, visiting the queues round-robin for fairness."""
