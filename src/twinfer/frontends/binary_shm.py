@@ -127,7 +127,8 @@ def on_infer(protocol: TwinferProtocol, request_id: int, message: InferRequest) 
     ):
         protocol.pause_reading("load")
     inline = sum(v.nbytes for v in message.inputs.values() if type(v) is not RegionTensor)
-    protocol._hold(d, inline)
+    # The reply's callbacks give the held bytes back (TwinferProtocol._hold).
+    args = (request_id, protocol._hold(inline))
     regions = message.output_regions
 
     def in_regions(result: InferResult) -> InferResult:
@@ -135,12 +136,7 @@ def on_infer(protocol: TwinferProtocol, request_id: int, message: InferRequest) 
         return attrs.evolve(result, outputs=outputs)
 
     d.addCallback(in_regions)
-    d.addCallbacks(
-        protocol._reply,
-        protocol._reply_failed,
-        callbackArgs=(request_id,),
-        errbackArgs=(request_id,),
-    )
+    d.addCallbacks(protocol._reply, protocol._reply_failed, callbackArgs=args, errbackArgs=args)
 
 
 def close(protocol: TwinferProtocol) -> None:
