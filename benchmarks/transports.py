@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -59,6 +61,7 @@ from transports_report import (  # noqa: E402
     bench_client_cpu_us,
     compute_targets,
     cpu_by_role,
+    fine_role,
     merge_client_parts,
     per_request,
     render_markdown,
@@ -116,38 +119,63 @@ def estimate_seconds(args: argparse.Namespace) -> float:
     return SERVER_START_S + ceiling + points * (args.duration + args.warmup + CLIENT_START_S)
 
 
+class OtherProcesses:
+    """Cores used by other processes during a phase: :class:`run_measure.Interference`
+    (the machine's busy time minus this script's and its reaped children's) less
+    the server's, which runs on unreaped."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self._started = time.monotonic()
+        self._server_cpu = self._server_seconds()
+        self._machine = Interference()
+
+    def _server_seconds(self) -> float:
+        return sum(cpu for _, cpu in procstat.sample(self.server_pid).values())
+
+    def stop(self) -> float:
+        cores = self._machine.stop()
+        wall = max(time.monotonic() - self._started, 1e-9)
+        server = (self._server_seconds() - self._server_cpu) / wall
+        return max(0.0, cores - server)
+
+
 class TransportServer:
     """``twistd twinfer`` (through ``transports_server.py``) listening on every transport."""
 
-    def __init__(self, workdir: Path, config: Mapping[str, Any]) -> None:
+    def __init__(self, workdir: Path, config: Mapping[str, Any], timeout: float = 300) -> None:
         config_path = workdir / "config.toml"
         config_path.write_text(to_toml(config))
-        port_file = workdir / "ports.json"
         self.log_path = workdir / "twistd.log"
+        # The port file is a pipe: its one JSON line says every port listens,
+        # its end that the server exited first (no polling).
+        port_read, port_write = os.pipe()
         command = [sys.executable, str(HERE / "transports_server.py")]
         command += ["-n", "--pidfile=", "--logfile=-", "twinfer", "--allow-shm"]
         for option in ("--port", "--grpc-port", "--http-port"):
             command += [option, "tcp:0:interface=127.0.0.1"]
-        command += ["--config", str(config_path), "--port-file", str(port_file)]
+        command += ["--config", str(config_path), f"--port-file=/dev/fd/{port_write}"]
         self._out = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            command, stdout=self._out, stderr=subprocess.STDOUT, cwd=workdir
-        )
-        self.ports = self._wait_for_ports(port_file)
+        try:
+            self.process = subprocess.Popen(
+                command,
+                stdout=self._out,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+                pass_fds=(port_write,),
+            )
+        finally:
+            os.close(port_write)
+        try:
+            line = _read_line(port_read, timeout)
+        finally:
+            os.close(port_read)
+        if not line:
+            self.stop()
+            raise RuntimeError(f"twistd did not start:\n{self.log_path.read_text()[-3000:]}")
+        self.ports: dict[str, int] = json.loads(line)
         self.sampler = ProcSampler(self.process.pid)
         self.sampler.start()
-
-    def _wait_for_ports(self, port_file: Path, timeout: float = 300) -> dict[str, int]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if port_file.exists():
-                ports: dict[str, int] = json.loads(port_file.read_text())
-                return ports
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"twistd did not start:\n{self.log_path.read_text()[-3000:]}")
 
     def cpu_per_request(self, point: Mapping[str, Any]) -> dict[str, Any] | None:
         """The server's CPU per request by role over ``point``'s window (None: too short)."""
@@ -162,6 +190,19 @@ class TransportServer:
         seconds = cpu_by_role(self.process.pid, procstat.delta(before, after))
         return per_request(seconds, (t1 - t0) / 1e9, point["throughput"])
 
+    def others(self) -> OtherProcesses:
+        """Starts measuring the CPU of every process but this script, its children and
+        the server."""
+        return OtherProcesses(self.process.pid)
+
+    def threads_by_role(self) -> dict[str, dict[str, int]]:
+        """The server's threads now: ``{role: {OS name: how many}}`` (for the report)."""
+        found: dict[str, dict[str, int]] = {}
+        for tid, (name, _) in procstat.sample(self.process.pid).items():
+            names = found.setdefault(fine_role(self.process.pid, tid, name), {})
+            names[name] = names.get(name, 0) + 1
+        return found
+
     def stop(self) -> None:
         if hasattr(self, "sampler"):
             self.sampler.stop()
@@ -173,6 +214,21 @@ class TransportServer:
                 self.process.kill()
                 self.process.wait()
         self._out.close()
+
+
+def _read_line(fd: int, timeout: float) -> bytes:
+    """The first line written to the pipe ``fd`` (``b""`` if it closed or ``timeout`` passed)."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return b""
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return b""
+        data += chunk
+    return data.split(b"\n", 1)[0]
 
 
 def split_users(concurrency: int, processes: int) -> list[int]:
@@ -201,7 +257,9 @@ def run_triton_clients(
         answers = [_read_json(child) for child in children]
         refused = next((a["unavailable"] for a in answers if "unavailable" in a), None)
         if refused is not None or not all(a.get("ready") for a in answers):
-            return {"unavailable": refused or "a client process failed to start (see above)"}
+            return {
+                "unavailable": refused or "a client process failed to start (see the run's stderr)"
+            }
         start_at = time.monotonic_ns() + 200_000_000  # everyone starts together
         for child in children:
             assert child.stdin is not None
@@ -209,7 +267,7 @@ def run_triton_clients(
             child.stdin.flush()
         parts = [_read_json(child) for child in children]
         if not all("latencies_us" in part for part in parts):
-            return {"unavailable": "a client process failed (see above)"}
+            return {"unavailable": "a client process failed (see the run's stderr)"}
         return merge_client_parts(parts)
     finally:
         for child in children:
@@ -239,7 +297,7 @@ def measure_point(
     """One row: ``transport`` at ``concurrency``, with client and server CPU."""
     row: dict[str, Any] = {"transport": transport, "concurrency": concurrency}
     binary = f"tcp:127.0.0.1:{server.ports['binary']}"
-    phase = Interference()
+    phase = server.others()
     if transport.startswith("binary"):
         row["clients"] = "1 twinfer bench process, 1 connection"
         options = ["--concurrency", str(concurrency), "--duration", str(args.duration)]
@@ -328,6 +386,7 @@ def main(argv: Sequence[str]) -> int:
                     row = measure_point(transport, concurrency, server, args)
                     results["rows"].append(row)
                     print_row(row)
+            results["server_threads"] = server.threads_by_role()
         finally:
             server.stop()
     results["elapsed_s"] = time.monotonic() - started

@@ -138,7 +138,8 @@ def grpc_shm_requests(url: str, model: str, users: int) -> Requests:
     regions: list[tuple[str, Any]] = []
 
     def cleanup() -> None:
-        for name, handle in regions:
+        while regions:  # each region once, however often this is called
+            name, handle = regions.pop()
             with contextlib.suppress(InferenceServerException):
                 admin.unregister_system_shared_memory(name)
             shm.destroy_shared_memory_region(handle)

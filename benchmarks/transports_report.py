@@ -276,8 +276,21 @@ THREADS_NOTE = [
     "(`twinfer-http-codec`, OS-named `py-http-codec`) and **OpenVINO & rest** (OpenVINO's "
     "CPU plugin pool and idle Python helpers). **Outside OpenVINO** = reactor + gRPC "
     "threads + HTTP codec threads: the CPU the front ends and the data plane spend per "
-    "request, which shared memory is meant to halve.",
+    "request, which shared memory is meant to halve. (The HTTP codec pool only takes "
+    "large JSON tensors; binary tensors are decoded on the reactor.)",
 ]
+
+
+def threads_line(threads: Mapping[str, Mapping[str, int]]) -> str:
+    """The server's threads by role, by OS name (``name ×N`` for several)."""
+    parts = []
+    for role in FINE_ROLES:
+        names = threads.get(role) or {}
+        listed = ", ".join(
+            f"`{name}`" + (f" ×{n}" if n > 1 else "") for name, n in sorted(names.items())
+        )
+        parts.append(f"{role}: {listed or 'none'}")
+    return "Threads of the server at the end of the run, by role: " + "; ".join(parts) + "."
 
 
 def render_markdown(results: Mapping[str, Any], machine_lines: Sequence[str]) -> str:
@@ -314,6 +327,8 @@ def render_markdown(results: Mapping[str, Any], machine_lines: Sequence[str]) ->
         *THREADS_NOTE,
         "",
     ]
+    if results.get("server_threads"):
+        lines += [threads_line(results["server_threads"]), ""]
     if ceiling:
         lines += ["| benchmark_app | FPS | median ms |", "|---|---|---|"]
         for hint, b in ceiling.items():

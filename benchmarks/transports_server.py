@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 #: OS names given to front-end threads (at most 15 bytes; see frontend_thread_name).
@@ -36,8 +37,9 @@ def frontend_thread_name(python_name: str) -> str | None:
     return None
 
 
-def install() -> None:
-    """Name front-end threads at OS level as they start (see the module's docstring)."""
+def install() -> Callable[[], None]:
+    """Name front-end threads at OS level as they start (see the module's docstring);
+    returns a callable that undoes it (for threads started afterwards)."""
     from twinfer.threadnames import name_os_thread
 
     original = threading.Thread.run
@@ -49,6 +51,11 @@ def install() -> None:
         return original(self)
 
     threading.Thread.run = run_named  # type: ignore[method-assign]
+
+    def uninstall() -> None:
+        threading.Thread.run = original  # type: ignore[method-assign]
+
+    return uninstall
 
 
 def main(argv: list[str]) -> None:
