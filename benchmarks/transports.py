@@ -16,7 +16,8 @@ at concurrency 1 and 16 it is driven over
 The Triton clients run as ``transports_clients.py`` processes, each user a
 thread with its own client calling the blocking ``infer()``; at concurrency
 16 the users are spread over ``--client-processes`` processes (default 4 × 4
-users), since one Python process is CPU-bound well below the server.
+users), so that one Python process's GIL does not cap the rate (compare with
+``--client-processes 1``).
 
 Per row: throughput, p50, p99, errors, the client processes' own CPU per
 request, and the server's CPU per request by thread role from ``/proc``

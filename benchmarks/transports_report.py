@@ -306,7 +306,10 @@ def render_markdown(results: Mapping[str, Any], machine_lines: Sequence[str]) ->
         f"{results['machine']['date']} in {results['elapsed_s'] / 60:.1f} min (estimated "
         f"{results['estimate_s'] / 60:.1f}). One `twistd` with `--port`, `--grpc-port`, "
         f"`--http-port` and `--allow-shm` on loopback serving `{s['model']}`; each point "
-        f"{s['duration']:g} s after {s['warmup']:g} s warm-up, closed loop.",
+        f"{s['duration']:g} s after {s['warmup']:g} s warm-up, closed loop. Binary rows: "
+        "`twinfer bench` (with `--shared-memory` for binary+shm); gRPC and HTTP rows: "
+        "`tritonclient` in `transports_clients.py` processes, each user a thread with its "
+        "own client calling the blocking `infer()` (the clients column says how many).",
         "",
         "## Targets (issue 11)",
         "",
