@@ -25,18 +25,8 @@ from typing import Any
 from twinfer.dataplane import DataPlane
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.frontends.http.site import FRONTEND, Handler, LimitedRequest, Response, Router
-from twinfer.sharedmem import RegionTable
+from twinfer.sharedmem import RegionTable, regions_of
 from twinfer.wire.messages import RegionInfo
-
-#: The error of every shared-memory request to a server without ``--allow-shm``.
-DISABLED = "shared memory is disabled on this server (start it with --allow-shm)"
-
-
-def regions_of(table: RegionTable | None) -> RegionTable:
-    """``table``, or ``UNSUPPORTED_MESSAGE`` (501) naming ``--allow-shm``."""
-    if table is None:
-        raise TwinferError(ErrorCode.UNSUPPORTED_MESSAGE, DISABLED)
-    return table
 
 
 def _status(regions: list[RegionInfo]) -> list[dict[str, Any]]:
