@@ -11,8 +11,9 @@ Routes, in Triton's shapes (``tritonclient.http`` calls them):
   ``{"name", "key", "offset", "byte_size"}``.
 
 Regions registered over HTTP are server-wide (Triton's semantics: any HTTP
-client may name them), in one :class:`~twinfer.sharedmem.RegionTable` with
-its own limits (``server.http_shm_max_regions`` / ``http_shm_max_bytes``).
+or gRPC client may name them), in the one
+:class:`~twinfer.sharedmem.RegionTable` the gRPC front end shares, with its
+own limits (``server.http_shm_max_regions`` / ``http_shm_max_bytes``).
 Without ``--allow-shm`` every route answers 501 naming the flag.  Every
 refusal is counted as a protocol error of the HTTP front end, by code.
 """
