@@ -73,7 +73,8 @@ class HTTPFrontEnd(service.Service):
         )
         # First: ``/v2/models/stats`` is not the metadata of a model "stats".
         TritonExtensionsAPI(self.repository).install(router)
-        # shared_regions: the server-wide shared-memory regions (--allow-shm).
+        #: The server-wide shared-memory regions (None: no ``--allow-shm``).
+        self.shared_regions = shared_regions
         KServeAPI(dataplane, reactor, self.pool, shared_regions).install(router)
         SharedMemoryAPI(shared_regions, dataplane).install(router)
         # The image API needs the data plane's image tasks (none: 501).
