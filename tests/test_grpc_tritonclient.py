@@ -1,10 +1,15 @@
 """End to end over gRPC: a real ``twistd -n twinfer --grpc-port ...`` process,
 driven by a real third-party client, ``tritonclient.grpc``, and checked
-against the binary protocol's answers for the same inputs."""
+against the binary protocol's answers for the same inputs.
+
+Triton's extensions (configuration, statistics, repository, load/unload,
+system shared memory) are at the end, against a server without
+``--allow-admin``/``--allow-shm`` and one with both."""
 
 from __future__ import annotations
 
 import queue
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,10 +17,14 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+import tritonclient.http as triton_http
+import tritonclient.utils.shared_memory as triton_shm
 from tritonclient.utils import InferenceServerException
 
 from certs import ClientFiles, make_client_files, make_tls_files
+from support import save_identity_model
 from twinfer.blocking import BlockingClient
+from twinfer.engines.builtin import tiny_reference
 from twinfer.frontends.grpc import grpc_service_pb2 as pb
 from twinfer.frontends.grpc import grpc_service_pb2_grpc as pb_grpc
 from twistd_process import (
@@ -193,11 +202,9 @@ def test_client_deadline_is_deadline_exceeded(
     assert client.infer("tiny", [tiny_input(x)]).as_numpy("y").shape == (4, 3)
 
 
-def test_extensions_served_elsewhere_are_unimplemented(
-    client: triton.InferenceServerClient,
-) -> None:
-    error = error_of(client.get_model_config, "tiny")
-    assert error.status() == "StatusCode.UNIMPLEMENTED" and "ModelConfig" in error.message()
+def test_cuda_shared_memory_is_unimplemented(client: triton.InferenceServerClient) -> None:
+    error = error_of(client.get_cuda_shared_memory_status)
+    assert error.status() == "StatusCode.UNIMPLEMENTED"
 
 
 def test_mutual_tls(start_twistd: StartTwistd, tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -228,3 +235,227 @@ def test_mutual_tls(start_twistd: StartTwistd, tmp_path_factory: pytest.TempPath
             assert error_of(client.is_server_live).status() == "StatusCode.UNAVAILABLE"
     finally:
         server.stop()
+
+
+# -- Triton's extensions ---------------------------------------------------------------
+
+
+def test_model_config(client: triton.InferenceServerClient) -> None:
+    config = client.get_model_config("squeezenet").config
+    assert (config.name, config.platform, config.backend) == ("squeezenet", "openvino", "openvino")
+    assert config.max_batch_size == 0  # no dynamic batching: dims are the whole shape
+    assert [(t.name, list(t.dims)) for t in config.input] == [("data_0", [1, 3, 224, 224])]
+    [group] = config.instance_group
+    assert (group.name, group.count) == ("squeezenet_cpu", 2)
+    as_json = client.get_model_config("tiny", "1", as_json=True)["config"]
+    assert as_json["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": ["-1", "4"]}]
+    for args, status in [(("nope",), "NOT_FOUND"), (("tiny", "2"), "NOT_FOUND")]:
+        assert error_of(client.get_model_config, *args).status() == f"StatusCode.{status}"
+
+
+def test_statistics_count_the_inferences_just_made(client: triton.InferenceServerClient) -> None:
+    def tiny_stats() -> Any:
+        [stats] = client.get_inference_statistics("tiny").model_stats
+        return stats
+
+    before = tiny_stats()
+    x = np.ones((2, 4), np.float32)
+    for _ in range(5):
+        client.infer("tiny", [tiny_input(x)])
+    error_of(client.infer, "tiny", [tiny_input(np.ones((2, 5), np.float32))])  # refused
+    after = tiny_stats()
+    assert after.inference_count - before.inference_count == 5
+    assert after.execution_count - before.execution_count == 5  # one at a time: no batches
+    success, fail = after.inference_stats.success, after.inference_stats.fail
+    assert success.count - before.inference_stats.success.count == 5
+    assert fail.count - before.inference_stats.fail.count == 1
+    assert success.ns > before.inference_stats.success.ns
+    assert after.last_inference >= before.last_inference and after.last_inference > 0
+    every = client.get_inference_statistics().model_stats
+    assert sorted(s.name for s in every) == ["squeezenet", "tiny"]
+    assert error_of(client.get_inference_statistics, "nope").status() == "StatusCode.NOT_FOUND"
+
+
+def test_repository_index(client: triton.InferenceServerClient) -> None:
+    index = client.get_model_repository_index().models
+    assert [(m.name, m.version, m.state) for m in index] == [
+        ("squeezenet", "1", "READY"),
+        ("tiny", "1", "READY"),
+    ]
+
+
+def test_load_and_unload_need_allow_admin(client: triton.InferenceServerClient) -> None:
+    for call in (client.unload_model, client.load_model):
+        error = error_of(call, "tiny")
+        assert error.status() == "StatusCode.PERMISSION_DENIED"
+        assert "start it with --allow-admin" in error.message()
+    assert client.is_model_ready("tiny")
+
+
+def test_shared_memory_needs_allow_shm(client: triton.InferenceServerClient) -> None:
+    tensor = triton.InferInput("x", [1, 4], "FP32")
+    tensor.set_shared_memory("r", 16)
+    for call, args in [
+        (client.register_system_shared_memory, ("r", "/whatever", 16)),
+        (client.get_system_shared_memory_status, ()),
+        (client.unregister_system_shared_memory, ()),
+        (client.infer, ("tiny", [tensor])),
+    ]:
+        error = error_of(call, *args)
+        assert error.status() == "StatusCode.UNIMPLEMENTED", error
+        assert "start it with --allow-shm" in error.message()
+    x = np.ones((1, 4), np.float32)
+    assert client.infer("tiny", [tiny_input(x)]).as_numpy("y").shape == (1, 3)
+
+
+@pytest.fixture(scope="module")
+def admin_server(
+    start_twistd: StartTwistd, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    model = save_identity_model(tmp_path_factory.mktemp("model") / "id.xml", np.float32, [2, 3])
+    config = TWISTD_TINY_CONFIG + f'\n[[models]]\nname = "identity"\npath = "{model}"\n'
+    http = "--http-port=tcp:0:interface=127.0.0.1"
+    process = start_twistd(config, args=[GRPC_PORT, http, "--allow-admin", "--allow-shm"])
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def admin_client(admin_server: ServerProcess) -> Iterator[triton.InferenceServerClient]:
+    with triton.InferenceServerClient(f"127.0.0.1:{admin_server.ports['grpc']}") as client:
+        yield client
+        client.unregister_system_shared_memory()
+
+
+@pytest.fixture
+def regions() -> Iterator[list[object]]:
+    handles: list[object] = []
+    yield handles
+    for handle in handles:
+        triton_shm.destroy_shared_memory_region(handle)
+
+
+def test_unload_and_load_with_allow_admin(admin_client: triton.InferenceServerClient) -> None:
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    tensor = triton.InferInput("x", [2, 3], "FP32")
+    tensor.set_data_from_numpy(x)
+    admin_client.unload_model("identity")  # answered once it no longer serves
+    assert error_of(admin_client.is_model_ready, "identity").status() == "StatusCode.NOT_FOUND"
+    states = {m.name: (m.state, m.reason) for m in admin_client.get_model_repository_index().models}
+    assert states == {"identity": ("UNAVAILABLE", "unloaded"), "tiny": ("READY", "")}
+    assert error_of(admin_client.infer, "identity", [tensor]).status() == "StatusCode.NOT_FOUND"
+    admin_client.load_model("identity")  # answered once it serves again
+    assert admin_client.is_model_ready("identity")
+    np.testing.assert_array_equal(admin_client.infer("identity", [tensor]).as_numpy("out"), x)
+    error = error_of(admin_client.load_model, "nope")
+    assert error.status() == "StatusCode.NOT_FOUND" and "'nope'" in error.message()
+    error = error_of(admin_client.load_model, "tiny", config='{"max_batch_size": 8}')
+    assert error.status() == "StatusCode.INVALID_ARGUMENT" and "own configuration" in str(error)
+
+
+def test_shared_memory_regions_inputs_and_outputs(
+    admin_client: triton.InferenceServerClient,
+    admin_server: ServerProcess,
+    regions: list[object],
+) -> None:
+    x = np.random.default_rng(5).standard_normal((3, 4)).astype(np.float32)
+    key_in, key_out = f"/tw-gin-{uuid.uuid4().hex[:8]}", f"/tw-gout-{uuid.uuid4().hex[:8]}"
+    handle_in = triton_shm.create_shared_memory_region("input", key_in, 256)
+    handle_out = triton_shm.create_shared_memory_region("output", key_out, 256)
+    regions += [handle_in, handle_out]
+    triton_shm.set_shared_memory_region(handle_in, [x])
+    admin_client.register_system_shared_memory("input", key_in, 256)
+    admin_client.register_system_shared_memory("output", key_out, 128, offset=64)
+    status = admin_client.get_system_shared_memory_status().regions
+    assert {n: (r.key, r.offset, r.byte_size) for n, r in status.items()} == {
+        "input": (key_in, 0, 256),
+        "output": (key_out, 64, 128),
+    }
+    # Triton's semantics: the regions are server-wide, HTTP sees them too.
+    http = triton_http.InferenceServerClient(f"127.0.0.1:{admin_server.ports['http']}")
+    try:
+        assert sorted(r["name"] for r in http.get_system_shared_memory_status()) == [
+            "input",
+            "output",
+        ]
+    finally:
+        http.close()
+
+    tensor = triton.InferInput("x", [3, 4], "FP32")
+    tensor.set_shared_memory("input", x.nbytes)
+    y = triton.InferRequestedOutput("y")
+    y.set_shared_memory("output", 3 * 3 * 4, offset=16)
+    result = admin_client.infer("tiny", [tensor], outputs=[y, triton.InferRequestedOutput("label")])
+    with BlockingClient.connect(f"tcp:127.0.0.1:{admin_server.port}") as binary:
+        expected = binary.infer("tiny", {"x": x})
+    # The region "output" starts at byte 64 of its shm object; y at 16 in it.
+    written = triton_shm.get_contents_as_numpy(handle_out, np.float32, [3, 3], offset=64 + 16)
+    np.testing.assert_allclose(written, expected["y"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(result.as_numpy("label"), expected["label"])
+    [described] = [o for o in result.get_response().outputs if o.name == "y"]
+    assert list(described.shape) == [3, 3]
+    assert described.parameters["shared_memory_region"].string_param == "output"
+
+    # The same over a stream: an input in a region, the output in the reply.
+    replies: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    admin_client.start_stream(callback=lambda result, error: replies.put((result, error)))
+    try:
+        admin_client.async_stream_infer("tiny", [tensor], request_id="shm")
+        streamed, error = replies.get(timeout=30)
+    finally:
+        admin_client.stop_stream()
+    assert error is None and streamed.get_response().id == "shm"
+    np.testing.assert_allclose(streamed.as_numpy("y"), expected["y"], rtol=1e-5, atol=1e-5)
+
+    admin_client.unregister_system_shared_memory("input")
+    assert list(admin_client.get_system_shared_memory_status().regions) == ["output"]
+    admin_client.unregister_system_shared_memory()
+    assert not admin_client.get_system_shared_memory_status().regions
+
+
+def test_bad_regions_get_precise_errors_and_the_server_keeps_serving(
+    admin_client: triton.InferenceServerClient, regions: list[object]
+) -> None:
+    key = f"/tw-gbad-{uuid.uuid4().hex[:8]}"
+    regions.append(triton_shm.create_shared_memory_region("small", key, 64))
+    admin_client.register_system_shared_memory("small", key, 64)
+
+    def infer_error(region: str, byte_size: int, offset: int = 0) -> InferenceServerException:
+        tensor = triton.InferInput("x", [1, 4], "FP32")
+        tensor.set_shared_memory(region, byte_size, offset)
+        return error_of(admin_client.infer, "tiny", [tensor])
+
+    cases = [
+        (infer_error("nope", 16), "NOT_FOUND", "no shared-memory region 'nope' is registered"),
+        (
+            infer_error("small", 16, 56),
+            "INVALID_ARGUMENT",
+            "offset 56 + byte_size 16 is beyond region 'small' of 64 bytes",
+        ),
+        (
+            error_of(admin_client.register_system_shared_memory, "evil", "/../etc/passwd", 16),
+            "INVALID_ARGUMENT",
+            "not the name of a POSIX shared-memory object",
+        ),
+        (
+            error_of(admin_client.register_system_shared_memory, "past", key, 16, 60),
+            "INVALID_ARGUMENT",
+            "beyond the 64 bytes",
+        ),
+        (
+            error_of(admin_client.unregister_system_shared_memory, "nope"),
+            "NOT_FOUND",
+            "no shared-memory region 'nope'",
+        ),
+        (
+            error_of(admin_client.get_system_shared_memory_status, "nope"),
+            "NOT_FOUND",
+            "no shared-memory region 'nope'",
+        ),
+    ]
+    for error, status, words in cases:
+        assert (error.status(), words in error.message()) == (f"StatusCode.{status}", True), error
+    x = np.ones((1, 4), np.float32)
+    result = admin_client.infer("tiny", [tiny_input(x)])
+    np.testing.assert_allclose(result.as_numpy("y"), tiny_reference(x)["y"], atol=1e-5)
+    assert list(admin_client.get_system_shared_memory_status().regions) == ["small"]

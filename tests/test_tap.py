@@ -174,6 +174,20 @@ class MakeServiceTests(unittest.TestCase):
         names = [s.name for s in top.listening_services()]
         self.assertEqual(names, ["binary"])
 
+    def test_http_and_grpc_share_the_repository_and_the_server_wide_regions(self) -> None:
+        from twinfer.frontends.http import HTTPFrontEnd
+
+        options = self.twistd_options(
+            "--http-port=tcp:0", "--grpc-port=tcp:0", "--allow-shm", "--allow-admin"
+        )
+        top = tap.makeService(options.subOptions)
+        [http] = [s for s in top if isinstance(s, HTTPFrontEnd)]
+        adapter = top.getServiceNamed("grpc").adapter  # type: ignore[attr-defined]
+        self.assertIs(adapter.repository, http.repository)
+        self.assertTrue(adapter.repository.allow_admin)
+        self.assertIsNotNone(http.shared_regions)
+        self.assertIs(adapter.regions, http.shared_regions)
+
     def test_the_port_file_option_is_made_absolute(self) -> None:
         options = self.twistd_options("--port-file=ports.json")
         self.assertTrue(Path(options.subOptions["port-file"]).is_absolute())

@@ -141,8 +141,8 @@ class ServerConfig:
     #: register at once, and their byte sizes summed.
     shm_max_regions: PositiveInt = 16
     shm_max_bytes: PositiveInt = 256 * 1024 * 1024
-    #: The same for the server-wide regions registered over HTTP (Triton's
-    #: semantics: every HTTP client sees them).
+    #: The same for the server-wide regions registered over HTTP or gRPC
+    #: (Triton's semantics: every HTTP and gRPC client sees them).
     http_shm_max_regions: PositiveInt = 64
     http_shm_max_bytes: PositiveInt = 1024 * 1024 * 1024
 

@@ -14,7 +14,7 @@ import attrs
 
 from twinfer.errors import ErrorCode
 
-__all__ = ["OK", "Outcome", "outcome"]
+__all__ = ["OK", "PERMISSION_DENIED", "Outcome", "outcome"]
 
 
 @attrs.frozen
@@ -34,6 +34,11 @@ class Outcome:
 
 #: The outcome of a request that was answered with its result.
 OK = Outcome("OK", 200, "OK")
+#: A request the server was not started to allow (load and unload without
+#: ``--allow-admin``).  Not an error code: the binary protocol answers those
+#: ``UNSUPPORTED_MESSAGE``; the front ends that have a permission status
+#: answer this one (:class:`~twinfer.ops.repository.AdminDisabled`).
+PERMISSION_DENIED = Outcome("PERMISSION_DENIED", 403, "PERMISSION_DENIED")
 
 _BY_CODE: dict[ErrorCode, Outcome] = {
     code: Outcome(code.name, status, grpc, retryable)

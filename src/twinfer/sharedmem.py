@@ -38,7 +38,8 @@ import mmap
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import attrs
 import numpy as np
@@ -49,10 +50,13 @@ from twinfer.wire.messages import DType, RegionInfo, RegionRef
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_REGIONS",
+    "DISABLED",
     "Lease",
     "Region",
     "RegionTable",
     "SharedMemory",
+    "region_ref",
+    "regions_of",
     "shm_file_name",
 ]
 
@@ -66,6 +70,9 @@ MAX_NAME_LENGTH = 255
 #: ``server.shm_max_bytes``).
 DEFAULT_MAX_REGIONS = 16
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+#: The error of every shared-memory request to a server without ``--allow-shm``
+#: (whatever its front end).
+DISABLED = "shared memory is disabled on this server (start it with --allow-shm)"
 
 
 def _invalid(message: str) -> TwinferError:
@@ -398,3 +405,36 @@ def write_into(dest: np.ndarray, data: np.ndarray, name: str) -> np.ndarray:
     view = dest[:need].view(data.dtype).reshape(data.shape)
     np.copyto(view, data)
     return view
+
+
+def regions_of(table: RegionTable | None) -> RegionTable:
+    """``table``, or ``UNSUPPORTED_MESSAGE`` naming ``--allow-shm`` for None
+    (a server without shared memory)."""
+    if table is None:
+        raise TwinferError(ErrorCode.UNSUPPORTED_MESSAGE, DISABLED)
+    return table
+
+
+def region_ref(parameters: Mapping[str, Any], where: str) -> RegionRef | None:
+    """Triton's ``shared_memory_region``, ``_offset`` (default 0) and
+    ``_byte_size`` parameters of one tensor, if it has them.
+
+    ``parameters`` holds plain values (KServe's JSON over HTTP, gRPC's
+    ``InferParameter`` values unwrapped), so every front end reads Triton's
+    shared-memory parameters with this one function; ``INVALID_REGION`` for
+    a value of the wrong kind.
+    """
+    region = parameters.get("shared_memory_region")
+    if region is None:
+        return None
+    if not isinstance(region, str):
+        raise _invalid(
+            f"{where}.parameters.shared_memory_region: expected a string, got {region!r}"
+        )
+    values = []
+    for key, default in (("shared_memory_offset", 0), ("shared_memory_byte_size", None)):
+        value = parameters.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise _invalid(f"{where}.parameters.{key}: expected bytes >= 0, got {value!r}")
+        values.append(value)
+    return RegionRef(region, values[0], values[1])

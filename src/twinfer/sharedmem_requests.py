@@ -20,7 +20,10 @@ plane's usual path (admission, validation, counting).
 
 The result's outputs for region outputs are views of the region; the front
 end answers with their shapes and dtypes, not their bytes
-(:func:`region_outputs`).
+(:func:`region_outputs`).  Front ends that take requests with and without
+region references alike (HTTP, gRPC: Triton's parameters on any tensor) call
+:func:`infer_maybe_shared`, which does both steps and refuses references on a
+server without ``--allow-shm``.
 """
 
 from __future__ import annotations
@@ -31,16 +34,17 @@ import time
 from collections.abc import Hashable, Mapping
 from typing import Any
 
+import attrs
 import numpy as np
 from twisted.internet.defer import Deferred, fail
 
 from twinfer.dataplane import DataPlane, Session
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.scheduling import InferResult
-from twinfer.sharedmem import Lease, RegionTable, release_all, write_into
+from twinfer.sharedmem import Lease, RegionTable, regions_of, release_all, write_into
 from twinfer.wire.messages import DType, RegionRef, RegionTensor
 
-__all__ = ["infer", "region_outputs"]
+__all__ = ["infer", "infer_maybe_shared", "region_outputs"]
 
 
 def infer(
@@ -96,6 +100,56 @@ def infer(
         session, key, model, arrays, outputs, timeout_ms=timeout_ms, priority=priority, work=work
     )
     return d.addBoth(work.fired)
+
+
+def infer_maybe_shared(
+    plane: DataPlane,
+    session: Session,
+    key: Hashable,
+    model: str,
+    table: RegionTable | None,
+    inputs: Mapping[str, Any],
+    outputs: tuple[str, ...] = (),
+    output_regions: Mapping[str, RegionRef] | None = None,
+    *,
+    timeout_ms: int = 0,
+    priority: int = 0,
+) -> Deferred[InferResult]:
+    """Run a request that may reference regions of ``table`` (None: the
+    server has no shared memory).
+
+    Without references it is :meth:`DataPlane.infer` as it is.  With them,
+    :func:`infer`, and the result's region outputs become :class:`RegionTensor`
+    (:func:`region_outputs`) for the front end to describe; without a table
+    the request is refused (``UNSUPPORTED_MESSAGE`` naming ``--allow-shm``,
+    counted).  Fires with the :class:`InferResult` or fails with
+    :class:`TwinferError`.
+    """
+    if not output_regions and not any(type(v) is RegionTensor for v in inputs.values()):
+        return plane.infer(
+            session, key, model, inputs, outputs, timeout_ms=timeout_ms, priority=priority
+        )
+    try:
+        regions = regions_of(table)
+    except TwinferError as e:
+        plane.refuse(session, model, e)
+        return fail(e)
+    refs = dict(output_regions or {})
+    d = infer(
+        plane,
+        session,
+        key,
+        model,
+        regions,
+        inputs,
+        outputs,
+        refs,
+        timeout_ms=timeout_ms,
+        priority=priority,
+    )
+    return d.addCallback(
+        lambda result: attrs.evolve(result, outputs=region_outputs(result.outputs, refs))
+    )
 
 
 def _check_static_outputs(

@@ -15,7 +15,7 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application import service
@@ -32,6 +32,10 @@ from twinfer.frontends.binary import TwinferFactory
 from twinfer.ops.lifecycle import ServingService
 from twinfer.ops.listening import CannotListen, ListeningService
 from twinfer.registry import build_dispatcher, load_models, replica_counts
+
+if TYPE_CHECKING:
+    from twinfer.ops.repository import ModelRepository
+    from twinfer.sharedmem import RegionTable
 
 log = Logger()
 
@@ -374,16 +378,25 @@ def makeService(options: Options) -> TwinferService:
         from twinfer.sharedmem import SharedMemory
 
         factory.shared_memory = shm = SharedMemory()
-        # Triton's semantics: regions registered over HTTP are server-wide.
+        # Triton's semantics: regions registered over HTTP or gRPC are
+        # server-wide, one table both front ends share.
         server_regions = shm.table(
             config.server.http_shm_max_regions,
             config.server.http_shm_max_bytes,
-            "the server-wide (HTTP) regions",
+            "the server-wide (HTTP and gRPC) regions",
         )
     # The operations services (graceful drain, console, metrics) go in first
     # so that the front ends stop after them.
     _add_operations_services(top, options, config, dataplane, factory, reactor)
     _listen(top, reactor, "binary", options["port"], factory, direct_reads=True)
+    # Triton's extensions answer the same over HTTP and gRPC: one repository.
+    repository = None
+    if options["http-port"] or options["grpc-port"]:
+        from twinfer.ops.repository import ModelRepository
+
+        repository = ModelRepository.for_server(
+            dataplane, config, controller=factory.controller, allow_admin=factory.allow_admin
+        )
     if options["http-port"]:
         # Imported only when asked for: twisted.web is not needed otherwise.
         from twinfer.frontends.http import HTTPFrontEnd
@@ -392,19 +405,24 @@ def makeService(options: Options) -> TwinferService:
             dataplane,
             config,
             reactor,
-            controller=factory.controller,
-            allow_admin=factory.allow_admin,
             shared_regions=server_regions,
+            repository=repository,
         )
         front.setServiceParent(top)
         _listen(top, reactor, "http", options["http-port"], front.site, label="http")
     if options["grpc-port"]:
-        _add_grpc(top, options, config, dataplane, reactor)
+        _add_grpc(top, options, config, dataplane, reactor, repository, server_regions)
     return top
 
 
 def _add_grpc(
-    top: TwinferService, options: Options, config: Config, dataplane: DataPlane, reactor: Any
+    top: TwinferService,
+    options: Options,
+    config: Config,
+    dataplane: DataPlane,
+    reactor: Any,
+    repository: ModelRepository | None,
+    shared_regions: RegionTable | None,
 ) -> None:
     """The gRPC front end (imported only when asked for: it loads grpcio)."""
     from twinfer.frontends.grpc.service import GRPCService
@@ -420,6 +438,8 @@ def _add_grpc(
             max_inflight=config.server.max_inflight_per_connection,
             # In-flight calls finish within the drain (new requests get UNAVAILABLE).
             grace=options["drain-timeout"] + 1.0,
+            repository=repository,
+            shared_regions=shared_regions,
         )
     except ValueError as e:
         raise SystemExit(f"twinfer: bad endpoint {description!r}: {e}") from e

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twinfer import sharedmem_requests
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.scheduling import InferResult
-from twinfer.sharedmem import RegionTable
+from twinfer.sharedmem import DISABLED, RegionTable
 from twinfer.wire.messages import (
     GetRegionStatus,
     InferRequest,
@@ -34,9 +34,6 @@ if TYPE_CHECKING:
     from twinfer.frontends.binary import TwinferProtocol
 
 log = Logger()
-
-#: The answer to every shared-memory message of a server without ``--allow-shm``.
-DISABLED = "shared memory is disabled on this server (start it with --allow-shm)"
 
 
 def _table(protocol: TwinferProtocol) -> RegionTable:

@@ -33,13 +33,13 @@ What twinfer reports in Triton's terms:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet.defer import Deferred, fail
 
-from twinfer.config import ModelConfig
+from twinfer.config import Config, ModelConfig
 from twinfer.dataplane import DataPlane
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.ops.stats import ModelStats
@@ -58,6 +58,7 @@ __all__ = [
     "RepositoryModel",
     "TensorConfig",
     "TritonModelConfig",
+    "check_load_parameters",
     "triton_datatype",
 ]
 
@@ -102,6 +103,19 @@ class AdminDisabled(TwinferError):
         super().__init__(
             ErrorCode.UNSUPPORTED_MESSAGE,
             f"{operation} is disabled on this server (start it with --allow-admin)",
+        )
+
+
+def check_load_parameters(names: Iterable[str]) -> None:
+    """Refuse (``INVALID_INPUT``) a load request's parameters that would
+    replace the model's configuration or files: twinfer loads models from
+    its own configuration."""
+    overrides = sorted(k for k in names if k == "config" or k.startswith("file:"))
+    if overrides:
+        raise TwinferError(
+            ErrorCode.INVALID_INPUT,
+            f"parameters {overrides}: twinfer loads models from its own configuration, "
+            "not from a config or files sent with the request",
         )
 
 
@@ -264,6 +278,25 @@ class ModelRepository:
         if controller is not None:
             self._targets.update({d.name: d.target for d in controller.config.devices})
         self.allow_admin = allow_admin
+
+    @classmethod
+    def for_server(
+        cls,
+        dataplane: DataPlane,
+        config: Config,
+        *,
+        controller: Controller | None = None,
+        allow_admin: bool = False,
+    ) -> ModelRepository:
+        """The repository of a server running ``config``: one per server,
+        shared by its front ends (HTTP and gRPC answer from the same one)."""
+        return cls(
+            dataplane,
+            controller=controller,
+            models={m.name: m for m in config.models},
+            targets={d.name: d.target for d in config.devices},
+            allow_admin=allow_admin,
+        )
 
     # -- repository ---------------------------------------------------------
 

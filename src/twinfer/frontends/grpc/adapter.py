@@ -27,10 +27,19 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.python.failure import Failure
 
+from twinfer import sharedmem_requests
 from twinfer.dataplane import DataPlane, Session
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.frontends.http import kserve
+from twinfer.ops.repository import (
+    ModelRepository,
+    ModelStatistics,
+    RepositoryModel,
+    TritonModelConfig,
+)
 from twinfer.scheduling import InferResult
+from twinfer.sharedmem import RegionTable, regions_of
+from twinfer.wire.messages import RegionInfo
 
 __all__ = ["FRONTEND", "GRPCAdapter", "ReactorBridge"]
 
@@ -87,13 +96,25 @@ class GRPCAdapter:
     """The gRPC front end's data-plane calls (reactor thread only).
 
     ``max_inflight`` is the server's per-connection limit, applied per peer
-    and per stream.
+    and per stream.  ``repository`` answers Triton's repository, statistics
+    and configuration extensions (None: one of its own, without load and
+    unload); ``shared_regions`` is the server-wide shared-memory table
+    (None: ``--allow-shm`` is off).
     """
 
-    def __init__(self, dataplane: DataPlane, max_inflight: int = 0) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        max_inflight: int = 0,
+        *,
+        repository: ModelRepository | None = None,
+        shared_regions: RegionTable | None = None,
+    ) -> None:
         self.plane = dataplane
         self.dispatcher = dataplane.dispatcher
         self.max_inflight = max_inflight
+        self.repository = repository or ModelRepository(dataplane)
+        self.regions = shared_regions
         dataplane.frontend(FRONTEND)  # its gauges read 0 before the first call
         #: Open sessions by peer (or stream) and how many users each has.
         self._sessions: dict[Hashable, tuple[Session, int]] = {}
@@ -158,12 +179,16 @@ class GRPCAdapter:
             self.plane.refuse(session, model, e)
             self.release(owner)
             return fail(e)
-        d = self.plane.infer(
+        # Tensors may be in shared memory (parameters.shared_memory_region).
+        d = sharedmem_requests.infer_maybe_shared(
+            self.plane,
             session,
             key,
             model,
+            self.regions,
             request.inputs,
             request.output_names,
+            request.output_regions,
             timeout_ms=timeout_ms,
             priority=priority,
         )
@@ -198,6 +223,52 @@ class GRPCAdapter:
         """The model's :class:`~twinfer.wire.messages.Metadata`."""
         self.check_model(name, version)
         return self.dispatcher.metadata(name)
+
+    # -- Triton's extensions ------------------------------------------------------------
+
+    def repository_index(self, ready_only: bool) -> list[RepositoryModel]:
+        """Every model the server knows and its state (only the ready ones)."""
+        return self.repository.index(ready_only=ready_only)
+
+    def load(self, name: str) -> Deferred[str]:
+        """Load or reload ``name`` (``--allow-admin``); see :meth:`ModelRepository.load`."""
+        return self.repository.load(name)
+
+    def unload(self, name: str) -> Deferred[str]:
+        """Stop serving ``name`` (``--allow-admin``); see :meth:`ModelRepository.unload`."""
+        return self.repository.unload(name)
+
+    def statistics(self, name: str, version: str) -> list[ModelStatistics]:
+        """Statistics of ``name`` ("": every served model)."""
+        if name:
+            self.check_model(name, version)
+        return self.repository.statistics(name)
+
+    def config(self, name: str, version: str) -> TritonModelConfig:
+        """The configuration ``name`` is served with."""
+        self.check_model(name, version)
+        return self.repository.config(name)
+
+    def register_region(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        """Register a server-wide shared-memory region (``--allow-shm``)."""
+        self._shm(lambda table: table.register(name, key, offset, byte_size))
+
+    def unregister_region(self, name: str) -> None:
+        """Unregister region ``name`` ("": every region)."""
+        self._shm(lambda table: table.unregister(name) if name else table.unregister_all())
+
+    def region_status(self, name: str) -> list[RegionInfo]:
+        """The regions registered ("") or the one named."""
+        return self._shm(lambda table: table.status(name))  # type: ignore[no-any-return]
+
+    def _shm(self, call: Callable[[RegionTable], Any]) -> Any:
+        """``call`` on the server-wide regions; a refusal (``--allow-shm``
+        off included) is counted as the front end's protocol error, as over HTTP."""
+        try:
+            return call(regions_of(self.regions))
+        except TwinferError as e:
+            self.plane.protocol_error(FRONTEND, e.code)
+            raise
 
     def _level(self, name: str, priority: int) -> int:
         """twinfer's priority level (1 lowest) for Triton's ``priority`` (1 highest)."""

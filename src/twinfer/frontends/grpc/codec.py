@@ -30,13 +30,15 @@ import numpy as np
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.frontends.grpc import grpc_service_pb2 as pb
 from twinfer.frontends.http import kserve
-from twinfer.wire.messages import DType, Metadata
+from twinfer.sharedmem import region_ref
+from twinfer.wire.messages import DType, Metadata, RegionRef, RegionTensor
 
 __all__ = [
     "CONTENTS_FIELD",
     "decode_infer_request",
     "encode_infer_response",
     "model_metadata",
+    "plain_parameters",
     "server_metadata",
 ]
 
@@ -74,6 +76,24 @@ def _parameter_count(parameters: Mapping[str, Any], key: str, what: str) -> int:
         shown = getattr(value, choice) if choice else None
         raise _invalid(f"request.parameters.{key}: expected {what} >= 0, got {shown!r}")
     return int(number)
+
+
+def plain_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """A tensor's ``InferParameter`` map as plain values (``int64_param`` 5 -> 5),
+    as KServe's JSON has them, for the checks both front ends share."""
+    plain = {}
+    for key, value in parameters.items():
+        choice = value.WhichOneof("parameter_choice")
+        plain[key] = getattr(value, choice) if choice else None
+    return plain
+
+
+def _region(parameters: Mapping[str, Any], where: str) -> RegionRef | None:
+    """Triton's shared-memory parameters of one tensor (tritonclient.grpc sends
+    ``shared_memory_region`` as a string, offset and byte size as int64)."""
+    if "shared_memory_region" not in parameters:
+        return None
+    return region_ref(plain_parameters(parameters), where)
 
 
 def _shape(dims: Any, where: str) -> tuple[int, ...]:
@@ -142,12 +162,21 @@ def decode_infer_request(request: Any) -> kserve.InferRequest:
     if not request.inputs:
         raise _invalid("request.inputs: expected at least one tensor")
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
+    # Inputs in a shared-memory region have no raw entry (tritonclient.grpc
+    # appends one per input that carries its bytes): raw entries go, in
+    # order, to the other inputs.
+    regions = [
+        _region(tensor.parameters, f"input {tensor.name!r}" if tensor.name else f"inputs[{i}]")
+        for i, tensor in enumerate(request.inputs)
+    ]
+    carried = sum(region is None for region in regions)
+    if raw and len(raw) != carried:
         raise _invalid(
-            f"request.raw_input_contents: {len(raw)} entries for {len(request.inputs)} inputs "
-            f"(when used, it holds every input's bytes, in input order)"
+            f"request.raw_input_contents: {len(raw)} entries for {carried} inputs not in "
+            f"shared memory (when used, it holds every such input's bytes, in input order)"
         )
-    inputs: dict[str, np.ndarray] = {}
+    raw_index = 0
+    inputs: dict[str, Any] = {}
     for i, tensor in enumerate(request.inputs):
         name = tensor.name
         where = f"input {name!r}" if name else f"inputs[{i}]"
@@ -157,15 +186,23 @@ def decode_infer_request(request: Any) -> kserve.InferRequest:
             raise _invalid(f"{where} is given twice")
         shape = _shape(tensor.shape, where)
         dtype = kserve.parse_datatype(tensor.datatype, f"{where}.datatype")
-        if raw:
+        region = regions[i]
+        if region is not None:
+            if tensor.HasField("contents"):
+                raise _invalid(f"{where}: has both a shared-memory region and contents")
+            inputs[name] = RegionTensor(dtype, shape, region)
+        elif raw:
             if tensor.HasField("contents"):
                 raise _invalid(f"{where}: has both contents and raw_input_contents")
-            inputs[name] = kserve.binary_to_array(memoryview(raw[i]), dtype, shape, where)
+            data = memoryview(raw[raw_index])
+            raw_index += 1
+            inputs[name] = kserve.binary_to_array(data, dtype, shape, where)
         elif tensor.HasField("contents"):
             inputs[name] = contents_to_array(tensor.contents, dtype, shape, where)
         else:
             raise _invalid(f"{where}: has neither contents nor raw_input_contents")
     outputs: list[kserve.RequestedOutput] = []
+    output_regions: dict[str, RegionRef] = {}
     for i, wanted in enumerate(request.outputs):
         if not wanted.name:
             raise _invalid(f"outputs[{i}].name: empty")
@@ -175,6 +212,9 @@ def decode_infer_request(request: Any) -> kserve.InferRequest:
         if any(o.name == wanted.name for o in outputs):
             raise _invalid(f"{where} is requested twice")
         outputs.append(kserve.RequestedOutput(wanted.name, True))
+        region = _region(wanted.parameters, where)
+        if region is not None:
+            output_regions[wanted.name] = region
     return kserve.InferRequest(
         inputs,
         tuple(outputs),
@@ -182,6 +222,7 @@ def decode_infer_request(request: Any) -> kserve.InferRequest:
         True,
         timeout_us or None,
         priority,
+        output_regions,
     )
 
 
@@ -189,7 +230,12 @@ def encode_infer_response(
     model: str, request: kserve.InferRequest, outputs: Mapping[str, np.ndarray]
 ) -> Any:
     """A ``ModelInferResponse`` carrying ``outputs`` (in the order asked for,
-    else the model's) as ``raw_output_contents``, as Triton answers."""
+    else the model's) as ``raw_output_contents``, as Triton answers.
+
+    An output written into a shared-memory region (a :class:`RegionTensor`)
+    is described with its region parameters and an empty raw entry, so that
+    each output's raw entry stays at its own index.
+    """
     order = request.output_names or tuple(outputs)
     response = pb.ModelInferResponse(
         model_name=model, model_version=kserve.MODEL_VERSION, id=request.id or ""
@@ -197,6 +243,16 @@ def encode_infer_response(
     raw = []
     for name in order:
         array = outputs[name]
+        if type(array) is RegionTensor:  # written into shared memory: no data here
+            tensor = response.outputs.add(
+                name=name, datatype=kserve.datatype_name(array.dtype), shape=array.shape
+            )
+            ref = array.ref
+            tensor.parameters["shared_memory_region"].string_param = ref.region
+            tensor.parameters["shared_memory_offset"].int64_param = ref.offset
+            tensor.parameters["shared_memory_byte_size"].int64_param = ref.byte_size
+            raw.append(b"")
+            continue
         try:
             datatype = kserve.datatype_name(DType.from_numpy(array.dtype))
         except KeyError:

@@ -23,6 +23,8 @@ from twinfer.frontends.grpc import grpc_service_pb2_grpc as pb_grpc
 from twinfer.frontends.grpc.adapter import FRONTEND, GRPCAdapter, ReactorBridge
 from twinfer.frontends.grpc.servicer import InferenceServicer
 from twinfer.ops.listening import CannotListen
+from twinfer.ops.repository import ModelRepository
+from twinfer.sharedmem import RegionTable
 from twinfer.tls import split_description
 
 __all__ = ["GRPCEndpoint", "GRPCService", "parse_endpoint"]
@@ -119,7 +121,9 @@ class GRPCService(service.Service):
     ``stopService`` stops accepting calls, lets those in flight finish for
     up to ``grace`` seconds (the graceful drain answers new requests
     ``UNAVAILABLE`` meanwhile), then ends the thread; its Deferred fires
-    (with None) once the thread is done.
+    (with None) once the thread is done.  ``repository`` and
+    ``shared_regions`` are the server's own, shared with the HTTP front end
+    (see :class:`~twinfer.frontends.grpc.adapter.GRPCAdapter`).
     """
 
     #: TwinferService collects this service's port for the port file.
@@ -135,12 +139,16 @@ class GRPCService(service.Service):
         max_message_size: int = 64 * 1024 * 1024,
         max_inflight: int = 0,
         grace: float = 30.0,
+        repository: ModelRepository | None = None,
+        shared_regions: RegionTable | None = None,
     ) -> None:
         self.setName(FRONTEND)
         self.description = description
         self.endpoint = parse_endpoint(description, client_ca)
         self.reactor = reactor
-        self.adapter = GRPCAdapter(dataplane, max_inflight)
+        self.adapter = GRPCAdapter(
+            dataplane, max_inflight, repository=repository, shared_regions=shared_regions
+        )
         self.max_message_size = max_message_size
         self.grace = grace
         #: The port the server is bound to, once it is.

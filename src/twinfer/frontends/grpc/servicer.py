@@ -9,9 +9,14 @@ from :mod:`twinfer.outcomes` (the data plane's one table); a retryable
 refusal (``OVERLOADED``, ``UNAVAILABLE``) carries the trailing metadata
 ``retry-after: 1`` (seconds, as HTTP's ``Retry-After`` header).
 
-Triton's extensions that other modules will serve (model configuration,
-statistics, the repository, system shared memory) answer ``UNIMPLEMENTED``
-from one method each, at the end of :class:`InferenceServicer`.
+Triton's extensions (model configuration, statistics, the repository,
+system shared memory) are thin translators: the adapter asks the server's
+:class:`~twinfer.ops.repository.ModelRepository` or its server-wide
+shared-memory regions, :mod:`twinfer.frontends.grpc.extensions` builds the
+reply.  Load and unload without ``--allow-admin`` answer
+``PERMISSION_DENIED``, the shared-memory RPCs without ``--allow-shm``
+``UNIMPLEMENTED``, each with a message naming the flag.  CUDA shared memory,
+tracing and log settings answer ``UNIMPLEMENTED`` (the generated base class).
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ from typing import Any, NoReturn
 
 import grpc
 
-from twinfer.errors import ErrorCode, TwinferError
-from twinfer.frontends.grpc import codec
+from twinfer.errors import TwinferError
+from twinfer.frontends.grpc import codec, extensions
 from twinfer.frontends.grpc import grpc_service_pb2 as pb
 from twinfer.frontends.grpc import grpc_service_pb2_grpc as pb_grpc
 from twinfer.frontends.grpc.adapter import GRPCAdapter, ReactorBridge
-from twinfer.outcomes import outcome
+from twinfer.ops.repository import AdminDisabled, check_load_parameters
+from twinfer.outcomes import PERMISSION_DENIED, outcome
 
 __all__ = ["InferenceServicer", "status_of"]
 
@@ -38,7 +44,7 @@ RETRY_AFTER = (("retry-after", "1"),)
 
 def status_of(error: TwinferError) -> tuple[grpc.StatusCode, tuple[tuple[str, str], ...]]:
     """The gRPC status code for ``error`` and the trailing metadata to send with it."""
-    result = outcome(error.code)
+    result = PERMISSION_DENIED if isinstance(error, AdminDisabled) else outcome(error.code)
     return grpc.StatusCode[result.grpc_status], RETRY_AFTER if result.retryable else ()
 
 
@@ -166,46 +172,65 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 task.cancel()  # each withdraws its own job
             self._bridge.send(self._adapter.release, owner)
 
-    # -- Triton's extensions served elsewhere: UNIMPLEMENTED until wired in ----------------
+    # -- Triton's extensions -------------------------------------------------------------
+
+    async def _ask(self, context: grpc.aio.ServicerContext, function: Any, *args: Any) -> Any:
+        """``function(*args)`` on the reactor thread; a TwinferError aborts the call."""
+        try:
+            return await self._bridge.call(function, *args)
+        except TwinferError as e:
+            await _abort(context, e)
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await _unimplemented(context, "ModelConfig (model configuration)")
+        config = await self._ask(context, self._adapter.config, request.name, request.version)
+        return extensions.config_response(config)
 
     async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await _unimplemented(context, "ModelStatistics (inference statistics)")
+        stats = await self._ask(context, self._adapter.statistics, request.name, request.version)
+        return extensions.statistics_response(stats)
 
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await _unimplemented(context, "RepositoryIndex (model repository)")
+        # repository_name: twinfer has one repository, whatever its name.
+        models = await self._ask(context, self._adapter.repository_index, request.ready)
+        return extensions.index_response(models)
 
     async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await _unimplemented(context, "RepositoryModelLoad (model repository)")
+        try:
+            check_load_parameters(request.parameters)
+        except TwinferError as e:
+            await _abort(context, e)
+        await self._ask(context, self._adapter.load, request.model_name)
+        return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await _unimplemented(context, "RepositoryModelUnload (model repository)")
+        # parameters such as unload_dependents: nothing depends on a model.
+        await self._ask(context, self._adapter.unload, request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     async def SystemSharedMemoryStatus(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> Any:
-        await _unimplemented(context, "SystemSharedMemoryStatus (system shared memory)")
+        regions = await self._ask(context, self._adapter.region_status, request.name)
+        return extensions.region_status_response(regions)
 
     async def SystemSharedMemoryRegister(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> Any:
-        await _unimplemented(context, "SystemSharedMemoryRegister (system shared memory)")
+        await self._ask(
+            context,
+            self._adapter.register_region,
+            request.name,
+            request.key,
+            request.offset,
+            request.byte_size,
+        )
+        return pb.SystemSharedMemoryRegisterResponse()
 
     async def SystemSharedMemoryUnregister(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> Any:
-        await _unimplemented(context, "SystemSharedMemoryUnregister (system shared memory)")
+        await self._ask(context, self._adapter.unregister_region, request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
 
     # CUDA shared memory, tracing and log settings: the generated base class
     # answers UNIMPLEMENTED ("Method not implemented!") for those.
-
-
-async def _unimplemented(context: grpc.aio.ServicerContext, what: str) -> NoReturn:
-    await _abort(
-        context,
-        TwinferError(
-            ErrorCode.UNSUPPORTED_MESSAGE, f"{what} is not served by twinfer's gRPC front end yet"
-        ),
-    )

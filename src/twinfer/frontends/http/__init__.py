@@ -46,9 +46,12 @@ class HTTPFrontEnd(service.Service):
 
     Start it (``startService``, or as a child of the ``twistd`` service tree)
     before serving :attr:`site`, and stop it after the port is closed.
+    ``repository`` answers Triton's repository, statistics and configuration
+    extensions (the server's one :class:`ModelRepository`, shared with the
+    gRPC front end); without one, a repository of its own is built from
     ``controller`` (:class:`~twinfer.ops.control.Controller`) and
-    ``allow_admin`` (``--allow-admin``) serve Triton's repository extension's
-    load and unload; without a controller they answer 403.
+    ``allow_admin`` (``--allow-admin``), which serve load and unload (without
+    a controller they answer 403).
     """
 
     def __init__(
@@ -60,20 +63,18 @@ class HTTPFrontEnd(service.Service):
         controller: Controller | None = None,
         allow_admin: bool = False,
         shared_regions: RegionTable | None = None,
+        repository: ModelRepository | None = None,
     ) -> None:
         self.pool = ThreadPool(minthreads=0, maxthreads=CODEC_THREADS, name="twinfer-http-codec")
         router = Router()
         #: Triton's repository, statistics and configuration extensions.
-        self.repository = ModelRepository(
-            dataplane,
-            controller=controller,
-            models={m.name: m for m in config.models},
-            targets={d.name: d.target for d in config.devices},
-            allow_admin=allow_admin,
+        self.repository = repository or ModelRepository.for_server(
+            dataplane, config, controller=controller, allow_admin=allow_admin
         )
         # First: ``/v2/models/stats`` is not the metadata of a model "stats".
         TritonExtensionsAPI(self.repository).install(router)
-        # shared_regions: the server-wide shared-memory regions (--allow-shm).
+        #: The server-wide shared-memory regions (None: no ``--allow-shm``).
+        self.shared_regions = shared_regions
         KServeAPI(dataplane, reactor, self.pool, shared_regions).install(router)
         SharedMemoryAPI(shared_regions, dataplane).install(router)
         # The image API needs the data plane's image tasks (none: 501).

@@ -26,7 +26,9 @@ from twinfer.ops.repository import (
     ModelStatistics,
     TensorConfig,
     TritonModelConfig,
+    check_load_parameters,
 )
+from twinfer.outcomes import PERMISSION_DENIED
 
 __all__ = ["TritonExtensionsAPI", "config_document", "statistics_document"]
 
@@ -117,7 +119,7 @@ async def _admin(d: Any) -> Response:
     try:
         await d
     except AdminDisabled as e:
-        raise HTTPError(http.FORBIDDEN, e.message) from e
+        raise HTTPError(PERMISSION_DENIED.http_status, e.message) from e
     return Response(http.OK, [], {"Content-Type": "application/json"})
 
 
@@ -158,13 +160,7 @@ class TritonExtensionsAPI:
         parameters = _body(request).get("parameters") or {}
         if not isinstance(parameters, dict):
             raise TwinferError(ErrorCode.INVALID_INPUT, "parameters: expected an object")
-        overrides = sorted(k for k in parameters if k == "config" or k.startswith("file:"))
-        if overrides:
-            raise TwinferError(
-                ErrorCode.INVALID_INPUT,
-                f"parameters {overrides}: twinfer loads models from its own configuration, "
-                "not from a config or files sent with the request",
-            )
+        check_load_parameters(parameters)
         return await _admin(self.repository.load(name))
 
     async def unload(self, request: LimitedRequest, name: str) -> Response:

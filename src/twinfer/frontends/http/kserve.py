@@ -33,6 +33,7 @@ import numpy as np
 
 import twinfer
 from twinfer.errors import ErrorCode, TwinferError
+from twinfer.sharedmem import region_ref
 from twinfer.wire.messages import DType, Metadata, RegionRef, RegionTensor, TensorSpec
 
 #: The response header (and request header) that splits JSON from binary data.
@@ -281,29 +282,6 @@ def decode_infer_request(
         priority or 0,
         output_regions,
     )
-
-
-def region_ref(parameters: Mapping[str, Any], where: str) -> RegionRef | None:
-    """Triton's ``shared_memory_region``, ``_offset`` (default 0) and
-    ``_byte_size`` parameters of one tensor, if it has them."""
-    region = parameters.get("shared_memory_region")
-    if region is None:
-        return None
-    if not isinstance(region, str):
-        raise TwinferError(
-            ErrorCode.INVALID_REGION,
-            f"{where}.parameters.shared_memory_region: expected a string, got {region!r}",
-        )
-    values = []
-    for key, default in (("shared_memory_offset", 0), ("shared_memory_byte_size", None)):
-        value = parameters.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise TwinferError(
-                ErrorCode.INVALID_REGION,
-                f"{where}.parameters.{key}: expected bytes >= 0, got {value!r}",
-            )
-        values.append(value)
-    return RegionRef(region, values[0], values[1])
 
 
 def _count(parameters: Mapping[str, Any], key: str, what: str) -> int | None:

@@ -11,8 +11,9 @@ Routes, in Triton's shapes (``tritonclient.http`` calls them):
   ``{"name", "key", "offset", "byte_size"}``.
 
 Regions registered over HTTP are server-wide (Triton's semantics: any HTTP
-client may name them), in one :class:`~twinfer.sharedmem.RegionTable` with
-its own limits (``server.http_shm_max_regions`` / ``http_shm_max_bytes``).
+or gRPC client may name them), in the one
+:class:`~twinfer.sharedmem.RegionTable` the gRPC front end shares, with its
+own limits (``server.http_shm_max_regions`` / ``http_shm_max_bytes``).
 Without ``--allow-shm`` every route answers 501 naming the flag.  Every
 refusal is counted as a protocol error of the HTTP front end, by code.
 """
@@ -25,18 +26,8 @@ from typing import Any
 from twinfer.dataplane import DataPlane
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.frontends.http.site import FRONTEND, Handler, LimitedRequest, Response, Router
-from twinfer.sharedmem import RegionTable
+from twinfer.sharedmem import RegionTable, regions_of
 from twinfer.wire.messages import RegionInfo
-
-#: The error of every shared-memory request to a server without ``--allow-shm``.
-DISABLED = "shared memory is disabled on this server (start it with --allow-shm)"
-
-
-def regions_of(table: RegionTable | None) -> RegionTable:
-    """``table``, or ``UNSUPPORTED_MESSAGE`` (501) naming ``--allow-shm``."""
-    if table is None:
-        raise TwinferError(ErrorCode.UNSUPPORTED_MESSAGE, DISABLED)
-    return table
 
 
 def _status(regions: list[RegionInfo]) -> list[dict[str, Any]]:

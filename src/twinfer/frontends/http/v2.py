@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import attrs
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.web import http
@@ -32,7 +31,6 @@ from twinfer import sharedmem_requests
 from twinfer.dataplane import DataPlane
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.frontends.http import kserve
-from twinfer.frontends.http.shm import regions_of
 from twinfer.frontends.http.site import HTTPError, LimitedRequest, Response, Router, session_of
 from twinfer.scheduling import InferResult
 from twinfer.sharedmem import RegionTable
@@ -124,37 +122,23 @@ class KServeAPI:
             self._check_model(name, version)
             decoded = await self._decode(request)
             priority = self._level(name, decoded.priority)
-            regions = regions_of(self._regions) if decoded.uses_regions else None
         except TwinferError as e:  # refused before it became a job: count it too
             self._plane.refuse(session, name, e)
             raise
         timeout_ms = math.ceil(decoded.timeout_us / 1000) if decoded.timeout_us else 0
-        result: InferResult
-        if regions is None:
-            result = await self._plane.infer(
-                session,
-                request,
-                name,
-                decoded.inputs,
-                decoded.output_names,
-                timeout_ms=timeout_ms,
-                priority=priority,
-            )
-        else:  # tensors in shared memory (parameters.shared_memory_region)
-            result = await sharedmem_requests.infer(
-                self._plane,
-                session,
-                request,
-                name,
-                regions,
-                decoded.inputs,
-                decoded.output_names,
-                decoded.output_regions,
-                timeout_ms=timeout_ms,
-                priority=priority,
-            )
-            outputs = sharedmem_requests.region_outputs(result.outputs, decoded.output_regions)
-            result = attrs.evolve(result, outputs=outputs)
+        # Tensors may be in shared memory (parameters.shared_memory_region).
+        result: InferResult = await sharedmem_requests.infer_maybe_shared(
+            self._plane,
+            session,
+            request,
+            name,
+            self._regions,
+            decoded.inputs,
+            decoded.output_names,
+            decoded.output_regions,
+            timeout_ms=timeout_ms,
+            priority=priority,
+        )
 
         if _json_elements(decoded, result) > THREAD_ELEMENTS:
             chunks, header = await deferToThreadPool(
