@@ -9,7 +9,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from twinfer.client import ClientProtocol, TwinferClient
+from twinfer.client import TwinferClient
+from twinfer.client_protocol import ClientProtocol
 from twinfer.errors import ErrorCode, LocalProtocolError, TwinferError
 from twinfer.wire.decode import decode_message
 from twinfer.wire.encode import encode_bytes

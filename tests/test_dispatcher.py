@@ -13,7 +13,8 @@ from twisted.internet.threads import deferToThread
 
 from http_support import Gate, GatedEngine
 from support import ServerTestCase
-from twinfer.client import ClientProtocol, TwinferClient, connect
+from twinfer.client import TwinferClient, connect
+from twinfer.client_protocol import ClientProtocol
 from twinfer.engines import builtin
 from twinfer.engines.openvino import Engine
 from twinfer.errors import ErrorCode, TwinferError
