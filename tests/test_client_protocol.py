@@ -53,6 +53,13 @@ class ClientProtocolTests(unittest.SynchronousTestCase):
         self.handshake()
         assert self.protocol.server_hello == SERVER_HELLO
 
+    def test_the_client_says_why_shared_memory_is_off(self) -> None:
+        self.handshake()
+        client = TwinferClient(self.protocol)
+        assert client.shared_memory_off is None  # not asked yet
+        assert client.shared_memory_pool() is None
+        assert client.shared_memory_off == "the server speaks protocol version 1 only"
+
     def test_a_refused_handshake_fails_with_the_servers_error(self) -> None:
         refusal = Error(ErrorCode.HANDSHAKE_FAILED, "client speaks protocol versions 1..1")
         self.protocol.dataReceived(encode_bytes(0, refusal))

@@ -231,6 +231,14 @@ class TwinferClient:
             log.info("shared memory off, tensors go through the socket: {why}", why=self._shm.off)
         return pool
 
+    @property
+    def shared_memory_off(self) -> str | None:
+        """Why ``shared_memory=True`` goes through the socket (the server's
+        protocol version, a server not on this host, a client over several
+        connections, a refused registration); None while shared memory may
+        be used.  Known once :meth:`shared_memory_pool` has been asked."""
+        return self._shm.off
+
     async def _infer_shm(
         self,
         model: str,
