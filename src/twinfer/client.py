@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 import numpy as np
@@ -43,7 +43,7 @@ from twinfer.client_protocol import (
     GoneAway,
     Unreachable,
 )
-from twinfer.errors import ErrorCode, TwinferError
+from twinfer.errors import TwinferError, expect_reply
 from twinfer.shm_client import RegionPool, SharedMemoryState
 from twinfer.tls import client_options, load_private_certificate
 from twinfer.wire.messages import (
@@ -57,7 +57,6 @@ from twinfer.wire.messages import (
     InferReply,
     InferRequest,
     ListModels,
-    Message,
     Metadata,
     ModelInfo,
     ModelList,
@@ -86,15 +85,6 @@ __all__ = [
 log = Logger()
 
 DEFAULT_SERVER = "tcp:127.0.0.1:9000"
-M = TypeVar("M")
-
-
-def _expect(message: Message, kind: type[M]) -> M:
-    if not isinstance(message, kind):
-        raise TwinferError(
-            ErrorCode.INTERNAL, f"expected {kind.__name__} from the server, got {message!r}"
-        )
-    return message
 
 
 class TwinferClient:
@@ -132,7 +122,7 @@ class TwinferClient:
             )
         request = InferRequest(model, dict(inputs), tuple(outputs or ()), timeout_ms, priority)
         d = self.protocol.request(request)
-        return d.addCallback(_expect, InferReply)
+        return d.addCallback(expect_reply, InferReply)
 
     def infer(
         self,
@@ -175,7 +165,7 @@ class TwinferClient:
         decode fails with ``INVALID_INPUT``.
         """
         d = self.protocol.request(ImageRequest(model, image, task))
-        return d.addCallback(lambda m: list(_expect(m, Predictions).predictions))
+        return d.addCallback(lambda m: list(expect_reply(m, Predictions).predictions))
 
     def classify(self, model: str, image: bytes) -> Deferred[list[Prediction]]:
         """Classify an encoded image: fires with the top labels, best first
@@ -190,26 +180,26 @@ class TwinferClient:
     def models(self) -> Deferred[list[ModelInfo]]:
         """Fires with the served models."""
         d = self.protocol.request(ListModels())
-        return d.addCallback(lambda m: list(_expect(m, ModelList).models))
+        return d.addCallback(lambda m: list(expect_reply(m, ModelList).models))
 
     def metadata(self, model: str) -> Deferred[Metadata]:
         """Fires with ``model``'s inputs, outputs and devices."""
-        return self.protocol.request(GetMetadata(model)).addCallback(_expect, Metadata)
+        return self.protocol.request(GetMetadata(model)).addCallback(expect_reply, Metadata)
 
     def ping(self) -> Deferred[float]:
         """Fires with the round-trip time in seconds."""
         start = time.perf_counter()
         d = self.protocol.request(Ping())
-        return d.addCallback(lambda m: (_expect(m, Pong), time.perf_counter() - start)[1])
+        return d.addCallback(lambda m: (expect_reply(m, Pong), time.perf_counter() - start)[1])
 
     def health(self) -> Deferred[Health]:
         """Fires with the server's liveness and readiness (:class:`Health`)."""
-        return self.protocol.request(GetHealth()).addCallback(_expect, Health)
+        return self.protocol.request(GetHealth()).addCallback(expect_reply, Health)
 
     def admin(self, request: AdminRequest) -> Deferred[str]:
         """Run a control operation (the server must allow admin); fires with its summary."""
         d = self.protocol.request(request)
-        return d.addCallback(lambda m: _expect(m, AdminReply).message)
+        return d.addCallback(lambda m: expect_reply(m, AdminReply).message)
 
     def close(self) -> Deferred[None]:
         """Close the connection; fires with ``None`` once it is closed (from
@@ -267,7 +257,7 @@ class TwinferClient:
                     return await self.infer_reply(
                         model, inputs, outputs, timeout_ms=timeout_ms, priority=priority
                     )
-            reply = _expect(await self.protocol.request(prepared.request), InferReply)
+            reply = expect_reply(await self.protocol.request(prepared.request), InferReply)
             return attrs.evolve(reply, outputs=prepared.finish(reply))
         finally:
             prepared.abandon()
