@@ -27,7 +27,9 @@ list): the client uses the first that answers and moves on when its
 connection is lost or its server sends ``GOAWAY``, re-sending the inference
 it had in flight once (inference is idempotent; other requests are never
 re-sent).  :attr:`BlockingClient.resent` counts them.  The socket handling
-lives in :mod:`twinfer.blocking_net`.
+lives in :mod:`twinfer.blocking_net`; the rest stays in one module because
+every call, the move to another endpoint and the shared-memory path share one
+connection's state inside the single :class:`BlockingClient`.
 
 Errors: an ``ERROR`` from the server raises :class:`~twinfer.errors.TwinferError`
 with its code; failing to reach the server raises :class:`ConnectFailed`, a
