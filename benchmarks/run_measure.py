@@ -300,6 +300,18 @@ def _is_table(value: Any) -> bool:
 # -- the server, sampled -------------------------------------------------------------
 
 
+def stop_process(process: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """Stop ``process`` if it still runs: SIGTERM (a server drains and exits),
+    then SIGKILL if it has not exited after ``timeout`` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class ProcSampler(threading.Thread):
     """Samples a process's RSS and per-thread CPU time (:mod:`procstat`) periodically."""
 
@@ -386,13 +398,7 @@ class Server:
     def stop(self) -> None:
         if hasattr(self, "sampler"):
             self.sampler.stop()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self._out.close()
 
 

@@ -46,7 +46,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import BIN, log, machine, run_bench  # noqa: E402
+from run_measure import BIN, log, machine, run_bench, stop_process  # noqa: E402
 
 HAPROXY_CFG = HERE.parent / "etc" / "haproxy.cfg"
 PORTS = ("binary", "http", "metrics", "agent")
@@ -79,13 +79,7 @@ class Node:
         self.ports: dict[str, int] = json.loads(line)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=60)
         self._out.close()
 
 

@@ -53,6 +53,7 @@ from run_measure import (  # noqa: E402
     machine,
     run_bench,
     server_config,
+    stop_process,
     to_toml,
 )
 from run_report import machine_lines  # noqa: E402
@@ -207,13 +208,7 @@ class TransportServer:
     def stop(self) -> None:
         if hasattr(self, "sampler"):
             self.sampler.stop()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self._out.close()
 
 

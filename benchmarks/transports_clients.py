@@ -51,6 +51,15 @@ def _shape(dims: list[Any]) -> list[int]:
     return [int(d) if int(d) > 0 else 1 for d in dims]
 
 
+def _input_data(spec: dict[str, Any], seed: int) -> np.ndarray:
+    """Random data for the input ``spec`` (Triton model metadata), 1 for a
+    dynamic dimension; the same data for the same ``seed``."""
+    from tritonclient.utils import triton_to_np_dtype
+
+    data = np.random.default_rng(seed).random(_shape(spec["shape"]))
+    return data.astype(triton_to_np_dtype(spec["datatype"]))
+
+
 class User(threading.Thread):
     """One closed-loop user: calls ``request()`` until stopped, timing each call."""
 
@@ -106,7 +115,6 @@ class Unavailable(Exception):
 def grpc_requests(url: str, model: str, users: int) -> Requests:
     """``users`` request callables for ``grpc``/``grpc-shm`` and a cleanup callable."""
     import tritonclient.grpc as grpcclient
-    from tritonclient.utils import triton_to_np_dtype
 
     metadata = grpcclient.InferenceServerClient(url).get_model_metadata(model, as_json=True)
     calls: list[Callable[[], None]] = []
@@ -115,8 +123,7 @@ def grpc_requests(url: str, model: str, users: int) -> Requests:
         inputs = []
         for i, spec in enumerate(metadata["inputs"]):
             shape = _shape(spec["shape"])
-            dtype = triton_to_np_dtype(spec["datatype"])
-            data = np.random.default_rng(u * 31 + i).random(shape).astype(dtype)
+            data = _input_data(spec, u * 31 + i)
             tensor = grpcclient.InferInput(spec["name"], shape, spec["datatype"])
             tensor.set_data_from_numpy(data)
             inputs.append(tensor)
@@ -163,8 +170,7 @@ def grpc_shm_requests(url: str, model: str, users: int) -> Requests:
             inputs = []
             for i, spec in enumerate(metadata["inputs"]):
                 shape = _shape(spec["shape"])
-                data = np.random.default_rng(u * 31 + i).random(shape)
-                data = data.astype(triton_to_np_dtype(spec["datatype"]))
+                data = _input_data(spec, u * 31 + i)
                 name = f"twtr-{os.getpid()}-{u}-in{i}"
                 shm.set_shared_memory_region(region(name, data.nbytes), [data])
                 tensor = grpcclient.InferInput(spec["name"], shape, spec["datatype"])
@@ -192,7 +198,6 @@ def grpc_shm_requests(url: str, model: str, users: int) -> Requests:
 def http_requests(url: str, model: str, users: int) -> Requests:
     """``users`` request callables for ``http`` (binary tensors) and a cleanup callable."""
     import tritonclient.http as httpclient
-    from tritonclient.utils import triton_to_np_dtype
 
     metadata = httpclient.InferenceServerClient(url).get_model_metadata(model)
     calls: list[Callable[[], None]] = []
@@ -201,8 +206,7 @@ def http_requests(url: str, model: str, users: int) -> Requests:
         inputs = []
         for i, spec in enumerate(metadata["inputs"]):
             shape = _shape(spec["shape"])
-            dtype = triton_to_np_dtype(spec["datatype"])
-            data = np.random.default_rng(u * 31 + i).random(shape).astype(dtype)
+            data = _input_data(spec, u * 31 + i)
             tensor = httpclient.InferInput(spec["name"], shape, spec["datatype"])
             tensor.set_data_from_numpy(data, binary_data=True)
             inputs.append(tensor)

@@ -104,3 +104,16 @@ def random_inputs(
     return {
         name: rng.random(shape).astype(dtype) for name, (dtype, shape) in metadata_inputs.items()
     }
+
+
+def memory_owner(array: np.ndarray) -> object:
+    """The object that owns an array's memory (the end of its ``base`` chain,
+    through a memoryview)."""
+    base: object = array
+    while True:
+        if isinstance(base, np.ndarray) and base.base is not None:
+            base = base.base
+        elif isinstance(base, memoryview):
+            base = base.obj
+        else:
+            return base

@@ -9,7 +9,9 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from twinfer.client import ClientProtocol, TwinferClient
+from support import memory_owner
+from twinfer.client import TwinferClient
+from twinfer.client_protocol import ClientProtocol
 from twinfer.errors import ErrorCode, LocalProtocolError, TwinferError
 from twinfer.wire.decode import decode_message
 from twinfer.wire.encode import encode_bytes
@@ -51,6 +53,13 @@ class ClientProtocolTests(unittest.SynchronousTestCase):
     def test_the_handshake_fires_with_the_servers_hello(self) -> None:
         self.handshake()
         assert self.protocol.server_hello == SERVER_HELLO
+
+    def test_the_client_says_why_shared_memory_is_off(self) -> None:
+        self.handshake()
+        client = TwinferClient(self.protocol)
+        assert client.shared_memory_off is None  # not asked yet
+        assert client.shared_memory_pool() is None
+        assert client.shared_memory_off == "the server speaks protocol version 1 only"
 
     def test_a_refused_handshake_fails_with_the_servers_error(self) -> None:
         refusal = Error(ErrorCode.HANDSHAKE_FAILED, "client speaks protocol versions 1..1")
@@ -146,19 +155,6 @@ class ClientProtocolTests(unittest.SynchronousTestCase):
         np.testing.assert_array_equal(self.successResultOf(outputs)["y"], y)
 
 
-def _owner(array: np.ndarray) -> object:
-    """The object that owns an array's memory (the end of its ``base`` chain,
-    through a memoryview)."""
-    base: object = array
-    while True:
-        if isinstance(base, np.ndarray) and base.base is not None:
-            base = base.base
-        elif isinstance(base, memoryview):
-            base = base.obj
-        else:
-            return base
-
-
 class InPlaceReceiveTests(unittest.SynchronousTestCase):
     """A large reply is reassembled in one buffer per frame and its tensors are
     views of it: no per-chunk concatenation and no copy."""
@@ -189,11 +185,11 @@ class InPlaceReceiveTests(unittest.SynchronousTestCase):
             assert not self.outputs.called
             self.protocol.dataReceived(self.reply[start : start + chunk])
         outputs = self.check_outputs()
-        owner = _owner(outputs["y"])
+        owner = memory_owner(outputs["y"])
         # Both tensors live in the one buffer the frame's body was reassembled
         # in (its length is the body's), not in copies of their own.
         assert memoryview(owner).nbytes == len(self.reply) - HEADER_SIZE  # type: ignore[arg-type]
-        assert _owner(outputs["label"]) is owner
+        assert memory_owner(outputs["label"]) is owner
 
     def test_a_reply_received_into_read_buffer_is_decoded_where_it_landed(self) -> None:
         # As the direct-read transport does: the header and the start of the

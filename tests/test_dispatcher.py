@@ -12,8 +12,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 
 from http_support import Gate, GatedEngine
-from support import ServerTestCase
-from twinfer.client import ClientProtocol, TwinferClient, connect
+from support import ServerTestCase, memory_owner
+from twinfer.client import TwinferClient, connect
+from twinfer.client_protocol import ClientProtocol
 from twinfer.engines import builtin
 from twinfer.engines.openvino import Engine
 from twinfer.errors import ErrorCode, TwinferError
@@ -24,20 +25,6 @@ from twinfer.wire.decode import decode_message
 from twinfer.wire.encode import encode_bytes
 from twinfer.wire.frames import FrameDecoder
 from twinfer.wire.messages import Hello
-
-
-def memory_owner(array: np.ndarray) -> object:
-    """The object that owns an array's memory (the end of its ``base`` chain,
-    through a memoryview)."""
-    base: object = array
-    while True:
-        if isinstance(base, np.ndarray) and base.base is not None:
-            base = base.base
-        elif isinstance(base, memoryview):
-            base = base.obj
-        else:
-            return base
-
 
 PLACEMENT_CONFIG = """
 [[devices]]

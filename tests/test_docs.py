@@ -79,6 +79,7 @@ def test_image_dump_decodes_to_the_image_request() -> None:
 
 
 ARCHITECTURE_MD = Path(__file__).parent.parent / "docs" / "architecture.md"
+OPERATIONS_MD = Path(__file__).parent.parent / "docs" / "operations.md"
 
 
 def test_the_outcome_table_in_architecture_md_is_the_code_table() -> None:
@@ -100,3 +101,23 @@ def test_the_outcome_table_in_architecture_md_is_the_code_table() -> None:
             assert result.retryable == (retryable == "yes"), name
             documented.add(name)
     assert documented == {"OK"} | {code.name for code in ErrorCode}
+
+
+def test_every_twistd_option_has_a_row_in_operations_md() -> None:
+    """Each option of ``twistd twinfer --help`` is a table cell of its own in
+    docs/operations.md (``--name`` or ``--name ARG``), not just a mention."""
+    from twinfer.tap import Options
+
+    cells = {
+        cell.strip()
+        for line in OPERATIONS_MD.read_text("utf-8").splitlines()
+        if line.startswith("|")
+        for cell in line.strip("|").split("|")
+    }
+    options = {name.rstrip("=") for name in Options().longOpt} - {"help", "version"}
+    missing = [
+        name
+        for name in sorted(options)
+        if not any(re.fullmatch(rf"`--{name}( [A-Z_.]+)?`", cell) for cell in cells)
+    ]
+    assert not missing, f"options without a row in docs/operations.md: {missing}"

@@ -16,7 +16,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from twinfer.client import ClientProtocol, GoneAway, TwinferClient, Unreachable, connect
+from twinfer.client import TwinferClient, connect
+from twinfer.client_protocol import ClientProtocol, GoneAway, Unreachable
 from twinfer.errors import ErrorCode, LocalProtocolError, TwinferError
 from twinfer.failover import ClientPool
 from twinfer.wire.decode import decode_message

@@ -27,7 +27,9 @@ list): the client uses the first that answers and moves on when its
 connection is lost or its server sends ``GOAWAY``, re-sending the inference
 it had in flight once (inference is idempotent; other requests are never
 re-sent).  :attr:`BlockingClient.resent` counts them.  The socket handling
-lives in :mod:`twinfer.blocking_net`.
+lives in :mod:`twinfer.blocking_net`; the rest stays in one module because
+every call, the move to another endpoint and the shared-memory path share one
+connection's state inside the single :class:`BlockingClient`.
 
 Errors: an ``ERROR`` from the server raises :class:`~twinfer.errors.TwinferError`
 with its code; failing to reach the server raises :class:`ConnectFailed`, a
@@ -43,7 +45,7 @@ import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +60,7 @@ from twinfer.blocking_net import (
     parse_endpoint,
     split_endpoints,
 )
-from twinfer.errors import ErrorCode, TwinferError
+from twinfer.errors import ErrorCode, TwinferError, expect_reply
 from twinfer.shm_client import SharedMemoryState
 from twinfer.wire.messages import (
     Error,
@@ -97,16 +99,7 @@ DEFAULT_TIMEOUT = 30.0
 #: Requests :meth:`BlockingClient.infer_many` keeps in flight at once.
 DEFAULT_WINDOW = 64
 
-M = TypeVar("M")
 log = logging.getLogger(__name__)
-
-
-def _expect(message: Message, kind: type[M]) -> M:
-    if not isinstance(message, kind):
-        raise TwinferError(
-            ErrorCode.INTERNAL, f"expected {kind.__name__} from the server, got {message!r}"
-        )
-    return message
 
 
 class BlockingClient(Channel):
@@ -300,7 +293,7 @@ class BlockingClient(Channel):
             if reply is not None:
                 return reply
         request = InferRequest(model, dict(inputs), tuple(outputs or ()), timeout_ms, priority)
-        return _expect(self._call(request), InferReply)
+        return expect_reply(self._call(request), InferReply)
 
     def infer(
         self,
@@ -393,7 +386,7 @@ class BlockingClient(Channel):
                     again.append((index, request))
                     self.resent += 1
                     continue
-                results[index] = dict(_expect(_check(message), InferReply).outputs)
+                results[index] = dict(expect_reply(_check(message), InferReply).outputs)
         finally:
             # After an error or a timeout: stop the requests still running.
             self._abandon(in_flight.keys())
@@ -401,16 +394,16 @@ class BlockingClient(Channel):
 
     def models(self) -> list[ModelInfo]:
         """The served models."""
-        return list(_expect(self._call(ListModels()), ModelList).models)
+        return list(expect_reply(self._call(ListModels()), ModelList).models)
 
     def metadata(self, model: str) -> Metadata:
         """``model``'s inputs, outputs (dynamic dims are ``-1``) and devices."""
-        return _expect(self._call(GetMetadata(model)), Metadata)
+        return expect_reply(self._call(GetMetadata(model)), Metadata)
 
     def ping(self) -> float:
         """Round-trip time to the server, in seconds."""
         start = time.perf_counter()
-        _expect(self._call(Ping()), Pong)
+        expect_reply(self._call(Ping()), Pong)
         return time.perf_counter() - start
 
     def close(self) -> None:
@@ -460,7 +453,7 @@ class BlockingClient(Channel):
                         "shared memory not used for %s, tensors go through the socket: %s", model, e
                     )
                     return None
-            reply = _expect(self._call(prepared.request), InferReply)
+            reply = expect_reply(self._call(prepared.request), InferReply)
             return InferReply(prepared.finish(reply), reply.queue_us, reply.compute_us)
         finally:
             prepared.abandon()

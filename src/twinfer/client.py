@@ -16,55 +16,47 @@ Every method returns a ``Deferred``; many requests may be in flight on one
 connection and replies are matched by request id.  A server error fails the
 Deferred with :class:`~twinfer.errors.TwinferError` carrying the code.
 
-:class:`ClientProtocol` is a thin adapter: the handshake, request ids and
-the rules of the protocol live in a client-side
-:class:`~twinfer.wire.connection.Connection`.
+:class:`ClientProtocol` (in :mod:`twinfer.client_protocol`, importable from
+here too) is a thin adapter: the handshake, request ids and the rules of the
+protocol live in a client-side :class:`~twinfer.wire.connection.Connection`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 import numpy as np
-from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, PrivateCertificate
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-import twinfer
-from twinfer.errors import ErrorCode, TwinferError
-from twinfer.netutil import enable_direct_client_reads, set_no_delay
+from twinfer.client_protocol import (
+    AGENT,
+    ClientProtocol,
+    ConnectionDropped,
+    GoneAway,
+    Unreachable,
+)
+from twinfer.errors import TwinferError, expect_reply
 from twinfer.shm_client import RegionPool, SharedMemoryState
 from twinfer.tls import client_options, load_private_certificate
-from twinfer.wire.connection import Connection, Role
-from twinfer.wire.events import (
-    GoAwayReceived,
-    HandshakeComplete,
-    MessageReceived,
-    ProtocolViolation,
-    ServerClosing,
-)
 from twinfer.wire.messages import (
     AdminReply,
     AdminRequest,
-    Error,
     GetHealth,
     GetMetadata,
-    GoAway,
     Health,
     Hello,
     ImageRequest,
     InferReply,
     InferRequest,
     ListModels,
-    Message,
     Metadata,
     ModelInfo,
     ModelList,
@@ -77,200 +69,22 @@ from twinfer.wire.messages import (
 if TYPE_CHECKING:
     from twinfer.failover import ClientPool
 
+__all__ = [
+    "AGENT",
+    "DEFAULT_SERVER",
+    "ClientProtocol",
+    "ConnectionDropped",
+    "GoneAway",
+    "TwinferClient",
+    "Unreachable",
+    "client_endpoint",
+    "connect",
+    "parse_servers",
+]
+
 log = Logger()
 
-AGENT = f"twinfer-client/{twinfer.__version__}"
 DEFAULT_SERVER = "tcp:127.0.0.1:9000"
-M = TypeVar("M")
-
-
-class ConnectionDropped(TwinferError):
-    """``UNAVAILABLE``: the connection closed while the request was in flight
-    (the server may or may not have run it)."""
-
-
-class GoneAway(TwinferError):
-    """``UNAVAILABLE`` for a request the server never worked on: it arrived
-    after the server's ``GOAWAY`` (its id is above the last one answered)."""
-
-
-class Unreachable(TwinferError):
-    """``UNAVAILABLE``: no connection could be made to any endpoint."""
-
-
-class ClientProtocol(Protocol):
-    """Speaks the client side of the protocol; use through :class:`TwinferClient`."""
-
-    transport: Any
-
-    def __init__(self) -> None:
-        self._connection = Connection(Role.CLIENT, agent=AGENT)
-        self._lost: Failure | None = None
-        self._closed_waiters: list[Deferred[None]] = []
-        #: The server's HELLO (its version and frame limit), once received.
-        self.server_hello = Hello()
-        #: Fires with the server's HELLO once the handshake is done.
-        self.handshake: Deferred[Hello] = Deferred()
-        #: Fires with the server's ``GOAWAY`` if it sends one (then no new
-        #: request may be sent here; those in flight are still answered).
-        self.goaway: Deferred[GoAway] = Deferred()
-
-    def connectionMade(self) -> None:
-        set_no_delay(self.transport)
-        enable_direct_client_reads(self.transport, self)  # large replies land in place
-        self._connection.start_handshake()
-        self._flush()
-
-    def dataReceived(self, data: bytes) -> None:
-        self._connection.receive_data(data)
-        self._handle_events()
-
-    def read_buffer(self) -> memoryview | None:
-        """Where the transport may receive the rest of a large reply in place
-        (see :class:`twinfer.netutil.DirectReads`): the frame's own buffer,
-        which the reply's tensors are then views of."""
-        if self._lost is not None:
-            return None
-        return self._connection.read_buffer()
-
-    def buffer_filled(self, count: int) -> None:
-        """``count`` bytes arrived in :meth:`read_buffer`."""
-        self._connection.buffer_filled(count)
-        self._handle_events()
-
-    def _handle_events(self) -> None:
-        for event in self._connection.events():
-            if isinstance(event, MessageReceived):
-                d: Deferred[Message] = event.handle
-                if isinstance(event.message, Error):
-                    d.errback(self._error(event.request_id, event.message))
-                else:
-                    d.callback(event.message)
-            elif isinstance(event, GoAwayReceived):
-                self.goaway.callback(event.goaway)
-            elif isinstance(event, HandshakeComplete):
-                self.server_hello = event.hello
-                self.handshake.callback(event.hello)
-            elif isinstance(event, ServerClosing):
-                self._fail_all(event.error)
-            elif isinstance(event, ProtocolViolation):
-                error = event.error
-                message = f"bad data from the server: {error.message}"
-                self._fail_all(TwinferError(error.code, message))
-                self.transport.loseConnection()
-
-    def _error(self, request_id: int, error: Error) -> TwinferError:
-        """The exception for an ``ERROR`` reply: :class:`GoneAway` for an
-        ``UNAVAILABLE`` the server sent to a request it never accepted."""
-        going = self._connection.going_away
-        if (
-            going is not None
-            and request_id > going.last_request_id
-            and error.code == ErrorCode.UNAVAILABLE
-        ):
-            return GoneAway(error.code, error.message)
-        return TwinferError(error.code, error.message)
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
-        self._lost = reason
-        self._fail_all(
-            ConnectionDropped(
-                ErrorCode.UNAVAILABLE,
-                f"connection to the server lost: {reason.getErrorMessage()}",
-            )
-        )
-        waiters, self._closed_waiters = self._closed_waiters, []
-        for d in waiters:
-            d.callback(None)
-
-    def _fail_all(self, error: TwinferError) -> None:
-        """Fail the handshake (if still waited for) and every request in flight."""
-        if not self.handshake.called:
-            self.handshake.errback(error)
-        for d in self._connection.close().values():
-            d.errback(error)
-
-    def _flush(self) -> None:
-        chunks = self._connection.data_to_send()
-        if chunks:
-            self.transport.writeSequence([c if type(c) is bytes else bytes(c) for c in chunks])
-
-    def request(self, message: Message) -> Deferred[Message]:
-        """Send ``message`` with a fresh request id; fires with the reply message.
-
-        Cancelling the Deferred sends CANCEL for the request.  Fails with
-        :class:`TwinferError` (``UNAVAILABLE``) once the connection is
-        closed, and with :class:`~twinfer.errors.LocalProtocolError` or
-        :class:`~twinfer.errors.CodecError` for a request that cannot be sent
-        (larger than the server accepts, a dtype the protocol cannot carry).
-        """
-        if self._lost is not None:
-            return defer.fail(
-                TwinferError(ErrorCode.UNAVAILABLE, "the connection to the server is closed")
-            )
-        request_id = 0
-
-        def cancel(d: Deferred[Message]) -> None:
-            if self._connection.cancel(request_id):
-                self._flush()
-
-        d: Deferred[Message] = Deferred(cancel)
-        try:
-            request_id = self._connection.send_request(message, d)
-        except TwinferError as e:
-            return defer.fail(e)
-        self._flush()
-        return d
-
-    def close(self) -> Deferred[None]:
-        """Close the connection; fires with ``None`` once it is closed.
-
-        Requests still in flight fail with ``UNAVAILABLE``.
-        """
-        if self._lost is not None:
-            return defer.succeed(None)
-        d: Deferred[None] = Deferred()
-        self._closed_waiters.append(d)
-        self.transport.loseConnection()
-        return d
-
-    def when_closed(self) -> Deferred[None]:
-        """Fires with ``None`` once the connection is closed (``connectionLost``),
-        whoever closed it."""
-        if self._lost is not None:
-            return defer.succeed(None)
-        d: Deferred[None] = Deferred()
-        self._closed_waiters.append(d)
-        return d
-
-    @property
-    def in_flight(self) -> int:
-        """Requests sent and not yet answered."""
-        return len(self._connection.in_flight)
-
-    @property
-    def going_away(self) -> GoAway | None:
-        """The server's ``GOAWAY``, once received."""
-        return self._connection.going_away
-
-    @property
-    def usable(self) -> bool:
-        """Whether new requests can be sent here: connected, the handshake
-        done, and the server has not said it is going away."""
-        return (
-            self._lost is None
-            and self.handshake.called
-            and not self._connection.closed
-            and self._connection.going_away is None
-        )
-
-
-def _expect(message: Message, kind: type[M]) -> M:
-    if not isinstance(message, kind):
-        raise TwinferError(
-            ErrorCode.INTERNAL, f"expected {kind.__name__} from the server, got {message!r}"
-        )
-    return message
 
 
 class TwinferClient:
@@ -308,7 +122,7 @@ class TwinferClient:
             )
         request = InferRequest(model, dict(inputs), tuple(outputs or ()), timeout_ms, priority)
         d = self.protocol.request(request)
-        return d.addCallback(_expect, InferReply)
+        return d.addCallback(expect_reply, InferReply)
 
     def infer(
         self,
@@ -351,7 +165,7 @@ class TwinferClient:
         decode fails with ``INVALID_INPUT``.
         """
         d = self.protocol.request(ImageRequest(model, image, task))
-        return d.addCallback(lambda m: list(_expect(m, Predictions).predictions))
+        return d.addCallback(lambda m: list(expect_reply(m, Predictions).predictions))
 
     def classify(self, model: str, image: bytes) -> Deferred[list[Prediction]]:
         """Classify an encoded image: fires with the top labels, best first
@@ -366,26 +180,26 @@ class TwinferClient:
     def models(self) -> Deferred[list[ModelInfo]]:
         """Fires with the served models."""
         d = self.protocol.request(ListModels())
-        return d.addCallback(lambda m: list(_expect(m, ModelList).models))
+        return d.addCallback(lambda m: list(expect_reply(m, ModelList).models))
 
     def metadata(self, model: str) -> Deferred[Metadata]:
         """Fires with ``model``'s inputs, outputs and devices."""
-        return self.protocol.request(GetMetadata(model)).addCallback(_expect, Metadata)
+        return self.protocol.request(GetMetadata(model)).addCallback(expect_reply, Metadata)
 
     def ping(self) -> Deferred[float]:
         """Fires with the round-trip time in seconds."""
         start = time.perf_counter()
         d = self.protocol.request(Ping())
-        return d.addCallback(lambda m: (_expect(m, Pong), time.perf_counter() - start)[1])
+        return d.addCallback(lambda m: (expect_reply(m, Pong), time.perf_counter() - start)[1])
 
     def health(self) -> Deferred[Health]:
         """Fires with the server's liveness and readiness (:class:`Health`)."""
-        return self.protocol.request(GetHealth()).addCallback(_expect, Health)
+        return self.protocol.request(GetHealth()).addCallback(expect_reply, Health)
 
     def admin(self, request: AdminRequest) -> Deferred[str]:
         """Run a control operation (the server must allow admin); fires with its summary."""
         d = self.protocol.request(request)
-        return d.addCallback(lambda m: _expect(m, AdminReply).message)
+        return d.addCallback(lambda m: expect_reply(m, AdminReply).message)
 
     def close(self) -> Deferred[None]:
         """Close the connection; fires with ``None`` once it is closed (from
@@ -406,6 +220,14 @@ class TwinferClient:
         if off is None and self._shm.off is not None:
             log.info("shared memory off, tensors go through the socket: {why}", why=self._shm.off)
         return pool
+
+    @property
+    def shared_memory_off(self) -> str | None:
+        """Why ``shared_memory=True`` goes through the socket (the server's
+        protocol version, a server not on this host, a client over several
+        connections, a refused registration); None while shared memory may
+        be used.  Known once :meth:`shared_memory_pool` has been asked."""
+        return self._shm.off
 
     async def _infer_shm(
         self,
@@ -435,7 +257,7 @@ class TwinferClient:
                     return await self.infer_reply(
                         model, inputs, outputs, timeout_ms=timeout_ms, priority=priority
                     )
-            reply = _expect(await self.protocol.request(prepared.request), InferReply)
+            reply = expect_reply(await self.protocol.request(prepared.request), InferReply)
             return attrs.evolve(reply, outputs=prepared.finish(reply))
         finally:
             prepared.abandon()

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
+from typing import TypeVar
+
+M = TypeVar("M")
 
 
 class ErrorCode(enum.IntEnum):
@@ -89,6 +92,16 @@ class TwinferError(Exception):
     def __str__(self) -> str:
         name = self.code.name if isinstance(self.code, ErrorCode) else f"code {self.code}"
         return f"{name}: {self.message}"
+
+
+def expect_reply(message: object, kind: type[M]) -> M:
+    """``message`` if it is a ``kind`` (the reply a client waited for), else
+    raise ``INTERNAL``: the server answered with another message."""
+    if not isinstance(message, kind):
+        raise TwinferError(
+            ErrorCode.INTERNAL, f"expected {kind.__name__} from the server, got {message!r}"
+        )
+    return message
 
 
 class ProtocolError(TwinferError):

@@ -38,7 +38,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twinfer.client import ClientProtocol, ConnectionDropped, GoneAway, Unreachable
+from twinfer.client_protocol import ClientProtocol, ConnectionDropped, GoneAway, Unreachable
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.wire.messages import GoAway, Hello, ImageRequest, InferRequest, Message
 

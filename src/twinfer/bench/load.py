@@ -147,7 +147,7 @@ async def _shared_messages(
     of static shape, which the server writes there)."""
     pool = client.shared_memory_pool()
     if pool is None:
-        raise BenchError(f"--shared-memory: {client._shm.off}")
+        raise BenchError(f"--shared-memory: {client.shared_memory_off}")
     messages = []
     for _ in range(share.users):
         prepared = pool.prepare(metadata, inputs, (), share.timeout_ms)

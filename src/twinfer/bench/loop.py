@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from twinfer.bench.report import Samples
-from twinfer.client import ClientProtocol
+from twinfer.client_protocol import ClientProtocol
 from twinfer.errors import ErrorCode, TwinferError
 from twinfer.failover import ClientPool
 from twinfer.wire.messages import InferReply, InferRequest

@@ -29,7 +29,7 @@ from twinfer.bench.load import BenchError, close_all, prepare, shares_for
 from twinfer.bench.load import _describe as describe_failure
 from twinfer.bench.loop import error_name
 from twinfer.bench.report import Progress, Samples, summarize
-from twinfer.client import ClientProtocol
+from twinfer.client_protocol import ClientProtocol
 from twinfer.failover import ClientPool
 from twinfer.wire.messages import InferReply, InferRequest
 

@@ -335,16 +335,25 @@ class TwinferProtocol(Protocol, TimeoutMixin):
             timeout_ms=message.timeout_ms,
             priority=message.priority,
         )
+        held = sum(a.nbytes for a in message.inputs.values())
+        self._reply_to_infer(request_id, message.model, d, held)
+
+    def _reply_to_infer(
+        self, request_id: int, model: str, d: Deferred[InferResult], held: int
+    ) -> None:
+        """Send ``d``'s result (or error) as the reply to ``request_id``,
+        holding ``held`` bytes of the read budget until then; pause reading
+        while ``model``'s queue is saturated and this client is its busiest."""
         if (
             not d.called
-            and self.factory.dispatcher.saturated(message.model)
+            and self.factory.dispatcher.saturated(model)
             and self.factory.is_busiest(self)
         ):
             # Back-pressure instead of buffering: stop reading this client's
             # requests until the queue drains to its low watermark.
             self.pause_reading("load")
         # One callback pair per request: the reply also releases the budget.
-        args = (request_id, self._hold(sum(a.nbytes for a in message.inputs.values())))
+        args = (request_id, self._hold(held))
         d.addCallbacks(self._reply, self._reply_failed, callbackArgs=args, errbackArgs=args)
 
     def _on_image(self, request_id: int, message: ImageRequest) -> None:

@@ -117,15 +117,7 @@ def on_infer(protocol: TwinferProtocol, request_id: int, message: InferRequest) 
         timeout_ms=message.timeout_ms,
         priority=message.priority,
     )
-    if (
-        not d.called
-        and factory.dispatcher.saturated(message.model)
-        and factory.is_busiest(protocol)
-    ):
-        protocol.pause_reading("load")
     inline = sum(v.nbytes for v in message.inputs.values() if type(v) is not RegionTensor)
-    # The reply's callbacks give the held bytes back (TwinferProtocol._hold).
-    args = (request_id, protocol._hold(inline))
     regions = message.output_regions
 
     def in_regions(result: InferResult) -> InferResult:
@@ -133,7 +125,7 @@ def on_infer(protocol: TwinferProtocol, request_id: int, message: InferRequest) 
         return attrs.evolve(result, outputs=outputs)
 
     d.addCallback(in_regions)
-    d.addCallbacks(protocol._reply, protocol._reply_failed, callbackArgs=args, errbackArgs=args)
+    protocol._reply_to_infer(request_id, message.model, d, inline)
 
 
 def close(protocol: TwinferProtocol) -> None:

@@ -22,7 +22,6 @@ jobs still queued with ``UNAVAILABLE`` and lets the running ones finish.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,21 +33,18 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from twinfer.config import (
-    AUTO,
     Config,
     ConfigError,
     ModelConfig,
     load_config,
 )
 from twinfer.dataplane import DataPlane, Session
-from twinfer.engines import openvino as backend
 from twinfer.engines.openvino import Engine
 from twinfer.errors import ErrorCode, TwinferError
+from twinfer.ops.compiling import Compiled, check_model_path, compile_model, file_stamp
 from twinfer.registry import (
     EngineFactory,
-    LoadedModel,
     batch_policy,
-    load_models,
     make_entry,
     make_policy,
     make_queues,
@@ -75,31 +71,6 @@ def job_settled(job: Job) -> Deferred[None]:
     done: Deferred[None] = Deferred()
     job.deferred.addBoth(_relay, done)
     return done
-
-
-def file_stamp(path: str) -> tuple[float, int] | None:
-    """``(mtime, size)`` of a model file (None for builtin models and missing files)."""
-    if path.startswith("builtin:"):
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_mtime, st.st_size)
-
-
-def _check_path(path: str) -> None:
-    if not path.startswith("builtin:") and not Path(path).is_file():
-        raise TwinferError(ErrorCode.INVALID_INPUT, f"no such model file: {path}")
-
-
-@attrs.frozen
-class _Compiled:
-    loaded: LoadedModel
-    #: Engines per device for workers that exist, or for new workers to create.
-    engines: dict[str, list[Engine]]
-    #: Latency engines per device likewise (``None`` where the model has none).
-    latency: dict[str, list[Engine | None]]
 
 
 class Controller:
@@ -313,7 +284,7 @@ class Controller:
         self._check_devices(devices)
         if not path.startswith("builtin:"):
             path = str(Path(path).resolve())
-        _check_path(path)
+        check_model_path(path)
         model_config = ModelConfig(name=name, path=path, devices=devices)
         return await self._install(model_config, None, "loaded")
 
@@ -327,7 +298,7 @@ class Controller:
                 path = str(Path(path).resolve())
             config = attrs.evolve(current, path=path or current.path)
         self._check_devices(config.devices)
-        _check_path(config.path)
+        check_model_path(config.path)
         return await self._install(config, old, "reloaded")
 
     async def _restore(self, name: str) -> str:
@@ -374,7 +345,9 @@ class Controller:
         }
         counts = {device: len(ws) for device, ws in existing.items() if ws}
         try:
-            compiled: _Compiled = await deferToThread(self._compile, full, config, counts)
+            compiled: Compiled = await deferToThread(
+                compile_model, full, config, counts, self.engine_factory
+            )
         except ValueError as e:
             raise TwinferError(ErrorCode.INVALID_INPUT, str(e)) from e
 
@@ -440,27 +413,6 @@ class Controller:
         )
         where = ",".join(config.devices)
         return f"{verb} {config.name} from {config.path} on {where} in {seconds:.2f}s"
-
-    def _compile(self, config: Config, model: ModelConfig, counts: dict[str, int]) -> _Compiled:
-        """Read, compile and make engines: runs in a pool thread."""
-        loaded = load_models(config)[model.name]
-        engines: dict[str, list[Engine]] = {}
-        latency: dict[str, list[Engine | None]] = {}
-        for device in model.devices:
-            count = counts.get(device)
-            if count is None:
-                replicas = config.device(device).replicas
-                count = (
-                    backend.optimal_requests(loaded.compiled[device])
-                    if replicas == AUTO
-                    else int(replicas)
-                )
-            engines[device] = [self.engine_factory(loaded, device, i) for i in range(count)]
-            fast = loaded.for_latency() if device in loaded.latency else None
-            latency[device] = [
-                None if fast is None else self.engine_factory(fast, device, i) for i in range(count)
-            ]
-        return _Compiled(loaded, engines, latency)
 
     def _settled(self, queues: Sequence[JobQueue]) -> Deferred[Any]:
         """Fires once every job now waiting in or running from ``queues`` is answered."""

@@ -1,5 +1,9 @@
 """One device replica: its thread, its pipeline, its health.
 
+(One module because :class:`Worker` is one state machine: taking jobs,
+running them and probing the device all read and change the same state and
+pipeline count, and batching and execution policy already live apart.)
+
 A :class:`Worker` takes a job (or, through its :class:`~twinfer.scheduling.batcher.Batcher`,
 a batch of jobs) from the queues it serves, runs it in its own thread and
 fires the jobs' Deferreds back on the reactor thread.  Its thread is a
