@@ -101,7 +101,7 @@ class SharedMemoryLoopbackTests(ServerTestCase):
         x = np.ones((1, 4), np.float32)
         shared = await client.infer("tiny", {"x": x}, shared_memory=True)
         np.testing.assert_allclose(shared["y"], (await client.infer("tiny", {"x": x}))["y"])
-        assert client._shm.off is not None and "--allow-shm" in client._shm.off
+        assert client.shared_memory_off is not None and "--allow-shm" in client.shared_memory_off
 
     async def request(self, client: TwinferClient, message: Any) -> Any:
         return await client.protocol.request(message)
