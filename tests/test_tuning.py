@@ -112,6 +112,10 @@ def test_the_warm_up_is_bounded_by_a_number_of_runs_for_fast_models() -> None:
     [
         ((5.9, 181.0), (9.1, 194.0), "adaptive"),  # squeezenet on the AMD kind
         ((5.0, 190.0), (9.1, 172.0), "latency"),  # the latency engine wins both
+        # A tie in throughput is not a win: the server's own work per request
+        # costs the one all-core engine more than the streams.
+        ((4.45, 222.1), (8.61, 220.7), "adaptive"),
+        ((5.0, 188.0), (9.1, 172.0), "adaptive"),  # 9 % more: within the margin
         ((9.0, 150.0), (8.0, 200.0), "throughput"),
         ((55.0, 16.2), (126.0, 16.8), "adaptive"),  # resnet50
     ],

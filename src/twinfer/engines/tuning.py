@@ -78,10 +78,28 @@ class Tuning:
         )
 
 
+#: How much more throughput the latency engine must show, timed alone in
+#: this process, before it serves every load by itself.  The timing leaves
+#: out the server's own work per request (parsing, replies, the socket), and
+#: on a small machine that work slows one all-core engine more than
+#: independent streams: squeezenet on a 2-core AMD EPYC timed 222 vs 221
+#: inferences/s here, yet served 151/s on the latency engine alone against
+#: 190/s on the streams (benchmarks/RESULTS.md).
+LATENCY_ALONE_MARGIN = 0.10
+
+
 def choose(throughput: EngineTiming, latency: EngineTiming) -> str:
-    """``latency`` or ``throughput`` when that engine wins on both figures
-    (lower or equal latency and higher or equal throughput), else ``adaptive``."""
-    if latency.latency_ms < throughput.latency_ms and latency.throughput >= throughput.throughput:
+    """``latency`` or ``throughput`` when that engine wins on both figures,
+    else ``adaptive``.
+
+    The latency engine must have the lower latency and at least
+    :data:`LATENCY_ALONE_MARGIN` more throughput; the throughput engine a
+    latency no higher and a throughput no lower than the latency engine's.
+    """
+    latency_wins = latency.latency_ms < throughput.latency_ms and (
+        latency.throughput >= throughput.throughput * (1 + LATENCY_ALONE_MARGIN)
+    )
+    if latency_wins:
         return LATENCY
     if throughput.latency_ms <= latency.latency_ms and throughput.throughput >= latency.throughput:
         return THROUGHPUT
