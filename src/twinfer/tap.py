@@ -7,6 +7,10 @@ message naming the key); :func:`makeService` loads the models and returns a
 HTTP front end's codec pool, and one :class:`~twinfer.ops.listening.ListeningService`
 per port (binary protocol, HTTP, debug console, metrics), bound in
 ``privilegedStartService``.
+
+One module, as ``twisted.web.tap`` is, though it runs past 500 lines: the
+option table alone is ~160 of them, and the options and the services they
+build are read together.
 """
 
 from __future__ import annotations
