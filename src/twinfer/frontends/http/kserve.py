@@ -469,3 +469,17 @@ def model_metadata(metadata: Metadata) -> dict[str, Any]:
 def server_metadata() -> dict[str, Any]:
     """``GET /v2``: the server's name, version and protocol extensions."""
     return {"name": "twinfer", "version": twinfer.__version__, "extensions": list(EXTENSIONS)}
+
+
+def priority_level(model: str, priority: int, levels: int) -> int:
+    """twinfer's priority level (1 lowest; 0: the default) for Triton's
+    ``priority`` (1 highest) on a model whose queue has ``levels`` levels."""
+    if not priority:
+        return 0
+    if priority > levels:
+        raise TwinferError(
+            ErrorCode.INVALID_INPUT,
+            f"request.parameters.priority: model {model!r} has priorities 1 (highest) "
+            f"to {levels}, got {priority}",
+        )
+    return levels + 1 - priority

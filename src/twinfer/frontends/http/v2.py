@@ -171,17 +171,12 @@ class KServeAPI:
         return kserve.decode_infer_request(body, header_length)
 
     def _level(self, name: str, priority: int) -> int:
-        """twinfer's priority level (1 lowest) for Triton's ``priority`` (1 highest)."""
+        """twinfer's level for Triton's ``priority``: :func:`kserve.priority_level`."""
         if not priority:
             return 0
-        levels = self._dispatcher.entry(name).choose_queue().levels
-        if priority > levels:
-            raise TwinferError(
-                ErrorCode.INVALID_INPUT,
-                f"request.parameters.priority: model {name!r} has priorities 1 (highest) "
-                f"to {levels}, got {priority}",
-            )
-        return levels + 1 - priority
+        return kserve.priority_level(
+            name, priority, self._dispatcher.entry(name).choose_queue().levels
+        )
 
 
 def _leading_int(value: str) -> int:
